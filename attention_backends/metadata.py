@@ -1,0 +1,73 @@
+"""Per-step attention metadata: what every backend needs to find a token's place in the paged cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """One frozen record per model step; all requests of the step are packed into one token stream.
+
+    B = number of requests in the step, T = number of tokens scheduled in the step.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64; slot of token t in the cache, -1 = do not store
+    query_start_loc: torch.Tensor  # [B+1] int32; tokens of request b are query_start_loc[b]:query_start_loc[b+1]
+    seq_lens: torch.Tensor  # [B] int32; context length of request b after this step (cached prefix + new tokens)
+    block_tables: torch.Tensor  # [B, max_blocks] int32; physical block ids of request b, padded with 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies of query_start_loc / seq_lens: Python loops in the reference backend read them without a sync.
+    query_start_loc_cpu: tuple[int, ...] = ()
+    seq_lens_cpu: tuple[int, ...] = ()
+
+    @property
+    def num_requests(self) -> int:
+        return self.seq_lens.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.slot_mapping.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        slot_mapping: list[int],
+        query_lens: list[int],
+        seq_lens: list[int],
+        block_tables: list[list[int]],
+        device: torch.device | str = "cpu",
+    ) -> AttentionMetadata:
+        """Build from Python lists (the model runner's and the tests' entry point)."""
+        qsl = [0]
+        for n in query_lens:
+            qsl.append(qsl[-1] + n)
+        max_blocks = max((len(t) for t in block_tables), default=0) or 1
+        table = torch.zeros((len(block_tables), max_blocks), dtype=torch.int32)
+        for i, blocks in enumerate(block_tables):
+            if blocks:
+                table[i, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        return cls(
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+            block_tables=table.to(device),
+            max_query_len=max(query_lens, default=0),
+            max_seq_len=max(seq_lens, default=0),
+            query_start_loc_cpu=tuple(qsl),
+            seq_lens_cpu=tuple(seq_lens),
+        )
+
+
+@dataclass(frozen=True)
+class LayerOptions:
+    """What one attention layer asks of the backend, read from Transformers' call."""
+
+    layer_idx: int
+    scaling: float
+    sliding_window: int | None = None  # a query at position p sees keys at positions > p - sliding_window
+    softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), after scaling
+    is_causal: bool = True

@@ -1,0 +1,108 @@
+"""Reference attention over the paged KV cache in plain torch: runs anywhere, the oracle for faster backends.
+
+Decode requests (one query token) are attended in one padded batch; every other request (prefill, chunked
+prefill, prefill after a prefix-cache hit) is attended on its own. Math runs in float32.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache [2, N, bs, Hkv, D]; key/value [T, Hkv, D]; slot_mapping [T] (-1 = skip)."""
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        key, value, slot_mapping = key[keep], value[keep], slot_mapping[keep]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts of B requests, padded: block_tables [B, nb] -> key, value [B, max_len, Hkv, D]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = -(-max_len // block_size)
+    blocks = kv_cache[:, block_tables[:, :num_blocks].long()]  # [2, B, nb, bs, Hkv, D]
+    blocks = blocks.flatten(2, 3)[:, :, :max_len]  # [2, B, max_len, Hkv, D]
+    return blocks[0], blocks[1]
+
+
+def attend(
+    query: torch.Tensor,  # [B, Q, H, D]
+    key: torch.Tensor,  # [B, L, Hkv, D]
+    value: torch.Tensor,  # [B, L, Hkv, D]
+    query_positions: torch.Tensor,  # [B, Q] position of each query token in its sequence
+    kv_lens: torch.Tensor,  # [B] number of valid keys per request
+    layer: LayerOptions,
+) -> torch.Tensor:  # [B, Q, H, D] float32
+    num_heads, num_kv_heads = query.shape[2], key.shape[2]
+    key_positions = torch.arange(key.shape[1], device=key.device)
+    valid = key_positions[None, :] < kv_lens[:, None]  # [B, L]
+    mask = valid[:, None, :].expand(-1, query.shape[1], -1)  # [B, Q, L]
+    if layer.is_causal:
+        mask = mask & (key_positions[None, None, :] <= query_positions[:, :, None])
+    if layer.sliding_window is not None:
+        mask = mask & (key_positions[None, None, :] > query_positions[:, :, None] - layer.sliding_window)
+    # Padded keys may hold stale or uninitialised cache memory (NaN * 0 = NaN): zero them.
+    key = torch.where(valid[:, :, None, None], key.float(), 0.0)
+    value = torch.where(valid[:, :, None, None], value.float(), 0.0)
+    q = query.float().transpose(1, 2)  # [B, H, Q, D]
+    k = key.transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, L, D]
+    v = value.transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    if layer.softcap is None:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=layer.scaling)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling
+        scores = layer.softcap * torch.tanh(scores / layer.softcap)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out.transpose(1, 2)
+
+
+class TorchReferenceBackend:
+    name = "torch"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor | None,
+        metadata: AttentionMetadata,
+        layer: LayerOptions,
+    ) -> torch.Tensor:
+        if kv_cache is not None:
+            write_kv(kv_cache, key, value, metadata.slot_mapping)
+        out = torch.empty_like(query)
+        starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+        decodes = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1 and kv_cache is not None]
+        if decodes:
+            self._decode_batch(query, kv_cache, metadata, layer, decodes, out)
+        decode_set = set(decodes)
+        for b in range(len(seq_lens)):
+            start, end = starts[b], starts[b + 1]
+            if b in decode_set or end == start:
+                continue
+            seq_len, num_new = seq_lens[b], end - start
+            if kv_cache is None:  # no cache: the request's context is exactly its new tokens
+                assert seq_len == num_new, "a request without KV cache must be scheduled whole"
+                k, v = key[None, start:end], value[None, start:end]
+            else:
+                k, v = gather_kv(kv_cache, metadata.block_tables[b : b + 1], seq_len)
+            positions = torch.arange(seq_len - num_new, seq_len, device=query.device)[None]
+            lens = torch.tensor([seq_len], device=query.device)
+            out[start:end] = attend(query[None, start:end], k, v, positions, lens, layer)[0].to(out.dtype)
+        return out
+
+    @staticmethod
+    def _decode_batch(query, kv_cache, metadata, layer, decodes, out) -> None:
+        rows = torch.tensor(decodes, device=query.device)
+        token_idx = metadata.query_start_loc[rows].long()  # one query token per decode request
+        lens = metadata.seq_lens[rows].long()
+        max_len = max(metadata.seq_lens_cpu[b] for b in decodes)
+        k, v = gather_kv(kv_cache, metadata.block_tables[rows], max_len)
+        result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
+        out[token_idx] = result[:, 0].to(out.dtype)

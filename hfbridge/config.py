@@ -1,0 +1,63 @@
+"""One frozen engine config, made of sections, validated when built (see engine_args.py), never mutated."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # as the user named it (hub id, folder or .gguf file)
+    model_path: str  # local folder holding config and weights
+    tokenizer_path: str
+    gguf_file: str | None
+    hf_config: PretrainedConfig = field(repr=False)
+    dtype: torch.dtype
+    max_model_len: int
+    trust_remote_code: bool = False
+    revision: str | None = None
+    seed: int = 0
+    model_impl: str = "auto"  # auto | transformers | native
+    skip_tokenizer_init: bool = False
+    served_model_name: str = ""
+    max_logprobs: int = 20
+    chat_template: str | None = None
+    # Sampling defaults from the model's generation_config.json (vLLM's generation_config="auto").
+    default_sampling: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hf_text_config(self) -> PretrainedConfig:
+        return self.hf_config.get_text_config()
+
+    @property
+    def architectures(self) -> list[str]:
+        return list(getattr(self.hf_config, "architectures", None) or [])
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.92
+    kv_cache_memory_bytes: int | None = None  # CPU: KV budget; default a few GiB bounded by free RAM
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device: torch.device
+    attention_backend: str = "auto"

@@ -1,0 +1,50 @@
+"""Incremental detokenization: the text each new token adds, correct across multi-byte characters and
+tokenizers whose decode depends on the previous token (leading spaces, byte fallback)."""
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens kept as left context, so the first output token decodes as it would mid-sequence.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    def __init__(
+        self,
+        tokenizer: Any,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+        spaces_between_special_tokens: bool = True,
+    ):
+        self.tokenizer = tokenizer
+        self.decode_kwargs = {
+            "skip_special_tokens": skip_special_tokens,
+            "spaces_between_special_tokens": spaces_between_special_tokens,
+            "clean_up_tokenization_spaces": False,
+        }
+        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0  # start of the window decoded for context
+        self.read_offset = len(self.token_ids)  # tokens before this are already in the text
+
+    def _decode(self, ids: list[int]) -> str:
+        try:
+            return self.tokenizer.decode(ids, **self.decode_kwargs)
+        except TypeError:  # tokenizers that take no spaces_between_special_tokens
+            kwargs = dict(self.decode_kwargs)
+            kwargs.pop("spaces_between_special_tokens")
+            return self.tokenizer.decode(ids, **kwargs)
+
+    def add_token(self, token_id: int) -> str:
+        """Append one token; returns the new text, "" while the token ends in an incomplete character."""
+        self.token_ids.append(token_id)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+            return full_text[len(prefix_text) :]
+        return ""
+
+
+def decode_token(tokenizer: Any, token_id: int) -> str:
+    """One token on its own, as logprob entries show it."""
+    return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)

@@ -1,0 +1,250 @@
+"""User-facing engine arguments (vLLM's names) and their resolution into the frozen EngineConfig."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+
+from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from hfbridge.model_source import resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+_MAX_LEN_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_seq_len",
+    "seq_length",
+    "max_sequence_length",
+    "max_seq_length",
+    "seq_len",
+    "n_ctx",
+)
+# vLLM arguments that mean nothing here: accepted with a one-line warning, never an error.
+IGNORED_ARGS = frozenset(
+    {
+        "enforce_eager",
+        "swap_space",
+        "cpu_offload_gb",
+        "compilation_config",
+        "disable_log_stats",
+        "disable_custom_all_reduce",
+        "kv_cache_dtype",
+        "quantization",
+        "load_format",
+        "download_dir",
+        "tokenizer_mode",
+        "code_revision",
+        "max_seq_len_to_capture",
+        "structured_outputs_config",
+        "logits_processors",
+        "allowed_local_media_path",
+        "limit_mm_per_prompt",
+        "mm_processor_kwargs",
+        "enable_lora",
+        "max_loras",
+        "max_lora_rank",
+        "data_parallel_size",
+        "enable_log_requests",
+        "disable_log_requests",
+    }
+)
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    hf_token: str | bool | None = None
+    trust_remote_code: bool = False
+    gguf_file: str | None = None
+    dtype: str | torch.dtype = "auto"
+    seed: int | None = 0
+    max_model_len: int | str | None = None
+    model_impl: str = "auto"
+    hf_overrides: dict[str, Any] | Callable[[Any], Any] | None = None
+    skip_tokenizer_init: bool = False
+    served_model_name: str | list[str] | None = None
+    max_logprobs: int = 20
+    chat_template: str | None = None
+    generation_config: str = "auto"
+    override_generation_config: dict[str, Any] | None = None
+    device: str = "auto"
+    # cache
+    block_size: int = 16
+    enable_prefix_caching: bool | None = None
+    num_gpu_blocks_override: int | None = None
+    gpu_memory_utilization: float = 0.92
+    kv_cache_memory_bytes: int | None = None
+    # scheduler
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    enable_chunked_prefill: bool | None = None
+    # attention
+    attention_backend: str | None = None
+    # parallel (one process only for now)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    ignored: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
+        """Unknown names raise TypeError, as vLLM's EngineArgs does; vLLM-only names warn once."""
+        known = {f.name for f in fields(cls)}
+        ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in IGNORED_ARGS}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unexpected engine argument(s): {', '.join(unknown)}")
+        for name in ignored:
+            logger.warning("Engine argument %r has no effect in hfbridge and is ignored", name)
+        return cls(**kwargs, ignored=ignored)
+
+    def create_engine_config(self) -> EngineConfig:
+        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
+                f"{self.pipeline_parallel_size}: hfbridge runs on one device for now; use 1"
+            )
+        device = _resolve_device(self.device)
+        model_config = self._model_config(device)
+        cache_config = self._cache_config()
+        scheduler_config = self._scheduler_config(model_config.max_model_len, device)
+        return EngineConfig(model_config, cache_config, scheduler_config, device, self.attention_backend or "auto")
+
+    def _model_config(self, device: torch.device) -> ModelConfig:
+        from hfbridge.hf_config import load_generation_defaults, load_hf_config
+
+        if self.model is None:
+            from hfbridge.default_model import default_model_path
+
+            model = default_model_path()
+        else:
+            model = str(self.model)
+        if self.model_impl not in ("auto", "transformers", "native"):
+            raise ValueError(
+                f"model_impl={self.model_impl!r} is not supported; use 'auto', 'transformers' or 'native'"
+            )
+        source = resolve_model_source(model, revision=self.revision, hf_token=self.hf_token, gguf_file=self.gguf_file)
+        hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
+        tokenizer_path = source.folder
+        if self.tokenizer is not None:
+            tokenizer_path = resolve_model_source(
+                self.tokenizer, revision=self.tokenizer_revision, hf_token=self.hf_token
+            ).folder
+        served = self.served_model_name
+        if isinstance(served, list):
+            served = served[0] if served else None
+        defaults = {} if self.generation_config == "vllm" else load_generation_defaults(source)
+        defaults.update(self.override_generation_config or {})
+        return ModelConfig(
+            model=model,
+            model_path=source.folder,
+            tokenizer_path=tokenizer_path,
+            gguf_file=source.gguf_file,
+            hf_config=hf_config,
+            dtype=_resolve_dtype(self.dtype, hf_config, device),
+            max_model_len=_resolve_max_model_len(self.max_model_len, hf_config),
+            trust_remote_code=self.trust_remote_code,
+            revision=self.revision,
+            seed=0 if self.seed is None else int(self.seed),
+            model_impl=self.model_impl,
+            skip_tokenizer_init=self.skip_tokenizer_init,
+            served_model_name=served or model,
+            max_logprobs=self.max_logprobs,
+            chat_template=self.chat_template,
+            default_sampling=defaults,
+        )
+
+    def _cache_config(self) -> CacheConfig:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size={self.block_size} must be a power of two")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_gpu_blocks_override is not None and self.num_gpu_blocks_override < 1:
+            raise ValueError(f"num_gpu_blocks_override={self.num_gpu_blocks_override} must be at least 1")
+        return CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=True if self.enable_prefix_caching is None else self.enable_prefix_caching,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+        )
+
+    def _scheduler_config(self, max_model_len: int, device: torch.device) -> SchedulerConfig:
+        on_gpu = device.type == "cuda"
+        max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)
+        max_tokens = self.max_num_batched_tokens or (8192 if on_gpu else 2048)
+        chunked = True if self.enable_chunked_prefill is None else self.enable_chunked_prefill
+        if max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs={max_num_seqs} must be at least 1")
+        if max_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={max_tokens} must be at least 1")
+        if not chunked and max_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_tokens}) < max_model_len ({max_model_len}) with chunked prefill "
+                "disabled: a long prompt could never be scheduled; raise max_num_batched_tokens or enable it"
+            )
+        return SchedulerConfig(max_tokens, max_num_seqs, max_model_len, chunked)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32  # CPUs without bf16 units run float32 fastest
+        config_dtype = getattr(hf_config.get_text_config(), "dtype", None) or getattr(hf_config, "dtype", None)
+        if isinstance(config_dtype, str):
+            config_dtype = _DTYPES.get(config_dtype)
+        if config_dtype in (torch.float16, torch.bfloat16):
+            return config_dtype
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {['auto', *_DTYPES]}")
+    return _DTYPES[dtype]
+
+
+def derived_max_model_len(hf_config: Any) -> int | None:
+    text_config = hf_config.get_text_config()
+    for key in _MAX_LEN_KEYS:
+        value = getattr(text_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _resolve_max_model_len(requested: int | str | None, hf_config: Any) -> int:
+    derived = derived_max_model_len(hf_config)
+    if requested in (None, -1, "auto"):
+        if derived is None:
+            logger.warning("The model config names no context length; using max_model_len=2048")
+            return 2048
+        return derived
+    requested = int(requested)
+    if requested < 1:
+        raise ValueError(f"max_model_len={requested} must be at least 1")
+    if derived is not None and requested > derived and not os.environ.get("HFBRIDGE_ALLOW_LONG_MAX_MODEL_LEN"):
+        raise ValueError(
+            f"max_model_len={requested} is larger than the model's context length {derived} "
+            f"(from its config); use at most {derived}, or set HFBRIDGE_ALLOW_LONG_MAX_MODEL_LEN=1 if you know better"
+        )
+    return requested

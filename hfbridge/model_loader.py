@@ -1,0 +1,74 @@
+"""Build a model on the meta device through Transformers, then stream its weights in."""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+
+from hfbridge.attention_backends import ATTENTION_NAME, register_vllm_attention
+from hfbridge.config import ModelConfig
+from hfbridge.model_resolver import ModelClass, resolve_model_class
+from hfbridge.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
+from hfbridge.weight_loader import iter_checkpoint, load_weights, missing_parameters
+
+logger = logging.getLogger(__name__)
+
+
+def build_on_meta(model_class: ModelClass, model_config: ModelConfig) -> nn.Module:
+    """Parameters on meta, buffers (rotary tables) real; the config copy keeps the caller's config untouched."""
+    register_vllm_attention()
+    config = copy.deepcopy(model_config.hf_config)
+    with init_empty_weights(include_buffers=False):
+        model = model_class.cls._from_config(config, attn_implementation=ATTENTION_NAME, dtype=model_config.dtype)
+    if model_class.needs_lm_head:
+        model = BaseModelWithLMHead(model, config)
+    return model.eval()
+
+
+def load_checkpoint_into(model: nn.Module, model_config: ModelConfig, device: torch.device) -> None:
+    if isinstance(model, BaseModelWithLMHead):
+        weights, prefix, conversion_source = _weights(model_config, model.base_model), model.prefix, model.base_model
+    else:
+        weights, prefix, conversion_source = _weights(model_config, model), getattr(model, "base_model_prefix", ""), None
+    load_weights(model, weights, device, prefix, conversion_source)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    missing = missing_parameters(model)
+    if missing:
+        raise ValueError(
+            f"The checkpoint in {model_config.model_path} has no weights for {len(missing)} model tensors "
+            f"(e.g. {missing[:5]}); it does not match the config's architecture {model_config.architectures}"
+        )
+    model.to(device)
+
+
+def _weights(model_config: ModelConfig, model: nn.Module):
+    if model_config.gguf_file is None:
+        return iter_checkpoint(model_config.model_path)
+    # GGUF: Transformers' reader dequantises and renames to the model's own names.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    path = str(Path(model_config.model_path) / model_config.gguf_file)
+    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    return ((name, (lambda t=t: t)) for name, t in tensors.items())
+
+
+def load_causal_lm(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    start = time.perf_counter()
+    model_class = resolve_model_class(model_config)
+    if model_class.impl == "native":
+        model = model_class.cls.from_config(model_config, device)
+    else:
+        hf_model = build_on_meta(model_class, model_config)
+        load_checkpoint_into(hf_model, model_config, device)
+        model = TransformersForCausalLM(hf_model)
+    logger.info(
+        "Loaded %s (%s, %s) in %.1fs", model_config.model, type(model).__name__, model_class.cls.__name__,
+        time.perf_counter() - start,
+    )
+    return model

@@ -1,0 +1,215 @@
+"""Turns new tokens into RequestOutputs: detokenizes, applies stop conditions, builds vLLM's output shapes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hfbridge.detokenizer import IncrementalDetokenizer, decode_token
+from hfbridge.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from hfbridge.request import Request, RequestStatus
+from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.scheduler_output import ModelRunnerOutput, SampledLogprobs
+
+
+@dataclass
+class RequestState:
+    """The output side of one engine request (one sample; n > 1 has a parent grouping several)."""
+
+    request_id: str
+    parent_id: str
+    index: int  # sample index within the parent
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int | None = None
+    sent_text: int = 0  # offsets already emitted, for DELTA outputs
+    sent_tokens: int = 0
+
+    @property
+    def stop_buffer(self) -> int:
+        """Characters held back from streamed text while a stop string could still be completing."""
+        if not self.params.stop or self.params.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self.params.stop) - 1
+
+
+@dataclass
+class ParentState:
+    request_id: str
+    num_samples: int
+    kind: RequestOutputKind
+    children: dict[int, RequestState] = field(default_factory=dict)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.states: dict[str, RequestState] = {}
+        self.parents: dict[str, ParentState] = {}
+
+    def add_request(self, request: Request, parent_id: str, index: int, num_samples: int, prompt: str | None) -> None:
+        params = request.sampling_params
+        detok = None
+        if params.detokenize and self.tokenizer is not None:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens,
+                params.spaces_between_special_tokens,
+            )
+        state = RequestState(
+            request.request_id, parent_id, index, prompt, request.prompt_token_ids, params, detok,
+            logprobs=[] if params.logprobs is not None else None,
+            cumulative_logprob=0.0 if params.logprobs is not None else None,
+        )
+        self.states[request.request_id] = state
+        parent = self.parents.setdefault(parent_id, ParentState(parent_id, num_samples, params.output_kind))
+        parent.children[index] = state
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.states
+
+    def child_ids(self, parent_id: str) -> list[str]:
+        parent = self.parents.get(parent_id)
+        return [c.request_id for c in parent.children.values()] if parent else []
+
+    def process(
+        self, advanced: list[Request], runner_output: ModelRunnerOutput
+    ) -> tuple[list[RequestOutput], dict[str, RequestStatus]]:
+        """Returns the outputs to emit and the requests that finished this step (with how)."""
+        finished: dict[str, RequestStatus] = {}
+        touched: dict[str, None] = {}
+        for request_id, entries in runner_output.prompt_logprobs.items():
+            state = self.states.get(request_id)
+            if state is not None:
+                if state.prompt_logprobs is None:
+                    state.prompt_logprobs = [None]
+                state.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
+        for request in advanced:
+            state = self.states[request.request_id]
+            if state.num_cached_tokens is None:
+                state.num_cached_tokens = max(request.num_cached_tokens, 0)
+            status = self._append(state, request, runner_output.logprobs.get(request.request_id))
+            if status is not None:
+                finished[request.request_id] = status
+            touched[state.parent_id] = None
+        outputs = [out for parent_id in touched if (out := self._make_output(parent_id)) is not None]
+        for request_id in finished:
+            self._remove(request_id)
+        return outputs, finished
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        """Mark requests aborted; returns the final outputs of parents that end because of it."""
+        outputs = []
+        for request_id in request_ids:
+            state = self.states.get(request_id)
+            if state is None:
+                continue
+            state.finish_reason = RequestStatus.FINISHED_ABORTED.value
+            out = self._make_output(state.parent_id)
+            self._remove(request_id)
+            if out is not None:
+                outputs.append(out)
+        return outputs
+
+    def _append(self, state: RequestState, request: Request, logprobs: SampledLogprobs | None) -> RequestStatus | None:
+        token = request.output_token_ids[-1]
+        params = state.params
+        state.token_ids.append(token)
+        if logprobs is not None:
+            state.logprobs.append(self._logprob_dict(logprobs))
+            state.cumulative_logprob += logprobs.logprobs[0]
+
+        status, stop_reason = None, None
+        if request.num_output_tokens >= (params.max_tokens or self.max_model_len) or request.num_tokens >= self.max_model_len:
+            status = RequestStatus.FINISHED_LENGTH_CAPPED
+        elif request.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+            stop_reason = token if token in params.stop_token_ids else None
+        stopped_by_token = status is RequestStatus.FINISHED_STOPPED
+        if state.detokenizer is not None and (not stopped_by_token or params.include_stop_str_in_output):
+            previous = len(state.text)
+            state.text += state.detokenizer.add_token(token)
+            if params.stop and request.num_output_tokens >= params.min_tokens:
+                hit = _find_stop(state.text, params.stop, previous)
+                if hit is not None:
+                    position, stop = hit
+                    end = position + len(stop) if params.include_stop_str_in_output else position
+                    state.text = state.text[:end]
+                    status, stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is not None:
+            state.finish_reason, state.stop_reason = status.value, stop_reason
+        return status
+
+    def _logprob_dict(self, entry: SampledLogprobs) -> dict[int, Logprob]:
+        out: dict[int, Logprob] = {}
+        for token_id, logprob, rank in zip(entry.token_ids, entry.logprobs, entry.ranks):
+            if token_id not in out:
+                decoded = decode_token(self.tokenizer, token_id) if self.tokenizer is not None else None
+                out[token_id] = Logprob(logprob, rank, decoded)
+        return out
+
+    def _make_output(self, parent_id: str) -> RequestOutput | None:
+        parent = self.parents[parent_id]
+        children = [parent.children[i] for i in sorted(parent.children)]
+        all_done = len(children) == parent.num_samples and all(c.finish_reason is not None for c in children)
+        if parent.kind is RequestOutputKind.FINAL_ONLY and not all_done:
+            return None
+        completions = [self._completion(c, delta=parent.kind is RequestOutputKind.DELTA) for c in children]
+        first = children[0]
+        return RequestOutput(
+            request_id=parent_id,
+            prompt=first.prompt,
+            prompt_token_ids=first.prompt_token_ids,
+            prompt_logprobs=first.prompt_logprobs,
+            outputs=completions,
+            finished=all_done,
+            num_cached_tokens=first.num_cached_tokens,
+        )
+
+    @staticmethod
+    def _completion(state: RequestState, delta: bool) -> CompletionOutput:
+        finished = state.finish_reason is not None
+        visible = len(state.text) if finished else max(len(state.text) - state.stop_buffer, 0)
+        if delta:
+            text = state.text[state.sent_text : visible] if visible > state.sent_text else ""
+            token_ids = state.token_ids[state.sent_tokens :]
+            logprobs = state.logprobs[state.sent_tokens :] if state.logprobs is not None else None
+            state.sent_text = max(state.sent_text, visible)
+            state.sent_tokens = len(state.token_ids)
+        else:
+            text, token_ids, logprobs = state.text[:visible], list(state.token_ids), state.logprobs
+        return CompletionOutput(
+            index=state.index,
+            text=text,
+            token_ids=token_ids,
+            cumulative_logprob=state.cumulative_logprob,
+            logprobs=list(logprobs) if logprobs is not None else None,
+            finish_reason=state.finish_reason,
+            stop_reason=state.stop_reason,
+        )
+
+    def _remove(self, request_id: str) -> None:
+        state = self.states.pop(request_id)
+        parent = self.parents[state.parent_id]
+        if all(c.request_id not in self.states for c in parent.children.values()) and (
+            len(parent.children) == parent.num_samples
+        ):
+            del self.parents[state.parent_id]
+
+
+def _find_stop(text: str, stops: list[str], previous_len: int) -> tuple[int, str] | None:
+    """Earliest stop string that ends in the newly added text."""
+    best: tuple[int, str] | None = None
+    for stop in stops:
+        position = text.find(stop, max(0, previous_len - len(stop) + 1))
+        if position != -1 and (best is None or position < best[0]):
+            best = (position, stop)
+    return best

@@ -1,0 +1,141 @@
+"""Logits -> tokens, in vLLM's order: allowed ids, min_tokens, logit_bias, penalties; then greedy rows take the
+argmax, random rows apply temperature, min_p, top-k, top-p and draw with their own generator.
+
+Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hfbridge.sampling_params import SamplingParams
+from hfbridge.scheduler_output import SampledLogprobs
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Repetition penalty (Transformers' rule) over prompt + output; presence/frequency (OpenAI's) over output."""
+    vocab_size = logits.shape[-1]
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
+            seen = seen[seen < vocab_size].to(logits.device)
+            values = logits[i, seen]
+            logits[i, seen] = torch.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and row.output_token_ids:
+            counts = torch.bincount(torch.tensor(row.output_token_ids), minlength=vocab_size)[:vocab_size]
+            counts = counts.to(logits.device, logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's. min_p [N]."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """top_k [N] (0 = off), top_p [N] (1 = off). Ties with the k-th logit are kept."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    k = torch.where(top_k > 0, top_k, vocab_size).clamp(max=vocab_size)
+    kth = sorted_logits.gather(1, (vocab_size - k)[:, None])
+    sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+    drop = cumulative <= (1 - top_p)[:, None]
+    drop[:, -1] = False  # the top token always survives
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def gather_logprobs(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[SampledLogprobs]:
+    """logprobs [N, V] (log-softmax); for each row, the given token plus the row's top num_top[i] tokens."""
+    vocab_size = logprobs.shape[-1]
+    k_max = min(max(num_top, default=0), vocab_size)
+    top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
+    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])
+    ranks = (logprobs > chosen).sum(dim=-1) + 1
+    out = []
+    for i, token in enumerate(token_ids):
+        k = min(num_top[i], vocab_size)
+        ids = [token] + (top_ids[i, :k].tolist() if k else [])
+        values = [chosen[i, 0].item()] + (top_values[i, :k].tolist() if k else [])
+        out.append(SampledLogprobs(ids, values, [int(ranks[i])] + list(range(1, k + 1))))
+    return out
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator  # for rows without a seed; seeded from the engine's `seed`
+
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int], list[SampledLogprobs | None]]:
+        """logits [N, V] float32, one row per request that samples this step."""
+        vocab_size = logits.shape[-1]
+        want_logprobs = [r.params.logprobs is not None for r in rows]
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        logits = self._process(logits.clone(), rows)
+
+        tokens = logits.argmax(dim=-1)
+        random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        if random_rows:
+            idx = torch.tensor(random_rows, device=logits.device)
+            chosen = [rows[i].params for i in random_rows]
+            scaled = logits[idx] / torch.tensor([p.temperature for p in chosen], device=logits.device)[:, None]
+            if any(p.min_p > 0 for p in chosen):
+                scaled = apply_min_p(scaled, torch.tensor([p.min_p for p in chosen], device=logits.device))
+            if any(p.top_k > 0 or p.top_p < 1 for p in chosen):
+                top_k = torch.tensor([p.top_k for p in chosen], device=logits.device)
+                top_p = torch.tensor([p.top_p for p in chosen], device=logits.device, dtype=torch.float32)
+                scaled = apply_top_k_top_p(scaled, top_k, top_p)
+            probs = torch.softmax(scaled, dim=-1)
+            tokens[idx] = self._draw(probs, [rows[i].generator for i in random_rows])
+
+        token_list = tokens.tolist()
+        logprobs: list[SampledLogprobs | None] = [None] * len(rows)
+        if raw_logprobs is not None:
+            wanted = [i for i, w in enumerate(want_logprobs) if w]
+            num_top = [vocab_size if rows[i].params.logprobs == -1 else rows[i].params.logprobs for i in wanted]
+            gathered = gather_logprobs(raw_logprobs[wanted], [token_list[i] for i in wanted], num_top)
+            for i, item in zip(wanted, gathered):
+                logprobs[i] = item
+        return token_list, logprobs
+
+    @staticmethod
+    def _process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        for i, row in enumerate(rows):
+            p = row.params
+            if p.allowed_token_ids is not None:
+                keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+                keep[p.allowed_token_ids] = True
+                logits[i].masked_fill_(~keep, float("-inf"))
+            if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
+                logits[i, sorted(p.all_stop_token_ids)] = float("-inf")
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        return apply_penalties(logits, rows)
+
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Exponential race: argmax(p / q), q ~ Exp(1), equals drawing from p; each row uses its own RNG."""
+        noise = torch.empty_like(probs)
+        unseeded = [i for i, g in enumerate(generators) if g is None]
+        if unseeded:
+            noise[unseeded] = torch.empty((len(unseeded), probs.shape[-1]), device=probs.device).exponential_(
+                generator=self.generator
+            )
+        for i, g in enumerate(generators):
+            if g is not None:
+                noise[i].exponential_(generator=g)
+        return (probs / noise).argmax(dim=-1)

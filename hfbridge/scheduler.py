@@ -1,0 +1,125 @@
+"""FCFS scheduling under a token budget; one loop over num_computed_tokens covers prefill, chunked prefill,
+decode and prefix-cache hits. When blocks run out, the newest running request is preempted and recomputed."""
+from __future__ import annotations
+
+from collections import deque
+
+from hfbridge.config import SchedulerConfig
+from hfbridge.kv_cache_manager import KVCacheManager
+from hfbridge.request import Request, RequestStatus
+from hfbridge.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+        self.config = config
+        self.kv = kv_cache_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add_request(self, request: Request) -> None:
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted: list[str] = []
+
+        # 1. Running requests keep going first, in arrival order.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            blocks = self.kv.allocate_slots(request, num_new)
+            while blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted.append(victim.request_id)
+                if victim is request:
+                    break
+                blocks = self.kv.allocate_slots(request, num_new)
+            if blocks is None:
+                break
+            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, _ids(blocks)))
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting requests, in order, while budget, sequence slots and blocks last (none after a preemption).
+        while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            blocks = self.kv.allocate_slots(request, num_new, hits)
+            if blocks is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit_tokens
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(ScheduledRequest(request, num_new, num_hit_tokens, _ids(blocks)))
+            budget -= num_new
+
+        num_tokens = self.config.max_num_batched_tokens - budget
+        return SchedulerOutput(scheduled, num_tokens, preempted)
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def update_from_output(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[Request]:
+        """Advance computed counts and append sampled tokens; returns the requests that got a new token."""
+        advanced = []
+        for item in output.scheduled:
+            request = item.request
+            if request.status is not RequestStatus.RUNNING:  # aborted while the step ran
+                continue
+            request.num_computed_tokens = item.end
+            token = runner_output.sampled_token_ids.get(request.request_id)
+            if token is not None:
+                request.append_output_token(token)
+                advanced.append(request)
+        return advanced
+
+    def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
+        """Finish (or abort) requests: their blocks are freed at once."""
+        for request_id in request_ids:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                continue
+            if request.status is RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self.kv.free(request)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+
+def _ids(blocks) -> list[int]:
+    return [b.block_id for b in blocks]

@@ -1,0 +1,54 @@
+"""What the scheduler hands to the executor for one step, and what comes back."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hfbridge.request import Request
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int  # tokens computed this step: all_token_ids[start:start + num_new_tokens]
+    start: int  # = request.num_computed_tokens when scheduled (includes this step's prefix-cache hit)
+    block_ids: list[int]
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_new_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the last known token, so the next one can be sampled (or pooled)."""
+        return self.end == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_scheduled_tokens: int
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(frozen=True)
+class SampledLogprobs:
+    """Logprobs of one sampled token: the sampled id first, then the top-k ids (ranks are 1-based)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, SampledLogprobs] = field(default_factory=dict)
+    # request id -> one entry per prompt position computed this step that predicts a prompt token
+    prompt_logprobs: dict[str, list[SampledLogprobs]] = field(default_factory=dict)
+    pooled: dict[str, torch.Tensor] = field(default_factory=dict)

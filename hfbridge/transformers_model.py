@@ -1,0 +1,73 @@
+"""The wrapper around a model that Transformers built: hfbridge's view of a causal LM."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutput
+
+
+class TransformersForCausalLM(nn.Module):
+    """Holds a Transformers causal LM whose attention runs through the "vllm" entry.
+
+    The model sees every request of a step packed into one sequence: `input_ids`/`positions` [1, T]; sequence
+    boundaries live in the attention metadata, not in the model. `use_cache=False` because the KV cache is ours.
+    """
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.model = hf_model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [1, T]
+        positions: torch.Tensor,  # [1, T]
+        logits_indices: torch.Tensor,  # [N] token indices whose next-token logits are needed
+    ) -> torch.Tensor:  # [N, V] float32
+        # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
+        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
+        return out.logits[0].float()
+
+
+class BaseModelWithLMHead(nn.Module):
+    """A base model from remote code (`auto_map.AutoModel`) plus the LM head its checkpoint carries.
+
+    The base model sits under its `base_model_prefix`, so checkpoint names saved from the model's
+    `...ForCausalLM` (`model.layers.0...`, `lm_head.weight`) match ours unchanged.
+    """
+
+    def __init__(self, base_model: nn.Module, config):
+        super().__init__()
+        self.prefix = getattr(base_model, "base_model_prefix", "") or "model"
+        setattr(self, self.prefix, base_model)
+        self.config = config
+        text_config = config.get_text_config()
+        hidden = getattr(text_config, "hidden_size")
+        self.lm_head = nn.Linear(hidden, text_config.vocab_size, bias=False, device="meta", dtype=base_model.dtype)
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.prefix)
+
+    def tie_weights(self) -> None:
+        if self.lm_head.weight.is_meta and getattr(self.config.get_text_config(), "tie_word_embeddings", True):
+            self.lm_head.weight = self.base_model.get_input_embeddings().weight
+
+    def forward(self, input_ids, position_ids, use_cache=False, logits_to_keep=None, **kwargs):
+        hidden = self.base_model(input_ids=input_ids, position_ids=position_ids, use_cache=use_cache, **kwargs)[0]
+        if logits_to_keep is not None:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        # The head-side conventions Transformers' own causal LMs follow, when the config names them.
+        text_config = self.config.get_text_config()
+        if getattr(text_config, "logit_scale", None):
+            logits = logits * text_config.logit_scale
+        if getattr(text_config, "logits_scaling", None):
+            logits = logits / text_config.logits_scaling
+        if getattr(text_config, "final_logit_softcapping", None):
+            cap = text_config.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
+        return CausalLMOutput(logits=logits)

@@ -1,0 +1,1 @@
+"""OpenAI-compatible aiohttp server (see `hfbridge serve`)."""

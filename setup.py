@@ -1,0 +1,3 @@
+from setuptools import setup
+
+setup()  # metadata, dependencies and entry points live in setup.cfg
