@@ -42,9 +42,11 @@ def iter_checkpoint(folder: str) -> Iterator[tuple[str, LazyTensor]]:
     files = checkpoint_files(folder)
     for path in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < 2):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, (lambda f=f, name=name: f.get_tensor(name))
+            # No `with`: fused tensors (MoE experts) are read after their file's turn, so each loader keeps
+            # its (memory-mapped) file open until it is dropped.
+            f = safe_open(str(path), framework="pt", device="cpu")
+            for name in f.keys():
+                yield name, (lambda f=f, name=name: f.get_tensor(name))
         else:  # pickled checkpoints only through the weights-only unpickler
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():

@@ -1,0 +1,23 @@
+import os
+import sys
+from pathlib import Path
+
+# No test may reach the network: models are built here or come from installed packages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny_models import make_tiny_model  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """(Transformers model, folder) of a tiny random Llama with a BPE tokenizer and a ChatML template."""
+    return make_tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("tiny_llama"))
