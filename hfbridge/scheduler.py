@@ -49,7 +49,7 @@ class Scheduler:
                 blocks = self.kv.allocate_slots(request, num_new)
             if blocks is None:
                 break
-            scheduled.append(ScheduledRequest(request, num_new, request.num_computed_tokens, _ids(blocks)))
+            scheduled.append(_scheduled(request, num_new, request.num_computed_tokens, blocks))
             budget -= num_new
             i += 1
 
@@ -71,7 +71,7 @@ class Scheduler:
                 request.num_cached_tokens = num_hit_tokens
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            scheduled.append(ScheduledRequest(request, num_new, num_hit_tokens, _ids(blocks)))
+            scheduled.append(_scheduled(request, num_new, num_hit_tokens, blocks))
             budget -= num_new
 
         num_tokens = self.config.max_num_batched_tokens - budget
@@ -121,5 +121,7 @@ class Scheduler:
         return len(self.waiting)
 
 
-def _ids(blocks) -> list[int]:
-    return [b.block_id for b in blocks]
+def _scheduled(request: Request, num_new: int, start: int, blocks) -> ScheduledRequest:
+    return ScheduledRequest(
+        request, num_new, start, [b.block_id for b in blocks], samples=start + num_new == request.num_tokens
+    )

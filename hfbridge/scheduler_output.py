@@ -14,15 +14,11 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens computed this step: all_token_ids[start:start + num_new_tokens]
     start: int  # = request.num_computed_tokens when scheduled (includes this step's prefix-cache hit)
     block_ids: list[int]
+    samples: bool  # this step reaches the last known token, so the next one is sampled (or the prompt pooled)
 
     @property
     def end(self) -> int:
         return self.start + self.num_new_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the last known token, so the next one can be sampled (or pooled)."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass(frozen=True)

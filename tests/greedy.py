@@ -7,12 +7,16 @@ import torch
 TIE_TOLERANCE = 1e-4
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy tokens and the logits (after Transformers' processing) at each step."""
+def hf_greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False
+) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and the logits at each step. ignore_eos: generate past EOS (an id no token has)."""
+    extra = {"eos_token_id": -1} if ignore_eos else {}
     with torch.no_grad():
         out = model.generate(
             torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
             max_new_tokens=max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            **extra,
         )
     return out.sequences[0, len(prompt_ids):].tolist(), [s[0] for s in out.logits]
 

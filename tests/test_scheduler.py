@@ -1,0 +1,131 @@
+"""Scheduling decisions without a model: token budget, chunked prefill, preemption, abort, no leaks."""
+from hfbridge.config import SchedulerConfig
+from hfbridge.kv_cache_manager import KVCacheManager
+from hfbridge.request import Request, RequestStatus
+from hfbridge.sampling_params import SamplingParams
+from hfbridge.scheduler import Scheduler
+from hfbridge.scheduler_output import ModelRunnerOutput
+
+BS = 4
+
+
+def make_scheduler(num_blocks=32, budget=64, max_seqs=8, chunked=True, caching=True) -> Scheduler:
+    kv = KVCacheManager(num_blocks, BS, caching)
+    return Scheduler(SchedulerConfig(budget, max_seqs, 512, chunked), kv)
+
+
+def run_step(scheduler: Scheduler, next_token: int = 7):
+    """Execute a step with a fake model that samples `next_token` for every request that reached its end."""
+    out = scheduler.schedule()
+    sampled = {s.request.request_id: next_token for s in out.scheduled if s.samples}
+    scheduler.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
+    return out
+
+
+def add(scheduler: Scheduler, request_id: str, num_tokens: int, offset: int = 0) -> Request:
+    request = Request(request_id, list(range(offset, offset + num_tokens)), SamplingParams())
+    scheduler.add_request(request)
+    return request
+
+
+def test_prefill_then_decode_one_token_per_step():
+    s = make_scheduler()
+    r = add(s, "a", 10)
+    out = run_step(s)
+    assert [(x.num_new_tokens, x.start) for x in out.scheduled] == [(10, 0)]
+    assert r.num_computed_tokens == 10 and r.output_token_ids == [7]
+    out = run_step(s)
+    assert [(x.num_new_tokens, x.start) for x in out.scheduled] == [(1, 10)]
+
+
+def test_budget_chunks_long_prefill_and_counts_decodes_first():
+    s = make_scheduler(budget=8)
+    a = add(s, "a", 5)
+    run_step(s)  # a prefilled (5 tokens)
+    b = add(s, "b", 20, offset=100)
+    out = run_step(s)
+    # a's decode (1 token) goes first, b gets the remaining 7 tokens of the budget
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 7)]
+    assert not out.scheduled[1].samples and b.output_token_ids == []
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 7)]
+    out = run_step(s)
+    assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 6)]
+    assert out.scheduled[1].samples and b.output_token_ids == [7]
+    assert out.num_scheduled_tokens == 7 and a.num_output_tokens == 4
+
+
+def test_no_chunking_waits_for_a_budget_that_fits():
+    s = make_scheduler(budget=16, chunked=False)
+    add(s, "a", 10)
+    add(s, "b", 10, offset=50)
+    out = run_step(s)
+    assert [x.request.request_id for x in out.scheduled] == ["a"]
+
+
+def test_max_num_seqs_caps_running_requests():
+    s = make_scheduler(max_seqs=2)
+    for i in range(4):
+        add(s, str(i), 3, offset=10 * i)
+    out = run_step(s)
+    assert [x.request.request_id for x in out.scheduled] == ["0", "1"]
+    assert s.num_waiting == 2
+
+
+def test_preempts_newest_running_when_blocks_run_out_and_recomputes_it():
+    s = make_scheduler(num_blocks=4, budget=64)
+    a = add(s, "a", 4)  # 1 block, needs a 2nd at its first decode
+    b = add(s, "b", 11, offset=100)  # 3 blocks
+    run_step(s)
+    assert s.kv.num_free_blocks == 0 and a.output_token_ids == [7] and b.output_token_ids == [7]
+    out = run_step(s)  # a needs a block for token 5: b (newest) is preempted
+    assert out.preempted_request_ids == ["b"] and b.status is RequestStatus.PREEMPTED
+    assert b.num_computed_tokens == 0 and b.num_preemptions == 1
+    assert [x.request.request_id for x in out.scheduled] == ["a"]
+    s.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
+    out = run_step(s)  # b comes back: its prompt and generated token are recomputed, minus cached full blocks
+    assert [(x.request.request_id, x.start, x.num_new_tokens) for x in out.scheduled] == [("b", 8, 4)]
+    assert b.output_token_ids == [7, 7]
+
+
+def test_preempted_request_recomputes_everything_without_prefix_caching():
+    s = make_scheduler(num_blocks=4, budget=64, caching=False)
+    a = add(s, "a", 4)
+    b = add(s, "b", 11, offset=100)
+    run_step(s)
+    run_step(s)
+    s.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
+    out = run_step(s)
+    assert [(x.request.request_id, x.start, x.num_new_tokens) for x in out.scheduled] == [("b", 0, 12)]
+    assert b.num_preemptions == 1 and a.num_preemptions == 0
+
+
+def test_preempting_itself_when_alone_does_not_loop():
+    s = make_scheduler(num_blocks=2, budget=64)
+    a = add(s, "a", 8)
+    run_step(s)
+    out = run_step(s)  # a needs a 3rd block; nobody else to evict: a is preempted
+    assert out.preempted_request_ids == ["a"] and out.scheduled == []
+    assert a.status is RequestStatus.PREEMPTED and s.kv.num_free_blocks == 2
+
+
+def test_abort_and_finish_free_every_block():
+    s = make_scheduler(num_blocks=16, caching=False)
+    reqs = [add(s, str(i), 6, offset=10 * i) for i in range(3)]
+    run_step(s)
+    add(s, "waiting", 3)
+    s.finish_requests(["0"], RequestStatus.FINISHED_ABORTED)
+    s.finish_requests(["waiting"], RequestStatus.FINISHED_ABORTED)
+    assert reqs[0].status is RequestStatus.FINISHED_ABORTED
+    s.finish_requests(["1", "2"], RequestStatus.FINISHED_STOPPED)
+    assert s.kv.num_free_blocks == 16 and not s.has_unfinished_requests()
+
+
+def test_prefix_hit_is_counted_as_computed():
+    s = make_scheduler()
+    add(s, "a", 13)
+    run_step(s)
+    b = add(s, "b", 13)  # same tokens: 3 full blocks hit, last token never a hit
+    out = run_step(s)
+    item = next(x for x in out.scheduled if x.request is b)
+    assert (item.start, item.num_new_tokens) == (12, 1) and b.num_cached_tokens == 12

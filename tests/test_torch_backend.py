@@ -1,0 +1,129 @@
+"""The torch reference backend over a paged cache equals Transformers' own attention (sdpa, and Gemma2's
+eager attention for softcap) computed on plain unpaged tensors."""
+import pytest
+import torch
+from torch import nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
+from hfbridge.attention_backends.torch_backend import TorchReferenceBackend
+
+D = 16
+
+
+class FakeAttention(nn.Module):
+    def __init__(self, num_heads, num_kv_heads, is_causal=True):
+        super().__init__()
+        self.num_key_value_groups = num_heads // num_kv_heads
+        self.is_causal = is_causal
+        self.eval()
+
+
+def transformers_attention(q, k, v, layer: LayerOptions) -> torch.Tensor:
+    """One sequence: q [T, H, D], k/v [T, Hkv, D] -> [T, H, D], through Transformers' functions."""
+    module = FakeAttention(q.shape[1], k.shape[1], layer.is_causal)
+    q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, T, D]
+    T = q.shape[0]
+    mask = None
+    if layer.sliding_window is not None:
+        mask = sdpa_mask(
+            batch_size=1, q_length=T, kv_length=T, mask_function=sliding_window_causal_mask_function(layer.sliding_window),
+            allow_is_causal_skip=False,
+        )
+    if layer.softcap is not None:
+        if mask is None:
+            mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
+        additive = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+        out, _ = eager_attention_forward(module, q4, k4, v4, additive, scaling=layer.scaling, softcap=layer.softcap)
+    else:
+        out, _ = sdpa_attention_forward(module, q4, k4, v4, mask, scaling=layer.scaling, is_causal=layer.is_causal and mask is None)
+    return out[0]
+
+
+def paged_run(layer, q, k, v, kv_cache, tables, block_size, computed, new):
+    """One backend step where request b computes its tokens computed[b]:computed[b]+new[b]."""
+    rows = [torch.arange(c, c + n) for c, n in zip(computed, new)]
+    if kv_cache is None:
+        slots = [-1] * sum(new)
+    else:
+        slots = [tables[b][p // block_size] * block_size + p % block_size for b, r in enumerate(rows) for p in r.tolist()]
+    meta = AttentionMetadata.build(
+        slot_mapping=slots, query_lens=list(new), seq_lens=[c + n for c, n in zip(computed, new)], block_tables=tables
+    )
+    take = lambda x: torch.cat([x[b][r] for b, r in enumerate(rows)])  # noqa: E731
+    return TorchReferenceBackend().forward(take(q), take(k), take(v), kv_cache, meta, layer)
+
+CASES = {
+    "causal": dict(),
+    "sliding_window": dict(sliding_window=3),
+    "softcap": dict(softcap=2.0),
+    "window_and_softcap": dict(sliding_window=4, softcap=1.5),
+}
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("block_size", [1, 4])
+def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_size):
+    torch.manual_seed(0)
+    num_heads, num_kv_heads = heads
+    lengths = [1, 5, 9, 13]
+    layer = LayerOptions(0, scaling=0.3, **CASES[case])
+    q = [torch.randn(n, num_heads, D) for n in lengths]
+    k = [torch.randn(n, num_kv_heads, D) for n in lengths]
+    v = [torch.randn(n, num_kv_heads, D) for n in lengths]
+    expected = [transformers_attention(q[b], k[b], v[b], layer) for b in range(len(lengths))]
+
+    num_blocks = sum(-(-n // block_size) for n in lengths) + 3
+    perm = torch.randperm(num_blocks).tolist()  # scattered, non-contiguous blocks
+    tables, i = [], 0
+    for n in lengths:
+        nb = -(-n // block_size)
+        tables.append(perm[i : i + nb])
+        i += nb
+    cache = torch.full((2, num_blocks, block_size, num_kv_heads, D), float("nan"))  # unwritten slots poison
+
+    # step 1: a first chunk (prefixes ending mid-block); step 2: the rest but the last token; step 3: decode
+    first = [max(1, n // 3) if n > 1 else 1 for n in lengths]
+    second = [n - f - 1 if n - f > 1 else 0 for n, f in zip(lengths, first)]
+    done = [0] * len(lengths)
+    outs = [[] for _ in lengths]
+    for chunk in (first, second, [n - f - s for n, f, s in zip(lengths, first, second)]):
+        active = [b for b, n in enumerate(chunk) if n > 0]
+        out = paged_run(
+            layer, [q[b] for b in active], [k[b] for b in active], [v[b] for b in active], cache,
+            [tables[b] for b in active], block_size, [done[b] for b in active], [chunk[b] for b in active],
+        )
+        offset = 0
+        for b in active:
+            outs[b].append(out[offset : offset + chunk[b]])
+            offset += chunk[b]
+            done[b] += chunk[b]
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(torch.cat(outs[b]), expected[b], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
+def test_non_causal_without_cache_equals_transformers(heads):
+    torch.manual_seed(1)
+    lengths = [3, 7, 1]
+    layer = LayerOptions(0, scaling=0.25, is_causal=False)
+    q = [torch.randn(n, heads[0], D) for n in lengths]
+    k = [torch.randn(n, heads[1], D) for n in lengths]
+    v = [torch.randn(n, heads[1], D) for n in lengths]
+    out = paged_run(layer, q, k, v, None, [[] for _ in lengths], 4, [0] * 3, lengths)
+    expected = torch.cat([transformers_attention(q[b], k[b], v[b], layer) for b in range(3)])
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_are_computed_in_float32():
+    torch.manual_seed(2)
+    layer = LayerOptions(0, scaling=0.25)
+    q, k, v = torch.randn(9, 4, D), torch.randn(9, 2, D), torch.randn(9, 2, D)
+    cache = torch.zeros((2, 3, 4, 2, D), dtype=torch.bfloat16)
+    out = paged_run(layer, [q.bfloat16()], [k.bfloat16()], [v.bfloat16()], cache, [[2, 0, 1]], 4, [0], [9])
+    expected = transformers_attention(q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), layer)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
