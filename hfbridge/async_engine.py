@@ -1,0 +1,226 @@
+"""AsyncLLMEngine: the synchronous LLMEngine driven by a dedicated thread, fed from an asyncio event loop.
+
+The engine is not thread-safe, so only its thread ever touches it: the event loop hands it commands (add,
+abort) through a list guarded by a condition variable, and the thread hands outputs back with
+`loop.call_soon_threadsafe` into one queue per request. With nothing to do the thread sleeps on the
+condition; it never spins.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from hfbridge.llm_engine import LLMEngine
+from hfbridge.outputs import RequestOutput
+from hfbridge.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped (shutdown, or an error it could not recover from)."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; iteration ends after the finished output."""
+
+    def __init__(self, request_id: str):
+        self.request_id = request_id
+        self.finished = False
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+
+    def put(self, item: RequestOutput | BaseException) -> None:  # event-loop thread only
+        self._queue.put_nowait(item)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        while not self.finished:
+            item = await self._queue.get()
+            if isinstance(item, BaseException):
+                self.finished = True
+                raise item
+            self.finished = item.finished
+            yield item
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._cond = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # asked to stop
+        self._closed = False  # the thread takes no more commands
+        self.dead_error: BaseException | None = None
+
+    # -- lifecycle (event loop)
+    def start(self) -> None:
+        assert self._thread is None, "AsyncLLMEngine.start() called twice"
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="hfbridge-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Stop the thread (pending requests end with EngineDeadError) and release the engine."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self.engine.shutdown()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+
+    # -- requests (event loop)
+    async def add_request(
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True
+    ) -> RequestStream:
+        """Returns once the engine accepted the request; raises the engine's ValidationError if it did not.
+
+        Iterate the stream for its outputs; call `abort` if you stop listening before it finished.
+        """
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running") from self.dead_error
+        stream = RequestStream(request_id)
+        accepted: asyncio.Future[None] = self._loop.create_future()
+
+        def add() -> None:
+            try:
+                self.engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens)
+            except Exception as e:  # noqa: BLE001 - handed to the caller, who maps it to an HTTP status
+                self._call_soon(_settle, accepted, e)
+                return
+            self._streams[request_id] = stream
+            self._call_soon(_settle, accepted, None)
+
+        if not self._submit(add):
+            raise EngineDeadError("the engine is shutting down")
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            # The caller went away while the engine was adding: the abort queued behind the add undoes it.
+            self.abort(request_id)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request; its KV blocks are freed as soon as the engine thread reads the command (at the
+        latest after the step in flight). Safe to call for unknown or finished requests, and from `finally`."""
+
+        def abort() -> None:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self.engine.abort_request(request_id)
+
+        self._submit(abort)
+
+    async def generate(
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs; leaving the loop early (break, cancel) aborts it."""
+        stream = await self.add_request(request_id, prompt, params, add_special_tokens)
+        try:
+            async for output in stream:
+                yield output
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    # -- the engine thread
+    def _submit(self, command: Callable[[], None]) -> bool:
+        """Queue a command for the engine thread; False once the thread stopped taking commands."""
+        with self._cond:
+            if self._closed:
+                return False
+            self._commands.append(command)
+            self._cond.notify()
+            return True
+
+    def _call_soon(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the event loop closed under us (process exit); nobody is listening
+            pass
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    commands, self._commands = self._commands, []
+                for command in commands:
+                    command()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as e:  # noqa: BLE001 - the thread must report, never die silently
+            logger.exception("The engine thread failed; the server cannot generate any more")
+            self.dead_error = e
+        finally:
+            self._drain(self.dead_error or EngineDeadError("the engine is shutting down"))
+
+    def _drain(self, error: BaseException) -> None:
+        """Run the commands queued before the stop (so every add is answered), then end every request."""
+        with self._cond:
+            self._closed = True
+            commands, self._commands = self._commands, []
+        for command in commands:
+            try:
+                command()
+            except Exception:  # noqa: BLE001 - a broken engine may refuse; the requests still get the error
+                logger.debug("command failed while stopping", exc_info=True)
+        self._close_all(error)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            # A failed step poisons only the requests in it: end them with the error, free their blocks, go on.
+            logger.exception("Engine step failed; ending the %d requests in flight", len(self._streams))
+            self._close_all(e)
+            return
+        deliveries = []
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:  # aborted while the step ran
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            deliveries.append((stream, output))
+        if deliveries:
+            self._call_soon(_deliver, deliveries)
+
+    def _close_all(self, error: BaseException) -> None:
+        streams, self._streams = self._streams, {}
+        if not streams:
+            return
+        try:
+            self.engine.abort_request(list(streams))
+        except Exception:  # noqa: BLE001 - the listeners must hear about the error even if the engine is broken
+            logger.exception("aborting requests failed")
+        self._call_soon(_deliver, [(s, error) for s in streams.values()])
+
+
+def _deliver(deliveries: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in deliveries:
+        stream.put(item)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # cancelled by a caller that went away
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
