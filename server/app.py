@@ -1,0 +1,142 @@
+"""The aiohttp application: an app factory, the engine's lifecycle, and the serve loop the CLI runs.
+
+The app binds before the model loads: the engine is built in a background thread, /health answers at once,
+/ready turns 200 when the engine runs, and routes that need the model answer 503 until then.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from functools import partial
+
+from aiohttp import web
+
+from hfbridge.async_engine import AsyncLLMEngine
+from hfbridge.llm_engine import LLMEngine
+from hfbridge.server import routes_misc
+from hfbridge.server.auth import make_auth_middleware
+from hfbridge.server.errors import error_middleware
+from hfbridge.server.routes_chat import create_chat_completion
+from hfbridge.server.routes_completions import create_completion
+from hfbridge.server.state import STATE, ServerSettings, ServingState
+
+logger = logging.getLogger("hfbridge.server")
+
+EngineFactory = Callable[[], LLMEngine]
+
+
+def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Application:
+    """The OpenAI-compatible app; `engine_factory` builds the LLMEngine (slow: it runs in a thread)."""
+    middlewares = [error_middleware]
+    if settings.api_keys:
+        middlewares.append(make_auth_middleware(settings.api_keys))
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_body_bytes)
+    app[STATE] = ServingState(settings)
+    app.router.add_post("/v1/completions", create_completion)
+    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    routes_misc.add_routes(app)
+    app.cleanup_ctx.append(partial(_engine_lifecycle, engine_factory))
+    return app
+
+
+async def _engine_lifecycle(engine_factory: EngineFactory, app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    state.loader = asyncio.create_task(_load(state, engine_factory))
+    yield
+    state.loader.cancel()
+    if state.engine is not None:
+        await state.engine.shutdown()
+
+
+async def _load(state: ServingState, engine_factory: EngineFactory) -> None:
+    loop = asyncio.get_running_loop()
+    built: asyncio.Future[LLMEngine] = loop.create_future()
+
+    def build() -> None:
+        try:
+            engine = engine_factory()
+        except BaseException as e:  # noqa: BLE001 - reported through /health, /ready and the CLI's exit code
+            _resolve_threadsafe(loop, built, None, e)
+        else:
+            _resolve_threadsafe(loop, built, engine, None)
+
+    # A daemon thread, not the default executor: a server stopped mid-load must not wait for the load to end.
+    threading.Thread(target=build, name="hfbridge-loader", daemon=True).start()
+    try:
+        engine = await built
+    except Exception as e:  # noqa: BLE001
+        logger.error("Loading the model failed: %s", e)
+        state.load_error = e
+        return
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    state.set_loaded(async_engine)
+    _log_ready(state)
+
+
+def _resolve_threadsafe(loop, future, result, error) -> None:
+    def settle() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    try:
+        loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the server stopped while the model loaded
+        pass
+
+
+def _log_ready(state: ServingState) -> None:
+    card = state.card
+    logger.info("Model ready: serving %s (max_model_len=%d)", ", ".join(card.names), card.max_model_len)
+    if card.default_sampling:
+        # generation_config.json silently changing defaults is vLLM complaint #7: say it out loud.
+        logger.warning("Sampling defaults from the model's generation_config.json (requests override them): %s",
+                       card.default_sampling)
+    if not card.chat_template:
+        logger.warning("The model has no chat template: /v1/chat/completions will answer 400. Restart with "
+                       "--chat-template FILE, or send plain prompts to /v1/completions.")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def serve(app: web.Application, host: str, port: int) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1)."""
+    state = app[STATE]
+    if not is_loopback(host) and not state.settings.api_keys:
+        logger.warning("Binding %s, reachable from other machines, without an API key: anyone who can reach "
+                       "this port can use the model. Set --api-key (or HFBRIDGE_API_KEY).", host or "all interfaces")
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests at once.
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        logger.info("Listening on http://%s:%d (GET /ready answers 200 once the model is loaded)",
+                    host if ":" not in host else f"[{host}]", port)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([stopper, state.loader], return_when=asyncio.FIRST_COMPLETED)
+        if state.load_error is None:
+            await stopper
+        logger.info("Shutting down")
+    finally:
+        await runner.cleanup()
+    return 1 if state.load_error is not None else 0

@@ -1,0 +1,104 @@
+"""One error shape for every failure, from day one: {"error": {"message", "type", "param", "code"}}.
+
+Bad input is always a 400 (never 422, never 500); the middleware below is the single place that turns
+exceptions into responses, so no handler can leak a traceback or a 200 on failure.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from hfbridge.errors import ValidationError
+
+logger = logging.getLogger(__name__)
+
+# HTTP status -> the `type` vLLM (and the openai client's exception names) use for it.
+ERROR_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    413: "RequestEntityTooLargeError",
+    500: "InternalServerError",
+    501: "NotImplementedError",
+    503: "ServiceUnavailableError",
+}
+
+
+class APIError(Exception):
+    """An error a handler wants the client to see, with its HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    @classmethod
+    def from_validation(cls, error: ValidationError | ValueError) -> APIError:
+        # The message alone: ValidationError's str() appends "(parameter=..., value=...)", which could echo a
+        # huge input back; `param` already names the field.
+        message = error.args[0] if error.args else str(error)
+        return cls(400, str(message), getattr(error, "parameter", None))
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "Error"), "param": param, "code": status}}
+
+
+def error_response(status: int, message: str, param: str | None = None, **kwargs: Any) -> web.Response:
+    return web.json_response(error_body(status, message, param), status=status, **kwargs)
+
+
+def to_api_error(error: BaseException) -> APIError:
+    """The APIError a client sees for any exception (used for JSON errors and mid-stream SSE errors alike)."""
+    if isinstance(error, APIError):
+        return error
+    if isinstance(error, ValidationError):
+        return APIError.from_validation(error)
+    from hfbridge.async_engine import EngineDeadError
+
+    if isinstance(error, EngineDeadError):
+        return APIError(503, f"The engine is not running: {error}")
+    logger.exception("Unhandled error", exc_info=error)
+    return APIError(500, f"Internal server error ({type(error).__name__}); see the server log")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        # aiohttp's own refusals (unknown route, wrong method, body too large) get our shape too.
+        message = e.text if e.text and not e.text.startswith(f"{e.status}:") else f"{e.reason}: {request.path}"
+        if isinstance(e, web.HTTPRequestEntityTooLarge):
+            message = f"{e.text} (raise the limit with --max-request-body-bytes)"
+        return error_response(e.status, message, headers=_allow_header(e))
+    except Exception as e:  # noqa: BLE001 - this is the boundary that keeps tracebacks out of responses
+        api_error = to_api_error(e)
+        return error_response(api_error.status, api_error.message, api_error.param)
+
+
+def _allow_header(e: web.HTTPException) -> dict[str, str] | None:
+    allow = e.headers.get("Allow")
+    return {"Allow": allow} if allow else None
+
+
+async def read_json_object(request: web.Request) -> dict[str, Any]:
+    """The request body as a JSON object; 400 for anything else. The Content-Type is not checked: `curl -d`
+    sends form encoding by default, and a body that parses as JSON is what matters."""
+    raw = await request.read()
+    if not raw.strip():
+        raise APIError(400, "The request body is empty; send a JSON object")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"Malformed JSON body: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}")
+    return body

@@ -1,0 +1,196 @@
+"""The part of completions and chat that is the same: prompts -> checked SamplingParams (with max_tokens
+fitted to the context) -> engine requests -> one ordered stream of outputs, aborted if the client leaves."""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from hfbridge.async_engine import AsyncLLMEngine, RequestStream
+from hfbridge.errors import ValidationError
+from hfbridge.outputs import RequestOutput
+from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.server.errors import APIError
+from hfbridge.server.metrics import RequestTimer
+from hfbridge.server.protocol import GenerationRequest
+from hfbridge.server.state import ModelCard, ServingState
+
+
+@dataclass(frozen=True)
+class PreparedPrompt:
+    text: str | None
+    token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": None,
+        }
+
+
+def new_response_id(prefix: str, request: GenerationRequest, header_id: str | None) -> str:
+    return f"{prefix}-{request.request_id or header_id or uuid.uuid4().hex}"
+
+
+def tokenize(tokenizer: Any, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
+    if isinstance(prompt, str):
+        return prompt, list(tokenizer(prompt, add_special_tokens=add_special_tokens).input_ids)
+    return None, list(prompt)
+
+
+def fit_max_tokens(requested: int | None, default: int | None, num_prompt_tokens: int, card: ModelCard,
+                   strict: bool, param: str, prompt_param: str) -> int:
+    """max_tokens that fits the context. Beyond it: clamped (vLLM 0.33, what clients like Zed and LangChain
+    expect), or a 400 with --strict-max-tokens. A prompt that leaves no room at all is always a 400."""
+    room = card.max_model_len - num_prompt_tokens
+    if room < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {card.max_model_len} tokens. However, your prompt contains "
+            f"{num_prompt_tokens} input tokens, which leaves no room for output. Shorten the prompt, or restart "
+            "the server with a larger --max-model-len if the model supports it.",
+            prompt_param,
+        )
+    value = requested if requested is not None else (default if default is not None else room)
+    if value < 1:
+        raise APIError(400, f"{param} must be at least 1, got {value}.", param)
+    if value > room and strict:
+        raise APIError(
+            400,
+            f"{param}={value} is more than the {room} tokens left in the context: the maximum context length is "
+            f"{card.max_model_len} tokens and the prompt has {num_prompt_tokens}. Lower {param}, or leave it "
+            "unset to use what is left.",
+            param,
+        )
+    return min(value, room)
+
+
+def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str | list[int], *,
+                   logprobs: int | None, prompt_logprobs: int | None, default_max_tokens: int | None,
+                   max_tokens_param: str, prompt_param: str) -> PreparedPrompt:
+    engine, card = state.require_engine()
+    text, token_ids = tokenize(engine.engine.get_tokenizer(), prompt, request.add_special_tokens)
+    truncate = request.sampling.get("truncate_prompt_tokens")
+    if truncate is not None and truncate != 0:
+        # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run.
+        token_ids = token_ids[-(card.max_model_len if truncate == -1 else max(truncate, 1)):]
+    defaults = {k: v for k, v in card.default_sampling.items() if k != "max_tokens"}
+    max_tokens = fit_max_tokens(request.max_tokens, default_max_tokens, len(token_ids), card,
+                                state.settings.strict_max_tokens, max_tokens_param, prompt_param)
+    kwargs = {**defaults, **request.sampling, "max_tokens": max_tokens, "logprobs": logprobs}
+    if prompt_logprobs is not None and kwargs.get("prompt_logprobs") is None:
+        kwargs["prompt_logprobs"] = prompt_logprobs
+    params = SamplingParams(**kwargs)  # ValidationError (vLLM's wording) -> 400 in the middleware
+    params.output_kind = RequestOutputKind.DELTA  # the route assembles full texts itself when not streaming
+    return PreparedPrompt(text, token_ids, params)
+
+
+async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt]) -> list[RequestStream]:
+    """Add every prompt's request, or none: if one is refused, the ones already added are aborted."""
+    streams: list[RequestStream] = []
+    try:
+        for i, prepared in enumerate(prompts):
+            engine_prompt = {"prompt_token_ids": prepared.token_ids}
+            if prepared.text is not None:
+                engine_prompt["prompt"] = prepared.text
+            streams.append(await engine.add_request(f"{response_id}-{i}", engine_prompt, prepared.params))
+    except BaseException as e:
+        for stream in streams:
+            engine.abort(stream.request_id)
+        if isinstance(e, ValueError) and not isinstance(e, ValidationError):
+            raise APIError(400, str(e)) from e  # e.g. a client-chosen request_id already in flight
+        raise
+    return streams
+
+
+@dataclass
+class OutputMerger:
+    """Outputs of several requests (one per prompt) as one stream of (prompt index, output)."""
+
+    engine: AsyncLLMEngine
+    streams: list[RequestStream]
+    timers: list[RequestTimer]
+    usage: Usage = field(default_factory=Usage)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        async with aclosing(self._merge()) as merged:
+            async for item in merged:
+                yield item
+
+    async def _merge(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
+
+        async def pump(index: int, stream: RequestStream) -> None:
+            try:
+                async for output in stream:
+                    queue.put_nowait((index, output))
+            except Exception as e:  # noqa: BLE001 - re-raised by the consumer below
+                queue.put_nowait((index, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            remaining = len(self.streams)
+            while remaining:
+                index, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                num_new = sum(len(c.token_ids) for c in item.outputs)
+                self.usage.completion_tokens += num_new
+                reason = (item.outputs[0].finish_reason or "abort") if item.finished and item.outputs else None
+                self.timers[index].on_output(num_new, reason)
+                remaining -= item.finished
+                yield index, item
+        finally:
+            # Leaving early (a disconnect, an error, a cancelled handler) frees the requests' KV blocks at once.
+            for task in tasks:
+                task.cancel()
+            for stream in self.streams:
+                if not stream.finished:
+                    self.engine.abort(stream.request_id)
+
+
+async def start(state: ServingState, response_id: str, prompts: list[PreparedPrompt]) -> OutputMerger:
+    engine, _ = state.require_engine()
+    timers = [state.metrics.timer() for _ in prompts]
+    streams = await submit(engine, response_id, prompts)
+    merger = OutputMerger(engine, streams, timers)
+    merger.usage.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    return merger
+
+
+@dataclass
+class Choice:
+    """One choice's output gathered from DELTA outputs (non-streaming responses)."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+async def collect(merger: OutputMerger, num_samples: int) -> tuple[dict[int, Choice], dict[int, RequestOutput]]:
+    """Every choice (index prompt * n + sample, as OpenAI numbers them) and the last output of each prompt."""
+    choices: dict[int, Choice] = {}
+    last: dict[int, RequestOutput] = {}
+    async for prompt_index, output in merger.outputs():
+        last[prompt_index] = output
+        for completion in output.outputs:
+            choice = choices.setdefault(prompt_index * num_samples + completion.index, Choice())
+            choice.text += completion.text
+            choice.token_ids += completion.token_ids
+            choice.logprobs += completion.logprobs or []
+            choice.finish_reason, choice.stop_reason = completion.finish_reason, completion.stop_reason
+    return dict(sorted(choices.items())), last

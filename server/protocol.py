@@ -1,0 +1,307 @@
+"""Request bodies -> typed requests: type checks with messages that name the field, the OpenAI/vLLM field
+set, and the rule that a field the server cannot honour is a 400, never silently ignored.
+
+Value checks (ranges, vLLM's wording) stay in SamplingParams; this file only makes sure each field has a
+usable type. JSON null means "not set" everywhere.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hfbridge.server.errors import APIError
+
+logger = logging.getLogger(__name__)
+
+Check = Callable[[str, Any], Any]
+_INT64 = (-(2**63), 2**63 - 1)
+MAX_PROMPTS = 1024
+MAX_STOP_STRINGS = 64  # each one is searched after every token; OpenAI allows 4
+
+
+def _fail(name: str, expected: str, value: Any) -> APIError:
+    return APIError(400, f"`{name}` must be {expected}, got {type(value).__name__}: {str(value)[:100]}", name)
+
+
+def _int(name: str, value: Any) -> int:
+    # 5.0 is accepted as 5, as pydantic's lax mode does; True is not an int here.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _fail(name, "an integer", value)
+    return value
+
+
+def _int64(name: str, value: Any) -> int:
+    value = _int(name, value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {value}", name)
+    return value
+
+
+def _number(name: str, value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise _fail(name, "a number", value)
+    return float(value)
+
+
+def as_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "true or false", value)
+    return value
+
+
+def as_str(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _fail(name, "a string", value)
+    return value
+
+
+def _dict(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(name, "an object", value)
+    return value
+
+
+def as_int_list(name: str, value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise _fail(name, "a list of integers", value)
+    return [_int(name, v) for v in value]
+
+
+def _str_list(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _fail(name, "a string or a list of strings", value)
+    return value
+
+
+def _stop(name: str, value: Any) -> list[str]:
+    stops = _str_list(name, value)
+    if len(stops) > MAX_STOP_STRINGS:
+        raise APIError(400, f"`stop` may hold at most {MAX_STOP_STRINGS} strings, got {len(stops)}", name)
+    return stops
+
+
+def _logit_bias(name: str, value: Any) -> dict[str, float]:
+    return {k: _number(f"{name}[{k}]", v) for k, v in _dict(name, value).items()}
+
+
+# SamplingParams fields a request may set, with their types (vLLM's extras included).
+SAMPLING_FIELDS: dict[str, Check] = {
+    "n": _int, "best_of": _int, "temperature": _number, "top_p": _number, "top_k": _int, "min_p": _number,
+    "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": _int64,
+    "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": _int,
+    "skip_special_tokens": as_bool, "spaces_between_special_tokens": as_bool, "include_stop_str_in_output": as_bool,
+    "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": _int,
+    "truncate_prompt_tokens": _int,
+}
+_COMMON_FIELDS: dict[str, Check] = {
+    "model": as_str, "max_tokens": _int, "stream": as_bool, "stream_options": _dict, "echo": as_bool,
+    "add_special_tokens": as_bool, "request_id": as_str, "user": as_str,
+}
+# Fields that would change the output in ways the engine cannot deliver yet: refused, never ignored.
+_REFUSED = {
+    "guided_json": "structured outputs", "guided_regex": "structured outputs", "guided_choice": "structured outputs",
+    "guided_grammar": "structured outputs", "structured_outputs": "structured outputs",
+    "suffix": "fill-in-the-middle (suffix)", "prompt_embeds": "prompt embeddings", "lora_request": "LoRA adapters",
+}
+# OpenAI fields with no meaning here: dropped with one warning each per process (vLLM drops them silently).
+_DROPPED = frozenset({"store", "metadata", "modalities", "audio", "prediction", "web_search_options", "service_tier",
+                      "functions", "function_call", "parallel_tool_calls", "reasoning_effort", "priority",
+                      "guided_whitespace_pattern", "guided_decoding_backend", "cache_salt", "return_token_ids",
+                      "include_reasoning", "documents", "mm_processor_kwargs", "kv_transfer_params", "vllm_xargs"})
+_warned: set[str] = set()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What completions and chat have in common."""
+
+    model: str | None
+    sampling: dict[str, Any]  # SamplingParams kwargs the client set
+    max_tokens: int | None
+    stream: bool
+    include_usage: bool
+    continuous_usage: bool
+    echo: bool
+    add_special_tokens: bool
+    request_id: str | None
+
+
+@dataclass(frozen=True)
+class CompletionRequest(GenerationRequest):
+    prompts: list[str | list[int]]
+    logprobs: int | None
+
+
+@dataclass(frozen=True)
+class ChatRequest(GenerationRequest):
+    messages: list[dict[str, Any]]
+    logprobs: bool
+    top_logprobs: int | None
+    add_generation_prompt: bool
+    continue_final_message: bool
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any]
+    tools: list[dict[str, Any]] | None
+
+
+def _take(body: dict[str, Any], schema: dict[str, Check]) -> dict[str, Any]:
+    """Checked values of the fields in `schema` that the body sets (null counts as unset)."""
+    for name, what in _REFUSED.items():
+        if body.get(name) not in (None, "", [], {}):
+            raise APIError(400, f"`{name}` asks for {what}, which hfbridge does not support yet", name)
+    for name in body.keys() - schema.keys():
+        if name in _DROPPED and name not in _warned:
+            _warned.add(name)
+            logger.warning("Request field %r is not supported and is ignored", name)
+    return {name: check(name, body[name]) for name, check in schema.items() if body.get(name) is not None}
+
+
+def _generation_fields(values: dict[str, Any]) -> dict[str, Any]:
+    stream = values.get("stream", False)
+    options = values.get("stream_options") or {}
+    if options and not stream:
+        raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options")
+    if stream and values.get("prompt_logprobs") is not None:
+        raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    return dict(
+        model=values.get("model"),
+        sampling={k: values[k] for k in SAMPLING_FIELDS if k in values},
+        max_tokens=values.get("max_tokens"),
+        stream=stream,
+        # An empty stream_options adds no usage chunk (vLLM PR #36379 fixed exactly this).
+        include_usage=_option(options, "include_usage"),
+        continuous_usage=_option(options, "continuous_usage_stats"),
+        echo=values.get("echo", False),
+        request_id=values.get("request_id"),
+    )
+
+
+def _option(options: dict[str, Any], name: str) -> bool:
+    value = options.get(name)
+    return False if value is None else as_bool(f"stream_options.{name}", value)
+
+
+def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
+    values = _take(body, {**SAMPLING_FIELDS, **_COMMON_FIELDS, "prompt": _prompts, "logprobs": _int})
+    if "prompt" not in values:
+        raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    return CompletionRequest(
+        **_generation_fields(values),
+        add_special_tokens=values.get("add_special_tokens", True),
+        prompts=values["prompt"],
+        logprobs=values.get("logprobs"),
+    )
+
+
+def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
+    schema = {
+        **SAMPLING_FIELDS, **_COMMON_FIELDS, "messages": _messages, "max_completion_tokens": _int,
+        "logprobs": as_bool, "top_logprobs": _int, "add_generation_prompt": as_bool, "continue_final_message": as_bool,
+        "chat_template": as_str, "chat_template_kwargs": _dict, "tools": _tools, "tool_choice": _any,
+        "response_format": _dict,
+    }
+    values = _take(body, schema)
+    if "messages" not in values:
+        raise APIError(400, "`messages` is required: a non-empty list of {role, content} objects", "messages")
+    _check_unsupported_chat_options(values)
+    top_logprobs = values.get("top_logprobs")
+    if top_logprobs not in (None, 0) and not values.get("logprobs", False):
+        raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
+    # max_completion_tokens is OpenAI's current name and wins over the deprecated max_tokens.
+    max_tokens = values.get("max_completion_tokens", values.get("max_tokens"))
+    return ChatRequest(
+        **{**_generation_fields(values), "max_tokens": max_tokens},
+        add_special_tokens=values.get("add_special_tokens", False),  # the template already holds them
+        messages=values["messages"],
+        logprobs=values.get("logprobs", False),
+        top_logprobs=top_logprobs,
+        add_generation_prompt=values.get("add_generation_prompt", True),
+        continue_final_message=values.get("continue_final_message", False),
+        chat_template=values.get("chat_template"),
+        chat_template_kwargs=values.get("chat_template_kwargs", {}),
+        tools=values.get("tools"),
+    )
+
+
+def _check_unsupported_chat_options(values: dict[str, Any]) -> None:
+    response_format = values.get("response_format")
+    if response_format is not None and response_format.get("type", "text") != "text":
+        raise APIError(400, f"response_format type {response_format.get('type')!r} needs structured outputs, "
+                            "which hfbridge does not support yet; use type 'text'", "response_format")
+    tool_choice = values.get("tool_choice", "auto" if values.get("tools") else "none")
+    if tool_choice != "none":
+        raise APIError(400, f"tool_choice={tool_choice!r}: hfbridge does not parse tool calls yet. Send "
+                            "tool_choice 'none' to let the chat template show the tools to the model as text.",
+                       "tool_choice")
+
+
+def _any(name: str, value: Any) -> Any:
+    return value
+
+
+def _prompts(name: str, value: Any) -> list[str | list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> a list of prompts."""
+    if isinstance(value, str):
+        prompts: list[Any] = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        prompts = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+        prompts = [v if isinstance(v, str) else as_int_list(name, v) for v in value]
+    elif value == []:
+        raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", name)
+    else:
+        raise _fail(name, "a string, a list of strings, a list of token ids or a list of such lists", value)
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"At most {MAX_PROMPTS} prompts per request, got {len(prompts)}", name)
+    for prompt in prompts:
+        if isinstance(prompt, list) and any(t < 0 for t in prompt):
+            raise APIError(400, "Token ids in `prompt` must be non-negative", name)
+    return prompts
+
+
+def _messages(name: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not value:
+        raise _fail(name, "a non-empty list of messages", value)
+    out = []
+    for i, message in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _fail(where, "an object with a string `role`", message)
+        message = dict(message)
+        message["content"] = _content(f"{where}.content", message.get("content"))
+        # `reasoning` (vLLM >= 0.12) and `reasoning_content` (before): accept either, give templates both.
+        reasoning = message.get("reasoning", message.get("reasoning_content"))
+        if reasoning is not None:
+            message["reasoning"] = message["reasoning_content"] = reasoning
+        out.append(message)
+    return out
+
+
+def _content(name: str, value: Any) -> str | None:
+    """Text content: a string, or a list of text parts joined by newlines (vLLM's "string" format)."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise _fail(name, "a string or a list of content parts", value)
+    texts = []
+    for part in value:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
+            raise APIError(400, f"{name}: only text content parts are supported, got {kind or type(part).__name__}",
+                           "messages")
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _tools(name: str, value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise _fail(name, "a list of tool objects", value)
+    if not value:
+        raise APIError(400, "`tools` must not be an empty array; omit it instead", name)
+    return value

@@ -1,0 +1,128 @@
+"""POST /v1/chat/completions: messages rendered with the chat template, then generated like a completion."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jinja2
+from aiohttp import web
+
+from hfbridge.chat_utils import render_chat
+from hfbridge.detokenizer import decode_token
+from hfbridge.server.errors import APIError, read_json_object
+from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
+from hfbridge.server.logprobs import chat_logprobs
+from hfbridge.server.protocol import ChatRequest, parse_chat_request
+from hfbridge.server.sse import EventStream
+from hfbridge.server.state import STATE, ModelCard, ServingState
+
+
+async def create_chat_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    raw = await read_json_object(request)
+    body = parse_chat_request(raw)
+    model = state.resolve_model(body.model)
+    engine, card = state.require_engine()
+    prompt = render_messages(state, card, body)
+    prepared = prepare_prompt(
+        state, body, prompt,
+        logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
+        # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit.
+        default_max_tokens=card.default_sampling.get("max_tokens"),
+        max_tokens_param="max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens",
+        prompt_param="messages",
+    )
+    response_id = new_response_id("chatcmpl", body, request.headers.get("X-Request-Id"))
+    merger = await start(state, response_id, [prepared])
+    head = {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model}
+    tokenizer = engine.engine.get_tokenizer()
+
+    def decode(token_id: int) -> str:
+        return decode_token(tokenizer, token_id)
+
+    role = state.settings.response_role
+    echo = _echo_text(body, role)
+    if body.stream:
+        return await _stream(request, merger, {**head, "object": "chat.completion.chunk"}, body,
+                             prepared.params.n, role, echo, decode)
+    choices, _ = await collect(merger, prepared.params.n)
+    rendered = []
+    for index, choice in choices.items():
+        logprobs = None
+        if body.logprobs:
+            logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs, body.top_logprobs or 0, decode)}
+        message = {"role": role, "content": echo + choice.text, "refusal": None, "annotations": None,
+                   "audio": None, "function_call": None}
+        rendered.append({"index": index, "message": message, "logprobs": logprobs,
+                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+    return web.json_response({**head, "choices": rendered, "usage": merger.usage.as_dict()})
+
+
+def render_messages(state: ServingState, card: ModelCard, body: ChatRequest) -> str:
+    template = card.chat_template
+    if body.chat_template is not None:
+        if not state.settings.trust_request_chat_template:
+            raise APIError(400, "Chat template is passed with request, but --trust-request-chat-template is not "
+                                "set. Refused request with untrusted chat template.", "chat_template")
+        template = body.chat_template
+    engine, _ = state.require_engine()
+    try:
+        return render_chat(
+            engine.engine.get_tokenizer(), body.messages, chat_template=template,
+            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+            tools=body.tools,
+            chat_template_kwargs={**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs},
+        )
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError) as e:
+        # Templates raise for conversations they do not accept (roles out of order, a missing field): bad input.
+        raise APIError(400, f"The chat template could not render these messages: {e}", "messages") from e
+
+
+def _echo_text(body: ChatRequest, role: str) -> str:
+    """With echo, the last message's content when it has the role being generated (a continued message)."""
+    last = body.messages[-1]
+    if body.echo and last.get("role") == role and isinstance(last.get("content"), str):
+        return last["content"]
+    return ""
+
+
+async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, Any], body: ChatRequest, n: int,
+                  role: str, echo: str, decode: Any) -> web.StreamResponse:
+    force_usage = request.app[STATE].settings.enable_force_include_usage
+    continuous = body.continuous_usage or force_usage
+    events = EventStream(request)
+    await events.open()
+
+    async def send(choice: dict[str, Any]) -> None:
+        chunk = {**head, "choices": [choice]}
+        if continuous:
+            chunk["usage"] = merger.usage.as_dict()
+        await events.send(chunk)
+
+    try:
+        # The first chunk of every choice carries the role, before any token exists.
+        for index in range(n):
+            await send({"index": index, "delta": {"role": role, "content": echo}, "logprobs": None,
+                        "finish_reason": None})
+        async for _, output in merger.outputs():
+            for completion in output.outputs:
+                wants_tokens = body.logprobs and completion.token_ids
+                if not (completion.text or completion.finish_reason or wants_tokens):
+                    continue  # a token whose text is still held back (a partial character or a possible stop)
+                logprobs = None
+                if body.logprobs:
+                    logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [],
+                                                         body.top_logprobs or 0, decode)}
+                delta = {"content": completion.text} if completion.text else {}
+                choice = {"index": completion.index, "delta": delta, "logprobs": logprobs,
+                          "finish_reason": completion.finish_reason}
+                if completion.finish_reason is not None:
+                    choice["stop_reason"] = completion.stop_reason
+                await send(choice)
+        if body.include_usage or force_usage:
+            await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
+    except ConnectionError:
+        raise  # the client left; the merger has aborted its request
+    except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
+        await events.send_error(e)
+    return await events.close()

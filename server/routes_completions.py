@@ -1,0 +1,120 @@
+"""POST /v1/completions: prompts (text or token ids) in, OpenAI `text_completion` objects or SSE chunks out."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from hfbridge.detokenizer import decode_token
+from hfbridge.server.errors import read_json_object
+from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
+from hfbridge.server.logprobs import CompletionLogprobs, merge_completion_logprobs
+from hfbridge.server.protocol import CompletionRequest, parse_completion_request
+from hfbridge.server.sse import EventStream
+from hfbridge.server.state import STATE, ServingState
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for completions
+
+
+async def create_completion(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    body = parse_completion_request(await read_json_object(request))
+    model = state.resolve_model(body.model)
+    _, card = state.require_engine()
+    k = body.logprobs
+    prepared = [
+        prepare_prompt(
+            state, body, prompt, logprobs=k,
+            prompt_logprobs=k if body.echo and k is not None else None,
+            default_max_tokens=card.default_sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
+            max_tokens_param="max_tokens", prompt_param="prompt",
+        )
+        for prompt in body.prompts
+    ]
+    response_id = new_response_id("cmpl", body, request.headers.get("X-Request-Id"))
+    merger = await start(state, response_id, prepared)
+    head = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
+    renderer = _Renderer(state, body, [p.token_ids for p in prepared], [p.text for p in prepared], prepared[0].params.n)
+    if body.stream:
+        return await _stream(request, merger, head, renderer, body)
+    choices, last = await collect(merger, renderer.n)
+    rendered = []
+    for index, choice in choices.items():
+        prompt_index = index // renderer.n
+        logprobs = None
+        if k is not None:
+            logprobs = renderer.logprobs(index, last[prompt_index].prompt_logprobs, choice.token_ids, choice.logprobs)
+        rendered.append({
+            "index": index, "text": renderer.echo_text(index) + choice.text, "logprobs": logprobs,
+            "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
+        })
+    return web.json_response({**head, "choices": rendered, "usage": merger.usage.as_dict()})
+
+
+class _Renderer:
+    """Per-choice echo and logprob state (text_offset runs across chunks)."""
+
+    def __init__(self, state: ServingState, body: CompletionRequest, prompt_ids: list[list[int]],
+                 prompt_texts: list[str | None], n: int):
+        engine, _ = state.require_engine()
+        self.tokenizer = engine.engine.get_tokenizer()
+        self.body, self.prompt_ids, self.prompt_texts, self.n = body, prompt_ids, prompt_texts, n
+        self.pending_echo = set(range(len(prompt_ids) * n)) if body.echo else set()
+        self.logprob_builders: dict[int, CompletionLogprobs] = {}
+
+    def decode(self, token_id: int) -> str:
+        return decode_token(self.tokenizer, token_id)
+
+    def echo_text(self, index: int) -> str:
+        """The prompt, the first time a choice is rendered with echo on; "" otherwise."""
+        if index not in self.pending_echo:
+            return ""
+        text = self.prompt_texts[index // self.n]
+        if text is None:
+            text = self.tokenizer.decode(self.prompt_ids[index // self.n])
+        return text
+
+    def logprobs(self, index: int, prompt_logprobs: Any, token_ids: list[int], logprobs: list[dict]) -> dict:
+        builder = self.logprob_builders.setdefault(index, CompletionLogprobs(self.body.logprobs, self.decode))
+        result = None
+        if index in self.pending_echo:
+            result = builder.prompt(self.prompt_ids[index // self.n], prompt_logprobs)
+        return merge_completion_logprobs(result, builder.sample(token_ids, logprobs))
+
+    def mark_rendered(self, index: int) -> None:
+        self.pending_echo.discard(index)
+
+
+async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, Any], renderer: _Renderer,
+                  body: CompletionRequest) -> web.StreamResponse:
+    force_usage = request.app[STATE].settings.enable_force_include_usage
+    events = EventStream(request)
+    await events.open()
+    try:
+        async for prompt_index, output in merger.outputs():
+            for completion in output.outputs:
+                index = prompt_index * renderer.n + completion.index
+                wants_tokens = body.logprobs is not None and completion.token_ids
+                if not (completion.text or completion.finish_reason or wants_tokens or index in renderer.pending_echo):
+                    continue  # a token whose text is still held back (a partial character or a possible stop)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = renderer.logprobs(index, output.prompt_logprobs, completion.token_ids,
+                                                 completion.logprobs or [])
+                choice = {
+                    "index": index, "text": renderer.echo_text(index) + completion.text, "logprobs": logprobs,
+                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+                }
+                renderer.mark_rendered(index)
+                chunk = {**head, "choices": [choice]}
+                if body.continuous_usage or force_usage:
+                    chunk["usage"] = merger.usage.as_dict()
+                await events.send(chunk)
+        if body.include_usage or force_usage:
+            await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
+    except ConnectionError:
+        raise  # the client left; the merger has aborted its requests
+    except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
+        await events.send_error(e)
+    return await events.close()

@@ -1,0 +1,104 @@
+"""What the server knows: its settings (fixed at start) and the serving state (the engine, once loaded)."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from hfbridge.async_engine import AsyncLLMEngine
+from hfbridge.server.errors import APIError
+from hfbridge.server.metrics import ServerMetrics
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # a 128k-token prompt is < 1 MB; 16 MB leaves room without inviting abuse
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...] = ()  # empty: the engine's served_model_name
+    extra_model_aliases: tuple[str, ...] = ()  # also accepted in `model` (e.g. a Hub id of the default model)
+    api_keys: tuple[str, ...] = ()
+    # max_tokens beyond the context is clamped to what fits (vLLM 0.33's behaviour); strict rejects with a 400.
+    strict_max_tokens: bool = False
+    trust_request_chat_template: bool = False
+    default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    enable_force_include_usage: bool = False
+    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    response_role: str = "assistant"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """The served model as routes describe it; fixed once the engine has loaded."""
+
+    names: tuple[str, ...]  # served names; the first is echoed in responses and metric labels
+    aliases: frozenset[str]  # every string accepted in a request's `model`
+    root: str
+    max_model_len: int
+    max_logprobs: int
+    default_sampling: dict[str, Any]
+    chat_template: str | None  # --chat-template, else the tokenizer's own (None: chat routes answer 400)
+    created: int
+
+
+class ServingState:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.engine: AsyncLLMEngine | None = None
+        self.card: ModelCard | None = None
+        self.load_error: BaseException | None = None
+        self.loader: asyncio.Task[None] | None = None  # the background load, started with the app
+
+    def set_loaded(self, engine: AsyncLLMEngine) -> None:
+        model_config = engine.engine.model_config
+        names = self.settings.served_model_names or (model_config.served_model_name,)
+        aliases = set(names) | set(self.settings.extra_model_aliases)
+        for path in (model_config.model, model_config.model_path):
+            aliases |= {path, os.path.basename(os.path.normpath(path))}
+        tokenizer = engine.engine.get_tokenizer()
+        from hfbridge.chat_utils import load_chat_template
+
+        chat_template = load_chat_template(model_config.chat_template) or getattr(tokenizer, "chat_template", None)
+        self.card = ModelCard(
+            names=tuple(names),
+            aliases=frozenset(a for a in aliases if a),
+            root=model_config.model,
+            max_model_len=engine.engine.config.scheduler_config.max_model_len,
+            max_logprobs=model_config.max_logprobs,
+            default_sampling=dict(model_config.default_sampling),
+            chat_template=chat_template,
+            created=int(time.time()),
+        )
+        self.metrics.model_name = names[0]
+        self.engine = engine
+
+    @property
+    def is_ready(self) -> bool:
+        return self.engine is not None and self.engine.is_running
+
+    def require_engine(self) -> tuple[AsyncLLMEngine, ModelCard]:
+        """The engine for a route that needs it; 503 while loading (retryable), or when loading failed."""
+        if self.engine is None or self.card is None:
+            if self.load_error is not None:
+                raise APIError(503, f"The model failed to load: {self.load_error}")
+            raise APIError(503, "The model is still loading; retry when GET /ready returns 200")
+        return self.engine, self.card
+
+    def resolve_model(self, requested: str | None) -> str:
+        """The served name to echo; 404 for a name that is none of ours (the path and its basename count)."""
+        _, card = self.require_engine()
+        if requested is None or requested == "":
+            return card.names[0]
+        if requested in card.aliases:
+            return requested if requested in card.names else card.names[0]
+        raise APIError(
+            404, f"The model `{requested}` does not exist. Valid aliases: {', '.join(sorted(card.aliases))}.", "model"
+        )
+
+
+# Typed app state: routes read `request.app[STATE]`.
+STATE = web.AppKey("hfbridge_state", ServingState)
