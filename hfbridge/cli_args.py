@@ -1,0 +1,236 @@
+"""vLLM-compatible command-line spelling for click: `--foo_bar` as `--foo-bar`, `--api-key a b` (argparse's
+nargs="+"), human-readable integers (`32k`), JSON dict flags, and vLLM flags that mean nothing here, which
+are accepted with a one-line warning instead of failing a command copied from a vLLM recipe."""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import fields
+from typing import Any
+
+import click
+
+from hfbridge.engine_args import EngineArgs
+
+logger = logging.getLogger("hfbridge.cli")
+
+# Flags whose value is a list (argparse nargs="+"): `--api-key a b` becomes `--api-key a --api-key b`.
+LIST_FLAGS = frozenset({"--api-key", "--served-model-name"})
+
+# vLLM flags with no effect in hfbridge: name -> how many values follow (0 for switches, -1 for nargs="+").
+IGNORED_FLAGS: dict[str, int] = {
+    **dict.fromkeys(
+        ["--enforce-eager", "--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
+         "--disable-custom-all-reduce", "--enable-auto-tool-choice", "--enable-prompt-tokens-details",
+         "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-sleep-mode",
+         "--allow-credentials", "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
+         "--disable-sliding-window", "--use-v2-block-manager", "--enable-server-load-tracking",
+         "--enable-prompt-embeds", "--disable-fastapi-docs", "--disable-async-output-proc",
+         "--trust-request-mm-kwargs", "--enable-log-outputs", "--disable-mm-preprocessor-cache",
+         "--enable-expert-parallel", "--enable-eplb", "--async-scheduling"], 0),
+    **dict.fromkeys(
+        ["--swap-space", "--cpu-offload-gb", "--kv-cache-dtype", "--quantization", "--load-format",
+         "--download-dir", "--tokenizer-mode", "--code-revision", "--max-seq-len-to-capture",
+         "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
+         "--max-lora-rank", "--max-cpu-loras", "--data-parallel-size", "--uvicorn-log-level", "--root-path",
+         "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--chat-template-content-format",
+         "--tool-call-parser", "--reasoning-parser", "--distributed-executor-backend", "--worker-cls",
+         "--logits-processors", "--structured-outputs-config", "--guided-decoding-backend", "--speculative-config",
+         "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
+         "--scheduling-policy", "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
+         "--collect-detailed-traces", "--max-log-len", "--uds", "--lora-dtype", "--tokenizer-pool-size",
+         "--kv-transfer-config", "--hf-config-path", "--allowed-local-media-path", "--allowed-origins",
+         "--allowed-methods", "--allowed-headers", "--disable-log-stats-interval", "--lora-extra-vocab-size",
+         "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo", "--tool-parser-plugin",
+         "--numa-bind", "--ignore-patterns"], 1),
+    **dict.fromkeys(["--lora-modules", "--middleware", "--prompt-adapters"], -1),
+}
+# vLLM's short spellings; argparse accepts them, click sees them as clusters of one-letter flags.
+SHORT_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size",
+                 "-q": "--quantization", "-O": "--compilation-config"}
+
+
+def normalize_argv(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            out += argv[i - 1:]
+            break
+        if token in SHORT_ALIASES:
+            token = SHORT_ALIASES[token]
+        elif token.startswith("-O") and token[2:].isdigit():  # -O3: an optimisation level, attached
+            token = f"--compilation-config={token[2:]}"
+        if not token.startswith("--"):
+            out.append(token)
+            continue
+        name, eq, value = token.partition("=")
+        name = name.replace("_", "-")
+        key = f"--{name[5:]}" if name.startswith("--no-") and f"--{name[5:]}" in IGNORED_FLAGS else name
+        if key in IGNORED_FLAGS:
+            num_values = IGNORED_FLAGS[key]
+            if not eq:  # skip the flag's values too: one, or all up to the next flag for list flags
+                end = len(argv) if num_values < 0 else min(len(argv), i + num_values)
+                while i < end and not argv[i].startswith("--"):
+                    i += 1
+            logger.warning("Ignoring %s: a vLLM option that has no effect in hfbridge", name)
+            continue
+        if name in LIST_FLAGS and not eq:
+            values = []
+            while i < len(argv) and not argv[i].startswith("-"):
+                values.append(argv[i])
+                i += 1
+            out += [part for v in values for part in (name, v)] or [name]
+            continue
+        out.append(f"{name}{eq}{value}")
+    return out
+
+
+class HumanInt(click.ParamType):
+    """`32k` = 32,000 and `32K` = 32,768 (vLLM's convention, also m/M, g/G); `auto` and -1 mean "derive it"."""
+
+    name = "integer"
+    _UNITS = {"k": 10**3, "m": 10**6, "g": 10**9, "K": 2**10, "M": 2**20, "G": 2**30}
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text.lower() == "auto":
+            return -1
+        try:
+            if text and text[-1] in self._UNITS:
+                return int(float(text[:-1]) * self._UNITS[text[-1]])
+            return int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer (examples: 4096, 32k, 32K, auto)", param, ctx)
+
+
+class JsonDict(click.ParamType):
+    name = "json"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            self.fail(f"not valid JSON ({e}): {value!r}", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail(f"expected a JSON object, got {type(parsed).__name__}", param, ctx)
+        return parsed
+
+
+def load_config_file(ctx: click.Context, param: Any, path: str | None) -> str | None:
+    """--config FILE.yaml: its keys become defaults for the flags; flags on the command line win."""
+    if path is None:
+        return None
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise click.BadParameter(f"{path} must hold a mapping of flag names to values", ctx, param)
+    known = {p.name for p in ctx.command.params}
+    defaults = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name in known:
+            defaults[name] = json.dumps(value) if isinstance(value, dict) else value
+        else:
+            logger.warning("Ignoring %r from %s: not an option of `hfbridge %s`", key, path, ctx.info_name)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
+ENGINE_FIELDS = frozenset(f.name for f in fields(EngineArgs))
+# Pooling flags parse today; each reaches EngineArgs as soon as it has a field of that name.
+POOLING_OPTIONS = ("runner", "convert", "pooler_config")
+_LEGACY_TASKS = {  # vLLM 0.11's --task -> 0.33's (runner, convert)
+    "auto": ("auto", "auto"), "generate": ("generate", "auto"), "embed": ("pooling", "embed"),
+    "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "auto"),
+    "reward": ("pooling", "embed"),
+}
+ENGINE_OPTIONS = [
+    click.option("--model", "model_flag", metavar="MODEL", hidden=True, help="Deprecated: pass MODEL as argument."),
+    click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                 callback=load_config_file, help="YAML file of flag values; flags given here win."),
+    click.option("--tokenizer", help="Tokenizer folder or Hub id, if not the model's."),
+    click.option("--revision", help="Hub branch, tag or commit of the model."),
+    click.option("--tokenizer-revision", help="Hub revision of the tokenizer."),
+    click.option("--hf-token", help="Hugging Face token for gated or private models."),
+    click.option("--trust-remote-code/--no-trust-remote-code", default=None,
+                 help="Run the model repository's own Python code (config auto_map)."),
+    click.option("--dtype", type=click.Choice(["auto", "half", "float16", "bfloat16", "float", "float32"]),
+                 help="Weights and activations dtype. [default: auto: float32 on CPU, the config's on GPU]"),
+    click.option("--seed", type=int, help="Global random seed. [default: 0]"),
+    click.option("--max-model-len", type=HumanInt(), help="Context length (prompt + output); 32k, 32K, auto."),
+    click.option("--model-impl", type=click.Choice(["auto", "transformers", "native"]),
+                 help="auto: a native implementation if hfbridge has one, else Transformers."),
+    click.option("--hf-overrides", type=JsonDict(), help='JSON merged into the HF config, e.g. \'{"rope_theta": 1e6}\'.'),
+    click.option("--served-model-name", multiple=True, help="Name(s) clients use in `model`. [default: MODEL]"),
+    click.option("--max-logprobs", type=int, help="Most logprobs a request may ask for (-1: no cap). [default: 20]"),
+    click.option("--chat-template", help="Jinja chat template (file or text) instead of the tokenizer's."),
+    click.option("--generation-config", help="'auto' (the model's generation_config.json), 'vllm' (none), or a folder."),
+    click.option("--override-generation-config", type=JsonDict(), help="JSON of sampling defaults to override."),
+    click.option("--task", type=click.Choice(sorted(_LEGACY_TASKS)), help="Deprecated: use --runner / --convert."),
+    click.option("--runner", type=click.Choice(["auto", "generate", "pooling", "draft"]), help="Engine mode."),
+    click.option("--convert", type=click.Choice(["auto", "none", "embed", "classify", "reward"]),
+                 help="Adapt a causal LM into a pooling model."),
+    click.option("--pooler-config", "--override-pooler-config", "pooler_config", type=JsonDict(),
+                 help="JSON pooler settings (pooling models)."),
+    click.option("--device", help="auto, cpu, cuda or cuda:N. [default: auto]"),
+    click.option("--attention-backend", type=click.Choice(["auto", "torch", "triton", "flash_attn"]),
+                 help="Paged-attention kernels. [default: auto]"),
+    click.option("--block-size", type=int, help="Tokens per KV-cache block. [default: 16]"),
+    click.option("--enable-prefix-caching/--no-enable-prefix-caching", default=None,
+                 help="Reuse KV blocks of shared prompt prefixes. [default: on]"),
+    click.option("--gpu-memory-utilization", "--device-memory-utilization", "gpu_memory_utilization", type=float,
+                 help="Fraction of GPU memory for weights, activations and KV cache. [default: 0.92]"),
+    click.option("--kv-cache-memory-bytes", type=HumanInt(), help="KV-cache size in bytes (CPU: its budget); 4G."),
+    click.option("--num-gpu-blocks-override", type=int, help="Exact number of KV-cache blocks."),
+    click.option("--max-num-seqs", type=int, help="Most requests in one batch."),
+    click.option("--max-num-batched-tokens", type=HumanInt(), help="Token budget of one engine step."),
+    click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=None,
+                 help="Split long prompts across steps. [default: on]"),
+    click.option("--tensor-parallel-size", "-tp", "tensor_parallel_size", type=int, help="GPUs per model (1 for now)."),
+    click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int, help="Pipeline stages (1)."),
+    click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+                 show_default=True),
+]
+
+
+def apply_options(options: list) -> Any:
+    def decorate(func: Any) -> Any:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, Any]) -> EngineArgs:
+    """EngineArgs from the flags the user set (EngineArgs keeps its own defaults for the rest)."""
+    given = {k: v for k, v in options.items()
+             if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
+    flag_model = given.pop("model_flag", None)
+    if flag_model is not None:
+        logger.warning("--model is deprecated (as in vLLM): pass the model as the first argument")
+        model = model or flag_model
+    task = given.pop("task", None)
+    if task is not None:
+        runner, convert = _LEGACY_TASKS[task]
+        logger.warning("--task %s is deprecated: use --runner %s --convert %s", task, runner, convert)
+        given.setdefault("runner", runner)
+        given.setdefault("convert", convert)
+    for name in POOLING_OPTIONS:
+        if name in given and name not in ENGINE_FIELDS:
+            value = given.pop(name)
+            if value not in ("auto", "generate", "none"):
+                logger.warning("Pooling models are not available in hfbridge yet: ignoring --%s %s",
+                               name.replace("_", "-"), value)
+    if "served_model_name" in given:
+        given["served_model_name"] = list(given["served_model_name"])
+    return EngineArgs(model=model, **{k: v for k, v in given.items() if k in ENGINE_FIELDS})
