@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
+import sys
+from collections.abc import Callable
 
 import torch
 
@@ -14,6 +17,28 @@ logger = logging.getLogger(__name__)
 # name -> (module inside hfbridge.attention_backends, class)
 BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("torch_backend", "TorchReferenceBackend"),
+    "triton": ("triton_backend", "TritonAttentionBackend"),
+}
+ENV_VAR = "HFBRIDGE_ATTENTION_BACKEND"
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton; Linux x86-64 with a CUDA GPU)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        kernels = sys.modules.get("hfbridge.attention_backends.triton_kernels")
+        if kernels is not None and not kernels.INTERPRETED:
+            return "hfbridge's Triton kernels were imported before TRITON_INTERPRET=1 was set; set it earlier"
+        return None  # the CPU interpreter: slow, for tests only
+    return (f"Triton needs a CUDA device (got {device.type}), or TRITON_INTERPRET=1 for its slow, test-only CPU "
+            "interpreter (set before hfbridge imports its kernels)")
+
+
+# backend -> check; backends not listed run anywhere
+_CHECKS: dict[str, Callable[[torch.device], str | None]] = {
+    "triton": _triton_reason,
 }
 
 
@@ -21,23 +46,30 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """None when backend `name` can run on `device`, else why not."""
     if name not in BACKENDS:
         return f"unknown attention backend {name!r}; choose one of {['auto', *BACKENDS]}"
-    return None
+    check = _CHECKS.get(name)
+    return None if check is None else check(device)
 
 
 def auto_backend_name(device: torch.device) -> str:
+    """flash-attn, then Triton, on CUDA; the torch reference elsewhere (the Triton interpreter is for tests)."""
+    if device.type != "cuda":
+        return "torch"
     for name in ("flash_attn", "triton"):
-        if name in BACKENDS and unavailable_reason(name, device) is None:
+        if unavailable_reason(name, device) is None:
             return name
     return "torch"
 
 
 def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    name = name or os.environ.get("HFBRIDGE_ATTENTION_BACKEND") or "auto"
-    if name == "auto":
+    """`name` in auto | torch | triton | flash_attn; None or "auto" defer to $HFBRIDGE_ATTENTION_BACKEND."""
+    source = ""
+    if name in (None, "auto") and os.environ.get(ENV_VAR):
+        name, source = os.environ[ENV_VAR], f" (from ${ENV_VAR})"
+    if name in (None, "auto"):
         name = auto_backend_name(device)
     reason = unavailable_reason(name, device)
     if reason is not None:
-        raise ValueError(f"attention_backend={name!r} cannot be used: {reason}")
+        raise ValueError(f"attention_backend={name!r}{source} cannot be used: {reason}")
     module_name, class_name = BACKENDS[name]
     module = importlib.import_module(f"hfbridge.attention_backends.{module_name}")
     backend = getattr(module, class_name)()
