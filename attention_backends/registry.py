@@ -18,6 +18,7 @@ logger = logging.getLogger(__name__)
 BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("torch_backend", "TorchReferenceBackend"),
     "triton": ("triton_backend", "TritonAttentionBackend"),
+    "flash_attn": ("flash_attn_backend", "FlashAttnBackend"),
 }
 ENV_VAR = "HFBRIDGE_ATTENTION_BACKEND"
 
@@ -36,9 +37,24 @@ def _triton_reason(device: torch.device) -> str | None:
             "interpreter (set before hfbridge imports its kernels)")
 
 
+def _flash_attn_reason(device: torch.device) -> str | None:
+    reasons = []
+    if importlib.util.find_spec("flash_attn") is None:
+        reasons.append("flash_attn is not installed (pip install hfbridge[flash])")
+    if device.type != "cuda":
+        reasons.append(f"flash_attn needs CUDA (got device {device.type})")
+    if not reasons:
+        try:
+            importlib.import_module("flash_attn")
+        except Exception as e:  # e.g. built against another torch: undefined symbols
+            reasons.append(f"flash_attn is installed but does not import: {e}")
+    return "; ".join(reasons) or None
+
+
 # backend -> check; backends not listed run anywhere
 _CHECKS: dict[str, Callable[[torch.device], str | None]] = {
     "triton": _triton_reason,
+    "flash_attn": _flash_attn_reason,
 }
 
 
