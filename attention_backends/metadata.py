@@ -66,8 +66,10 @@ class AttentionMetadata:
 class LayerOptions:
     """What one attention layer asks of the backend, read from Transformers' call."""
 
-    layer_idx: int
+    layer_idx: int | None  # None only for encoder layers, which keep no cache
     scaling: float
-    sliding_window: int | None = None  # a query at position p sees keys at positions > p - sliding_window
+    # A query at position p sees keys k with p - k < sliding_window; non-causal layers also need k - p < sliding_window
+    # (the value modules pass to the attention function, as flash-attn's window_size=(w - 1, w - 1 or 0) reads it).
+    sliding_window: int | None = None
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), after scaling
     is_causal: bool = True

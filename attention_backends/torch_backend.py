@@ -38,28 +38,36 @@ def attend(
     kv_lens: torch.Tensor,  # [B] number of valid keys per request
     layer: LayerOptions,
 ) -> torch.Tensor:  # [B, Q, H, D] float32
-    num_heads, num_kv_heads = query.shape[2], key.shape[2]
+    batch, num_queries, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    group = num_heads // num_kv_heads
     key_positions = torch.arange(key.shape[1], device=key.device)
     valid = key_positions[None, :] < kv_lens[:, None]  # [B, L]
-    mask = valid[:, None, :].expand(-1, query.shape[1], -1)  # [B, Q, L]
+    mask = valid[:, None, :].expand(-1, num_queries, -1)  # [B, Q, L]
     if layer.is_causal:
         mask = mask & (key_positions[None, None, :] <= query_positions[:, :, None])
     if layer.sliding_window is not None:
-        mask = mask & (key_positions[None, None, :] > query_positions[:, :, None] - layer.sliding_window)
+        distance = query_positions[:, :, None] - key_positions[None, None, :]  # [B, Q, L]
+        mask = mask & (distance < layer.sliding_window)
+        if not layer.is_causal:  # encoders' local attention looks both ways (ModernBERT)
+            mask = mask & (-distance < layer.sliding_window)
     # Padded keys may hold stale or uninitialised cache memory (NaN * 0 = NaN): zero them.
-    key = torch.where(valid[:, :, None, None], key.float(), 0.0)
-    value = torch.where(valid[:, :, None, None], value.float(), 0.0)
-    q = query.float().transpose(1, 2)  # [B, H, Q, D]
-    k = key.transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, L, D]
-    v = value.transpose(1, 2).repeat_interleave(num_heads // num_kv_heads, dim=1)
+    k = torch.where(valid[:, :, None, None], key.float(), 0.0).transpose(1, 2)  # [B, Hkv, L, D]
+    v = torch.where(valid[:, :, None, None], value.float(), 0.0).transpose(1, 2)
+    # GQA without copying K/V: query head h = j * group + g reads KV head j, so the `group` query heads of one
+    # KV head become extra query rows: [B, Q, Hkv, G, D] -> [B, Hkv, G * Q, D].
+    q = query.float().view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    q = q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
+    mask = mask[:, None, None].expand(-1, 1, group, -1, -1).reshape(batch, 1, group * num_queries, -1)
     if layer.softcap is None:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=layer.scaling)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
     else:
         scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling
         scores = layer.softcap * torch.tanh(scores / layer.softcap)
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v)
-    return out.transpose(1, 2)
+    out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
+    return out.reshape(batch, num_queries, num_heads, head_dim)
 
 
 class TorchReferenceBackend:

@@ -22,7 +22,7 @@ def vllm_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     ctx = get_forward_context()
     layer_idx = getattr(module, "layer_idx", None)
-    if layer_idx is None:
+    if layer_idx is None and ctx.kv_caches:  # encoders keep no cache and may leave layer_idx unset
         raise RuntimeError(f"{type(module).__name__} has no integer `layer_idx`; hfbridge finds each layer's cache by it")
     head_dim = query.shape[-1]
     layer = LayerOptions(
@@ -36,7 +36,7 @@ def vllm_attention_forward(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
         value[0].transpose(0, 1),
-        ctx.kv_caches.get(layer_idx),
+        ctx.kv_caches.get(layer_idx) if layer_idx is not None else None,
         ctx.metadata,
         layer,
     )

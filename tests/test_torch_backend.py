@@ -4,7 +4,11 @@ import pytest
 import torch
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+from transformers.masking_utils import (
+    sdpa_mask,
+    sliding_window_bidirectional_mask_function,
+    sliding_window_causal_mask_function,
+)
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
@@ -27,7 +31,13 @@ def transformers_attention(q, k, v, layer: LayerOptions) -> torch.Tensor:
     q4, k4, v4 = (x.transpose(0, 1)[None] for x in (q, k, v))  # [1, heads, T, D]
     T = q.shape[0]
     mask = None
-    if layer.sliding_window is not None:
+    if layer.sliding_window is not None and not layer.is_causal:
+        # Transformers' bidirectional window is inclusive of `config.sliding_window`; modules pass that + 1
+        mask = sdpa_mask(
+            batch_size=1, q_length=T, kv_length=T, allow_is_causal_skip=False,
+            mask_function=sliding_window_bidirectional_mask_function(layer.sliding_window - 1),
+        )
+    elif layer.sliding_window is not None:
         mask = sdpa_mask(
             batch_size=1, q_length=T, kv_length=T, mask_function=sliding_window_causal_mask_function(layer.sliding_window),
             allow_is_causal_skip=False,
@@ -106,10 +116,11 @@ def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_s
 
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
-def test_non_causal_without_cache_equals_transformers(heads):
+@pytest.mark.parametrize("sliding_window", [None, 3])
+def test_non_causal_without_cache_equals_transformers(heads, sliding_window):
     torch.manual_seed(1)
     lengths = [3, 7, 1]
-    layer = LayerOptions(0, scaling=0.25, is_causal=False)
+    layer = LayerOptions(0, scaling=0.25, is_causal=False, sliding_window=sliding_window)
     q = [torch.randn(n, heads[0], D) for n in lengths]
     k = [torch.randn(n, heads[1], D) for n in lengths]
     v = [torch.randn(n, heads[1], D) for n in lengths]

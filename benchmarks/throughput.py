@@ -1,0 +1,112 @@
+"""Offline throughput, side by side in one run: hfbridge vs Transformers generate() (static batch) vs
+Transformers' own continuous batching (generate_batch), on one random model of SmolLM2-135M's shape.
+
+    python benchmarks/throughput.py                    # 64 prompts x 128 in, 128 out (minutes on 2 CPU cores)
+    python benchmarks/throughput.py --num-prompts 8 --output-len 16   # a quick look
+
+Same workload everywhere: greedy, no EOS (every request produces exactly output-len tokens), float32.
+Not a test: it prints tokens/s and the ratios, and how many requests agree token for token with generate().
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import tempfile
+import time
+
+import torch
+from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True,
+    bos_token_id=1, eos_token_id=2, pad_token_id=2,
+)
+
+
+def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (num, length), generator=g).tolist()
+
+
+def run_hfbridge(folder: str, prompts, output_len: int, args) -> tuple[float, list[list[int]]]:
+    from hfbridge import LLM, SamplingParams
+
+    llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=len(prompts[0]) + output_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    del llm
+    return elapsed, [o.outputs[0].token_ids for o in outs]
+
+
+def run_generate(model, prompts, output_len: int) -> tuple[float, list[list[int]]]:
+    ids = torch.tensor(prompts)  # equal lengths: no padding needed
+    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with torch.inference_mode():
+        model.generate(ids[:2], attention_mask=torch.ones_like(ids[:2]), generation_config=config)  # warm-up
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
+    return time.perf_counter() - start, out[:, ids.shape[1]:].tolist()
+
+
+def run_generate_batch(model, prompts, output_len: int, args) -> tuple[float, list[list[int]]]:
+    config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    blocks_needed = len(prompts) * -(-(len(prompts[0]) + output_len) // 64)
+    cb = ContinuousBatchingConfig(page_size=64, num_blocks=blocks_needed, max_batch_tokens=args.max_num_batched_tokens)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        result = model.generate_batch(prompts, generation_config=config, continuous_batching_config=cb, warmup=False)
+    elapsed = time.perf_counter() - start
+    ordered = [result[f"req_{i}"].generated_tokens for i in range(len(prompts))]
+    return elapsed, ordered
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "generate_batch"])
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    prompts = make_prompts(args.num_prompts, args.input_len, SMOLLM2_135M["vocab_size"])
+    num_tokens = args.num_prompts * args.output_len
+    print(f"workload: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, "
+          f"float32, {torch.get_num_threads()} threads")
+
+    results: dict[str, tuple[float, list[list[int]]]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        results["hfbridge"] = run_hfbridge(folder, prompts, args.output_len, args)
+    gc.collect()
+    if "generate" not in args.skip:
+        model.set_attn_implementation("sdpa")
+        results["transformers generate()"] = run_generate(model, prompts, args.output_len)
+    if "generate_batch" not in args.skip:
+        results["transformers generate_batch()"] = run_generate_batch(model, prompts, args.output_len, args)
+
+    base = results["hfbridge"][0]
+    print(f"\n{'engine':<32}{'seconds':>10}{'tokens/s':>12}{'hfbridge is':>14}")
+    for name, (elapsed, _) in results.items():
+        ratio = "" if name == "hfbridge" else f"{elapsed / base:.2f}x faster"
+        print(f"{name:<32}{elapsed:>10.1f}{num_tokens / elapsed:>12.1f}{ratio:>14}")
+    ours = results["hfbridge"][1]
+    for name, (_, tokens) in results.items():
+        if name != "hfbridge":
+            same = sum(a == b for a, b in zip(ours, tokens))
+            print(f"requests identical to {name}: {same}/{len(ours)}")
+
+
+if __name__ == "__main__":
+    main()
