@@ -146,8 +146,8 @@ def load_config_file(ctx: click.Context, param: Any, path: str | None) -> str | 
 
 
 ENGINE_FIELDS = frozenset(f.name for f in fields(EngineArgs))
-# Pooling flags parse today; each reaches EngineArgs as soon as it has a field of that name.
-POOLING_OPTIONS = ("runner", "convert", "pooler_config")
+# Pooling flags always parse; each reaches EngineArgs when it has a field of that name, else it warns.
+POOLING_OPTIONS = ("runner", "convert", "pooler_config", "task")
 _LEGACY_TASKS = {  # vLLM 0.11's --task -> 0.33's (runner, convert)
     "auto": ("auto", "auto"), "generate": ("generate", "auto"), "embed": ("pooling", "embed"),
     "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "auto"),
@@ -219,8 +219,9 @@ def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, A
     if flag_model is not None:
         logger.warning("--model is deprecated (as in vLLM): pass the model as the first argument")
         model = model or flag_model
-    task = given.pop("task", None)
-    if task is not None:
+    task = given.get("task") if "task" not in ENGINE_FIELDS else None
+    if task is not None:  # an engine without `task` gets the 0.33 spelling
+        del given["task"]
         runner, convert = _LEGACY_TASKS[task]
         logger.warning("--task %s is deprecated: use --runner %s --convert %s", task, runner, convert)
         given.setdefault("runner", runner)
