@@ -114,12 +114,19 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def warn_if_exposed(host: str, settings: ServerSettings) -> bool:
+    """A warning (and True) when the server would be reachable from other machines without an API key."""
+    if is_loopback(host) or settings.api_keys:
+        return False
+    logger.warning("Binding %s, reachable from other machines, without an API key: anyone who can reach this "
+                   "port can use the model. Set --api-key (or HFBRIDGE_API_KEY).", host or "all interfaces")
+    return True
+
+
 async def serve(app: web.Application, host: str, port: int) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1)."""
     state = app[STATE]
-    if not is_loopback(host) and not state.settings.api_keys:
-        logger.warning("Binding %s, reachable from other machines, without an API key: anyone who can reach "
-                       "this port can use the model. Set --api-key (or HFBRIDGE_API_KEY).", host or "all interfaces")
+    warn_if_exposed(host, state.settings)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests at once.
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
