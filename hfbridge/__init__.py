@@ -2,12 +2,34 @@
 from hfbridge.engine_args import EngineArgs
 from hfbridge.llm import LLM
 from hfbridge.llm_engine import LLMEngine
+from hfbridge.config import PoolerConfig
 from hfbridge.outputs import CompletionOutput, Logprob, RequestOutput
+from hfbridge.pooling_outputs import (
+    ClassificationOutput,
+    ClassificationRequestOutput,
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from hfbridge.pooling_params import PoolingParams
 from hfbridge.sampling_params import RequestOutputKind, SamplingParams
 from hfbridge.version import __version__
 
 __all__ = [
     "LLM",
+    "ClassificationOutput",
+    "ClassificationRequestOutput",
+    "EmbeddingOutput",
+    "EmbeddingRequestOutput",
+    "PoolerConfig",
+    "PoolingOutput",
+    "PoolingParams",
+    "PoolingRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
     "CompletionOutput",
     "EngineArgs",
     "LLMEngine",

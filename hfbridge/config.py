@@ -8,6 +8,25 @@ import torch
 from transformers import PretrainedConfig
 
 
+POOLING_TYPES = ("CLS", "LAST", "MEAN", "ALL", "STEP")
+
+
+@dataclass(frozen=True)
+class PoolerConfig:
+    """How a pooling model turns hidden states into outputs (vLLM's --pooler-config)."""
+
+    pooling_type: str | None = None  # CLS | LAST | MEAN | ALL | STEP; None = the model's default
+    use_activation: bool | None = None  # embed: L2-normalise; classify: sigmoid / softmax
+    dimensions: int | None = None  # default Matryoshka truncation
+    step_tag_id: int | None = None
+    returned_token_ids: list[int] | None = None
+    task: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pooling_type is not None and self.pooling_type.upper() not in POOLING_TYPES:
+            raise ValueError(f"pooling_type={self.pooling_type!r} is not one of {list(POOLING_TYPES)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     model: str  # as the user named it (hub id, folder or .gguf file)
@@ -27,6 +46,9 @@ class ModelConfig:
     chat_template: str | None = None
     # Sampling defaults from the model's generation_config.json (vLLM's generation_config="auto").
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    runner: str = "generate"  # generate | pooling
+    convert: str = "none"  # none | embed | classify: how a pooling runner reads the model
+    pooler_config: PoolerConfig | None = None  # resolved for pooling runners
 
     @property
     def hf_text_config(self) -> PretrainedConfig:

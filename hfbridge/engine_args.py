@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, PoolerConfig, SchedulerConfig
 from hfbridge.model_source import resolve_model_source
+from hfbridge.task_resolution import read_sentence_transformers_config, resolve_runner
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,12 @@ class EngineArgs:
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
     device: str = "auto"
+    # runner: generate or pool (vLLM's runner / convert, and the legacy task)
+    runner: str = "auto"
+    convert: str = "auto"
+    task: str | None = None
+    pooler_config: PoolerConfig | dict[str, Any] | None = None
+    override_pooler_config: PoolerConfig | dict[str, Any] | None = None
     # cache
     block_size: int = 16
     enable_prefix_caching: bool | None = None
@@ -120,8 +127,9 @@ class EngineArgs:
             )
         device = _resolve_device(self.device)
         model_config = self._model_config(device)
-        cache_config = self._cache_config()
-        scheduler_config = self._scheduler_config(model_config.max_model_len, device)
+        pooling = model_config.runner == "pooling"
+        cache_config = self._cache_config(pooling)
+        scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
         return EngineConfig(model_config, cache_config, scheduler_config, device, self.attention_backend or "auto")
 
     def _model_config(self, device: torch.device) -> ModelConfig:
@@ -139,6 +147,16 @@ class EngineArgs:
             )
         source = resolve_model_source(model, revision=self.revision, hf_token=self.hf_token, gguf_file=self.gguf_file)
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
+        if self.override_pooler_config is not None:
+            logger.warning("override_pooler_config is deprecated; use pooler_config")
+        runner = resolve_runner(
+            list(getattr(hf_config, "architectures", None) or []), source.folder, hf_config, self.runner, self.convert,
+            self.task, self.pooler_config if self.pooler_config is not None else self.override_pooler_config,
+        )
+        max_model_len = self.max_model_len
+        st_config = read_sentence_transformers_config(source.folder) if runner.runner == "pooling" else None
+        if max_model_len is None and st_config and st_config.get("max_seq_length"):
+            max_model_len = min(st_config["max_seq_length"], derived_max_model_len(hf_config) or 1 << 30)
         tokenizer_path = source.folder
         if self.tokenizer is not None:
             tokenizer_path = resolve_model_source(
@@ -156,7 +174,7 @@ class EngineArgs:
             gguf_file=source.gguf_file,
             hf_config=hf_config,
             dtype=_resolve_dtype(self.dtype, hf_config, device),
-            max_model_len=_resolve_max_model_len(self.max_model_len, hf_config),
+            max_model_len=_resolve_max_model_len(max_model_len, hf_config),
             trust_remote_code=self.trust_remote_code,
             revision=self.revision,
             seed=0 if self.seed is None else int(self.seed),
@@ -166,9 +184,12 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
             default_sampling=defaults,
+            runner=runner.runner,
+            convert=runner.convert,
+            pooler_config=runner.pooler_config,
         )
 
-    def _cache_config(self) -> CacheConfig:
+    def _cache_config(self, pooling: bool) -> CacheConfig:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size={self.block_size} must be a power of two")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -177,17 +198,25 @@ class EngineArgs:
             raise ValueError(f"num_gpu_blocks_override={self.num_gpu_blocks_override} must be at least 1")
         return CacheConfig(
             block_size=self.block_size,
-            enable_prefix_caching=True if self.enable_prefix_caching is None else self.enable_prefix_caching,
+            # Pooling models keep no KV cache, so there is no prefix to reuse.
+            enable_prefix_caching=not pooling and self.enable_prefix_caching is not False,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             gpu_memory_utilization=self.gpu_memory_utilization,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
         )
 
-    def _scheduler_config(self, max_model_len: int, device: torch.device) -> SchedulerConfig:
+    def _scheduler_config(self, max_model_len: int, device: torch.device, pooling: bool) -> SchedulerConfig:
         on_gpu = device.type == "cuda"
         max_num_seqs = self.max_num_seqs or (256 if on_gpu else 128)
         max_tokens = self.max_num_batched_tokens or (8192 if on_gpu else 2048)
         chunked = True if self.enable_chunked_prefill is None else self.enable_chunked_prefill
+        if pooling:
+            # A pooled prompt must be seen whole in one step (no KV cache holds earlier chunks).
+            if self.enable_chunked_prefill:
+                logger.warning("Chunked prefill does not apply to pooling models and is turned off")
+            chunked = False
+            if self.max_num_batched_tokens is None:
+                max_tokens = max(max_tokens, max_model_len)
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs={max_num_seqs} must be at least 1")
         if max_tokens < 1:

@@ -11,6 +11,7 @@ from hfbridge.errors import ValidationError
 class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
+    token_type_ids: list[int] | None = None
 
 
 def is_token_ids(value: Any) -> bool:
@@ -47,7 +48,10 @@ def process_prompt(
             f"{max_model_len}. Make sure that `max_model_len` is no smaller than the number of text tokens.",
             parameter="prompt", value=len(token_ids),
         )
-    return ProcessedPrompt(text, list(token_ids))
+    token_type_ids = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
+    if token_type_ids is not None:
+        token_type_ids = list(token_type_ids)[-len(token_ids) :]
+    return ProcessedPrompt(text, list(token_ids), token_type_ids)
 
 
 def _parse(prompt: Any) -> tuple[str | None, list[int] | None]:

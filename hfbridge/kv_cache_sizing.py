@@ -48,7 +48,7 @@ def probe_attention_layers(model: nn.Module, device: torch.device) -> dict[int, 
     metadata = AttentionMetadata.build(slot_mapping=[-1], query_lens=[1], seq_lens=[1], block_tables=[[]], device=device)
     ids = torch.zeros((1, 1), dtype=torch.long, device=device)
     with torch.inference_mode(), forward_context(ForwardContext(metadata, {}, probe)):
-        model(ids, ids.clone(), torch.zeros(0, dtype=torch.long, device=device))
+        model(ids, ids.clone())
     if not probe.layers:
         raise ValueError(
             f"{type(model).__name__} made no call to the 'vllm' attention function: its attention does not go "

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from hfbridge.chat_utils import render_chat
@@ -13,6 +14,14 @@ from hfbridge.engine_args import EngineArgs
 from hfbridge.input_processor import is_token_ids
 from hfbridge.llm_engine import LLMEngine
 from hfbridge.outputs import RequestOutput
+from hfbridge.pooling_outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    ScoringOutput,
+    ScoringRequestOutput,
+)
+from hfbridge.pooling_params import PoolingParams
 from hfbridge.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -46,6 +55,7 @@ class LLM:
         lora_request: Any = None,
         priority: Any = None,
     ) -> list[RequestOutput]:
+        self._require_runner("generate", "generate")
         if lora_request is not None:
             raise ValueError("LoRA adapters are not supported by hfbridge yet; pass lora_request=None")
         prompt_list = _as_prompt_list(prompts)
@@ -65,6 +75,7 @@ class LLM:
         tools: list[dict[str, Any]] | None = None,
         chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
+        self._require_runner("chat", "generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = chat_template or self.llm_engine.model_config.chat_template
         tokenizer = self.get_tokenizer()
@@ -79,6 +90,103 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
+    # -- pooling ---------------------------------------------------------------------------------------------
+    def encode(
+        self,
+        prompts: Any,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        use_tqdm: bool | Callable[..., Any] = True,
+        lora_request: Any = None,
+        pooling_task: str | None = None,
+        tokenization_kwargs: dict[str, Any] | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[PoolingRequestOutput]:
+        """Raw pooled outputs. pooling_task: embed, classify, token_embed or token_classify; left unset it is
+        the model's token-level task, as vLLM 0.11's `encode` task was."""
+        self._require_runner("encode", "pooling")
+        if pooling_task is None:
+            pooling_task = "token_" + self.llm_engine.supported_tasks[0]
+        prompt_list = _as_prompt_list(prompts)
+        params = pooling_params if pooling_params is not None else PoolingParams()
+        params_list = [params] * len(prompt_list) if isinstance(params, PoolingParams) else list(params)
+        if len(params_list) != len(prompt_list):
+            raise ValueError(f"The lengths of prompts ({len(prompt_list)}) and params ({len(params_list)}) must be the same.")
+        truncate = truncate_prompt_tokens or (tokenization_kwargs or {}).get("truncate_prompt_tokens")
+        bound = []
+        for p in params_list:
+            p = p.clone()
+            p.task = pooling_task
+            if truncate is not None:
+                p.truncate_prompt_tokens = truncate
+            bound.append(p)
+        return self._run(prompt_list, bound, use_tqdm)
+
+    def embed(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
+              tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[EmbeddingRequestOutput]:
+        self._require_runner("embed", "pooling")
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
+                           tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
+        return [EmbeddingRequestOutput.from_base(o) for o in outs]
+
+    def classify(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
+                 tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[ClassificationRequestOutput]:
+        self._require_runner("classify", "pooling")
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
+                           tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
+        return [ClassificationRequestOutput.from_base(o) for o in outs]
+
+    def reward(self, prompts: Any, /, *, truncate_prompt_tokens=None, use_tqdm=True, pooling_params=None,
+               lora_request=None) -> list[PoolingRequestOutput]:
+        """Token-level outputs of a reward model (vLLM 0.11's `encode` task)."""
+        self._require_runner("reward", "pooling")
+        return self.encode(prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens)
+
+    def score(self, data_1: Any, data_2: Any, /, *, use_tqdm=True, pooling_params=None, lora_request=None,
+              tokenization_kwargs=None, chat_template=None, truncate_prompt_tokens=None) -> list[ScoringRequestOutput]:
+        """Pairs 1:1, 1:N or N:N. Cross-encoders (one-label classifiers) score each pair; embedding models
+        score by the cosine similarity of the two embeddings."""
+        self._require_runner("score", "pooling")
+        texts_1, texts_2 = score_pairs(data_1, data_2)
+        engine = self.llm_engine
+        if "classify" in engine.supported_tasks:
+            if engine.model_config.hf_config.num_labels != 1:
+                raise ValueError("Scoring API is only enabled for num_labels == 1.")
+            tokenizer = self.get_tokenizer()
+            prompts = []
+            for a, b in zip(texts_1, texts_2):
+                encoded = tokenizer(a, b)
+                prompts.append({"prompt_token_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")})
+            outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
+                               truncate_prompt_tokens=truncate_prompt_tokens)
+            return [ScoringRequestOutput.from_base(o) for o in outs]
+        unique = list(dict.fromkeys(texts_1 + texts_2))
+        embedded = self.encode(unique, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
+                               truncate_prompt_tokens=truncate_prompt_tokens)
+        vectors = {text: out for text, out in zip(unique, embedded)}
+        results = []
+        for a, b in zip(texts_1, texts_2):
+            first, second = vectors[a], vectors[b]
+            similarity = torch.nn.functional.cosine_similarity(first.outputs.data, second.outputs.data, dim=0)
+            results.append(ScoringRequestOutput(
+                f"{first.request_id}-{second.request_id}", ScoringOutput(float(similarity)),
+                first.prompt_token_ids + second.prompt_token_ids,
+            ))
+        return results
+
+    def _require_runner(self, method: str, runner: str) -> None:
+        if self.llm_engine.model_config.runner == runner:
+            return
+        if runner == "generate":
+            raise ValueError(
+                f"LLM.{method}() is only supported for generative models. Try passing `--runner generate` to use "
+                "the model as a generative model."
+            )
+        raise ValueError(
+            f"LLM.{method}() is only supported for pooling models. Try passing `--runner pooling` to use the "
+            "model as a pooling model."
+        )
+
     def _params_per_prompt(self, prompts: list[Any], sampling_params) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
@@ -89,14 +197,19 @@ class LLM:
             raise ValueError(f"The lengths of prompts ({len(prompts)}) and params ({len(params)}) must be the same.")
         return params
 
-    def _run(self, prompts: list[Any], params: list[SamplingParams], use_tqdm) -> list[RequestOutput]:
+    def _run(self, prompts: list[Any], params: list[SamplingParams | PoolingParams], use_tqdm) -> list[Any]:
         engine = self.llm_engine
         order = []
         for prompt, p in zip(prompts, params):
             request_id = str(next(self._request_counter))
-            final_only = p.clone()
-            final_only.output_kind = RequestOutputKind.FINAL_ONLY
-            engine.add_request(request_id, prompt, final_only)
+            if isinstance(p, SamplingParams):
+                p = p.clone()
+                p.output_kind = RequestOutputKind.FINAL_ONLY
+            try:
+                engine.add_request(request_id, prompt, p)
+            except BaseException:
+                engine.abort_request(order)
+                raise
             order.append(request_id)
         bar = None
         if use_tqdm and order:
@@ -111,7 +224,8 @@ class LLM:
                     if out.finished:
                         finished[out.request_id] = out
                         num_in += len(out.prompt_token_ids)
-                        num_out += sum(len(c.token_ids) for c in out.outputs)
+                        if isinstance(out, RequestOutput):
+                            num_out += sum(len(c.token_ids) for c in out.outputs)
                         if bar is not None:
                             elapsed = time.perf_counter() - start
                             bar.set_postfix_str(
@@ -131,3 +245,18 @@ def _as_prompt_list(prompts: Any) -> list[Any]:
     if isinstance(prompts, (str, dict)) or is_token_ids(prompts):
         return [prompts]
     return list(prompts)
+
+
+def score_pairs(data_1: Any, data_2: Any) -> tuple[list[str], list[str]]:
+    """vLLM's pairing rules: 1:1, 1:N (the first side is repeated) or N:N."""
+    texts_1 = [data_1] if isinstance(data_1, str) else list(data_1)
+    texts_2 = [data_2] if isinstance(data_2, str) else list(data_2)
+    if not texts_1:
+        raise ValueError("At least one text element must be given")
+    if not texts_2:
+        raise ValueError("At least one text_pair element must be given")
+    if len(texts_1) > 1 and len(texts_1) != len(texts_2):
+        raise ValueError("Input lengths must be either 1:1, 1:N or N:N")
+    if len(texts_1) == 1:
+        texts_1 = texts_1 * len(texts_2)
+    return texts_1, texts_2

@@ -15,7 +15,9 @@ from hfbridge.executor import Executor, InProcessExecutor
 from hfbridge.input_processor import process_prompt
 from hfbridge.kv_cache_manager import KVCacheManager
 from hfbridge.output_processor import OutputProcessor
+from hfbridge.errors import ValidationError
 from hfbridge.outputs import RequestOutput
+from hfbridge.pooling_params import PoolingParams
 from hfbridge.request import Request, RequestStatus
 from hfbridge.sampling_params import SamplingParams
 from hfbridge.scheduler import Scheduler
@@ -56,16 +58,33 @@ class LLMEngine:
     def get_default_sampling_params(self) -> SamplingParams:
         return SamplingParams(**self.model_config.default_sampling)
 
+    @property
+    def supported_tasks(self) -> tuple[str, ...]:
+        """generate, or the pooling tasks of the model (embed / classify and their token-level forms)."""
+        if self.model_config.runner == "generate":
+            return ("generate",)
+        if self.model_config.convert == "classify":
+            return ("classify", "token_classify")
+        return ("embed", "token_embed")
+
     def add_request(
         self,
         request_id: str,
         prompt: Any,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
     ) -> None:
-        if self.output_processor.has_request(request_id) or request_id in self.output_processor.parents:
+        if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
+        if isinstance(params, PoolingParams):
+            self._add_pooling_request(request_id, prompt, params, arrival_time, add_special_tokens)
+            return
+        if "generate" not in self.supported_tasks:
+            raise ValidationError(
+                "This model is served as a pooling model and cannot generate text. Try passing "
+                "`--runner generate` to use the model as a generative model.", parameter="model",
+            )
         params.verify_for_vocab(self.vocab_size, self.model_config.max_logprobs)
         processed = process_prompt(
             prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
@@ -87,6 +106,38 @@ class LLMEngine:
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
             self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += len(processed.prompt_token_ids)
+
+    def _add_pooling_request(self, request_id, prompt, params: PoolingParams, arrival_time, add_special_tokens) -> None:
+        task = params.task or self.supported_tasks[0]
+        if task not in self.supported_tasks:
+            kind = "Embedding" if "embed" in task else "Classification"
+            fix = "--convert embed" if "embed" in task else "--convert classify"
+            if self.model_config.runner == "generate":
+                raise ValidationError(
+                    f"{kind} API is only supported for pooling models. Try passing `--runner pooling` "
+                    "to use the model as a pooling model.", parameter="model",
+                )
+            raise ValidationError(
+                f"{kind} API is not supported by this model. Try converting the model using `{fix}`.",
+                parameter="task", value=task,
+            )
+        text_config = self.model_config.hf_text_config
+        matryoshka = bool(getattr(text_config, "is_matryoshka", False) or getattr(text_config, "matryoshka_dimensions", None))
+        params = params.resolve(
+            task, self.model_config.served_model_name, int(text_config.hidden_size), matryoshka,
+            self.model_config.pooler_config,
+        )
+        processed = process_prompt(
+            prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
+            params.truncate_prompt_tokens, add_special_tokens,
+        )
+        request = Request(
+            request_id, processed.prompt_token_ids, None, arrival_time, pooling_params=params,
+            token_type_ids=processed.token_type_ids,
+        )
+        self.output_processor.add_pooling_request(request, processed.prompt)
+        self.scheduler.add_request(request)
+        self.stats.num_prompt_tokens += request.num_prompt_tokens
 
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
         """Abort requests (by the id they were added with); their KV blocks are freed at once."""

@@ -13,6 +13,7 @@ from torch import nn
 from hfbridge.attention_backends import ATTENTION_NAME, register_vllm_attention
 from hfbridge.config import ModelConfig
 from hfbridge.model_resolver import ModelClass, resolve_model_class
+from hfbridge.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.weight_loader import iter_checkpoint, load_weights, missing_parameters
 
@@ -58,7 +59,8 @@ def _weights(model_config: ModelConfig, model: nn.Module):
     return ((name, (lambda t=t: t)) for name, t in tensors.items())
 
 
-def load_causal_lm(model_config: ModelConfig, device: torch.device) -> nn.Module:
+def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """The wrapped model for the config's runner: a causal LM, an embedding or a classification model."""
     start = time.perf_counter()
     model_class = resolve_model_class(model_config)
     if model_class.impl == "native":
@@ -66,9 +68,16 @@ def load_causal_lm(model_config: ModelConfig, device: torch.device) -> nn.Module
     else:
         hf_model = build_on_meta(model_class, model_config)
         load_checkpoint_into(hf_model, model_config, device)
-        model = TransformersForCausalLM(hf_model)
+        model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
     logger.info(
         "Loaded %s (%s, %s) in %.1fs", model_config.model, type(model).__name__, model_class.cls.__name__,
         time.perf_counter() - start,
     )
     return model
+
+
+_WRAPPERS = {
+    ("generate", "none"): TransformersForCausalLM,
+    ("pooling", "embed"): TransformersEmbeddingModel,
+    ("pooling", "classify"): TransformersForSequenceClassification,
+}

@@ -25,18 +25,19 @@ class ModelClass:
     needs_lm_head: bool = False
 
 
-def resolve_model_class(model_config: ModelConfig, auto_map_keys: tuple[str, ...] = ("AutoModelForCausalLM",)) -> ModelClass:
+def resolve_model_class(model_config: ModelConfig) -> ModelClass:
     architectures = model_config.architectures
-    if model_config.model_impl in ("auto", "native"):
+    if model_config.model_impl in ("auto", "native") and model_config.runner == "generate":
         native = find_native_model(architectures)
         if native is not None:
             return ModelClass("native", native)
-        if model_config.model_impl == "native":
-            raise ValueError(
-                f"model_impl='native' but no native implementation is registered for {architectures}; "
-                f"registered: {sorted(NATIVE_MODELS) or 'none'}. Use model_impl='transformers' or 'auto'."
-            )
-    model_class = _transformers_class(model_config, auto_map_keys)
+    if model_config.model_impl == "native":
+        raise ValueError(
+            f"model_impl='native' but no native implementation is registered for {architectures}; "
+            f"registered: {sorted(NATIVE_MODELS) or 'none'}. Use model_impl='transformers' or 'auto'."
+        )
+    kind = "causal" if model_config.runner == "generate" else model_config.convert
+    model_class = _transformers_class(model_config, kind)
     check_backend_compatible(model_class.cls)
     return model_class
 
@@ -49,7 +50,26 @@ def check_backend_compatible(cls: type) -> None:
         )
 
 
-def _transformers_class(model_config: ModelConfig, auto_map_keys: tuple[str, ...]) -> ModelClass:
+def _auto_mapping(kind: str):
+    from transformers.models.auto import modeling_auto
+
+    return {
+        "causal": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING,
+        "embed": modeling_auto.MODEL_MAPPING,
+        "classify": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+    }[kind]
+
+
+# kind -> the auto_map keys of remote code to try, in order (True: only a base model, hfbridge adds the LM head)
+_REMOTE_KEYS = {
+    "causal": (("AutoModelForCausalLM", False), ("AutoModel", True)),
+    "embed": (("AutoModel", False),),
+    "classify": (("AutoModelForSequenceClassification", False),),
+}
+
+
+def _transformers_class(model_config: ModelConfig, kind: str) -> ModelClass:
+    """kind: causal (a causal LM), embed (a base model to pool), classify (a sequence classifier)."""
     config = model_config.hf_config
     auto_map = getattr(config, "auto_map", None) or {}
     model_keys = [k for k in auto_map if k.startswith("AutoModel")]
@@ -59,24 +79,26 @@ def _transformers_class(model_config: ModelConfig, auto_map_keys: tuple[str, ...
                 f"{model_config.model} defines its model in custom code (config.json auto_map: "
                 f"{', '.join(model_keys)}); pass trust_remote_code=True (--trust-remote-code) to run it"
             )
-        for key, needs_head in [(k, False) for k in auto_map_keys] + [("AutoModel", True)]:
+        for key, needs_head in _REMOTE_KEYS[kind]:
             if key in auto_map:
-                cls = get_class_from_dynamic_module(
-                    auto_map[key], model_config.model_path, revision=model_config.revision
-                )
+                cls = get_class_from_dynamic_module(auto_map[key], model_config.model_path, revision=model_config.revision)
                 return ModelClass("transformers", cls, needs_lm_head=needs_head)
-    for arch in model_config.architectures:
-        cls = getattr(transformers, arch, None)
-        if isinstance(cls, type):
-            return ModelClass("transformers", cls)
-    # No (known) architecture recorded: fall back on the auto mapping for the config's model type.
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
+    if kind == "causal":
+        for arch in model_config.architectures:
+            cls = getattr(transformers, arch, None)
+            if isinstance(cls, type):
+                return ModelClass("transformers", cls)
+    if kind == "classify":
+        for arch in model_config.architectures:
+            cls = getattr(transformers, arch, None)
+            if isinstance(cls, type) and arch.endswith("ForSequenceClassification"):
+                return ModelClass("transformers", cls)
+    # No (known) architecture recorded, or a base model wanted: the auto mapping for the config's type.
     try:
-        return ModelClass("transformers", MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+        return ModelClass("transformers", _auto_mapping(kind)[type(config)])
     except KeyError:
         raise ValueError(
-            f"Cannot find a Transformers class for architectures {model_config.architectures} "
+            f"Cannot find a Transformers {kind} class for architectures {model_config.architectures} "
             f"(model_type {getattr(config, 'model_type', None)!r}); this Transformers version "
             f"({transformers.__version__}) may be too old, or the model needs trust_remote_code=True"
         ) from None

@@ -13,6 +13,7 @@ from torch import nn
 
 from hfbridge.attention_backends import AttentionMetadata, ForwardContext, forward_context
 from hfbridge.attention_backends.base import AttentionBackend
+from hfbridge.pooler import Pooler
 from hfbridge.sampler import Sampler, SamplingRow, gather_logprobs
 from hfbridge.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
@@ -23,6 +24,7 @@ class StepInputs:
     positions: torch.Tensor  # [1, T]
     metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [N_prompt + N_sample]
+    token_type_ids: torch.Tensor | None  # [1, T] segment ids, when a request carries them (sentence pairs)
     sample_requests: list[ScheduledRequest]  # the last N_sample rows of the logits, in order
     # per request: (first logits row, target prompt token ids, top-k) of its prompt-logprob positions this step
     prompt_logprob_rows: dict[str, tuple[int, list[int], int]]
@@ -37,6 +39,7 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sampler: Sampler,
+        pooler: Pooler | None = None,
     ):
         self.model = model
         self.kv_caches = kv_caches
@@ -44,11 +47,15 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.sampler = sampler
+        self.pooler = pooler  # set for pooling models, which return hidden states instead of logits
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         step = self.prepare_inputs(scheduler_output.scheduled)
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+            if self.pooler is not None:
+                hidden = self.model(step.input_ids, step.positions, step.token_type_ids)  # [T, H]
+                return self._pool(hidden, scheduler_output.scheduled)
             logits = self.model(step.input_ids, step.positions, step.logits_indices)  # [N, V]
         return self._sample(logits, step)
 
@@ -92,11 +99,16 @@ class ModelRunner:
             device=self.device,
         )
         pos_tensor = torch.from_numpy(np.concatenate(positions)) if positions else torch.zeros(0, dtype=torch.long)
+        token_types = None
+        if any(item.request.token_type_ids is not None for item in scheduled):
+            types = [t for item in scheduled for t in _token_types(item)]
+            token_types = torch.tensor(types, dtype=torch.long, device=self.device)[None]
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.long, device=self.device)[None],
             positions=pos_tensor.to(self.device)[None],
             metadata=metadata,
             logits_indices=torch.tensor(logits_indices + sample_rows, dtype=torch.long, device=self.device),
+            token_type_ids=token_types,
             sample_requests=sample_requests,
             prompt_logprob_rows=prompt_rows,
         )
@@ -122,3 +134,23 @@ class ModelRunner:
                 if lp is not None:
                     output.logprobs[s.request.request_id] = lp
         return output
+
+    def _pool(self, hidden: torch.Tensor, scheduled: list[ScheduledRequest]) -> ModelRunnerOutput:
+        """Pooling requests run whole (no chunking, no cache): each one's hidden rows are its whole prompt."""
+        rows, token_ids, params, ids = [], [], [], []
+        offset = 0
+        for item in scheduled:
+            if item.samples:
+                assert item.start == 0, "a pooling request must be scheduled whole"
+                rows.append(hidden[offset : offset + item.num_new_tokens])
+                token_ids.append(item.request.prompt_token_ids)
+                params.append(item.request.pooling_params)
+                ids.append(item.request.request_id)
+            offset += item.num_new_tokens
+        pooled = self.pooler(rows, token_ids, params) if rows else []
+        return ModelRunnerOutput(pooled={i: p.cpu() for i, p in zip(ids, pooled)})
+
+
+def _token_types(item: ScheduledRequest) -> list[int]:
+    types = item.request.token_type_ids
+    return types[item.start : item.end] if types is not None else [0] * item.num_new_tokens

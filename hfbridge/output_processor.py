@@ -6,6 +6,7 @@ from typing import Any
 
 from hfbridge.detokenizer import IncrementalDetokenizer, decode_token
 from hfbridge.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from hfbridge.pooling_outputs import PoolingOutput, PoolingRequestOutput
 from hfbridge.request import Request, RequestStatus
 from hfbridge.sampling_params import RequestOutputKind, SamplingParams
 from hfbridge.scheduler_output import ModelRunnerOutput, SampledLogprobs
@@ -55,6 +56,7 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.states: dict[str, RequestState] = {}
         self.parents: dict[str, ParentState] = {}
+        self.pooling: dict[str, tuple[str | None, list[int]]] = {}  # request id -> (prompt, prompt token ids)
 
     def add_request(self, request: Request, parent_id: str, index: int, num_samples: int, prompt: str | None) -> None:
         params = request.sampling_params
@@ -73,8 +75,11 @@ class OutputProcessor:
         parent = self.parents.setdefault(parent_id, ParentState(parent_id, num_samples, params.output_kind))
         parent.children[index] = state
 
+    def add_pooling_request(self, request: Request, prompt: str | None) -> None:
+        self.pooling[request.request_id] = (prompt, request.prompt_token_ids)
+
     def has_request(self, request_id: str) -> bool:
-        return request_id in self.states
+        return request_id in self.states or request_id in self.pooling or request_id in self.parents
 
     def child_ids(self, parent_id: str) -> list[str]:
         parent = self.parents.get(parent_id)
@@ -100,15 +105,20 @@ class OutputProcessor:
             if status is not None:
                 finished[request.request_id] = status
             touched[state.parent_id] = None
-        outputs = [out for parent_id in touched if (out := self._make_output(parent_id)) is not None]
+        outputs: list = [out for parent_id in touched if (out := self._make_output(parent_id)) is not None]
         for request_id in finished:
             self._remove(request_id)
+        for request_id, data in runner_output.pooled.items():  # pooling requests end with their one step
+            prompt, prompt_token_ids = self.pooling.pop(request_id)
+            outputs.append(PoolingRequestOutput(request_id, PoolingOutput(data), prompt_token_ids, prompt=prompt))
+            finished[request_id] = RequestStatus.FINISHED_STOPPED
         return outputs, finished
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
         """Mark requests aborted; returns the final outputs of parents that end because of it."""
         outputs = []
         for request_id in request_ids:
+            self.pooling.pop(request_id, None)
             state = self.states.get(request_id)
             if state is None:
                 continue

@@ -35,11 +35,13 @@ class Request:
         arrival_time: float | None = None,
         generator: torch.Generator | None = None,
         pooling_params=None,
+        token_type_ids: list[int] | None = None,
     ):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.pooling_params = pooling_params
+        self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.generator = generator  # per-request RNG when SamplingParams.seed is set
         self.output_token_ids: list[int] = []

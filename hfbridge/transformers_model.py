@@ -25,8 +25,10 @@ class TransformersForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [1, T]
         positions: torch.Tensor,  # [1, T]
-        logits_indices: torch.Tensor,  # [N] token indices whose next-token logits are needed
+        logits_indices: torch.Tensor | None = None,  # [N] token indices whose next-token logits are needed
     ) -> torch.Tensor:  # [N, V] float32
+        if logits_indices is None:
+            logits_indices = input_ids.new_zeros(0)
         # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
         return out.logits[0].float()
