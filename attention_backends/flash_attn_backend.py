@@ -92,10 +92,11 @@ class FlashAttnBackend:
 
 
 def _window_size(layer: LayerOptions) -> tuple[int, int]:
-    """flash-attn's (left, right) window in keys, inclusive; -1 = unbounded. A query at p sees k > p - window."""
+    """flash-attn's (left, right) window in keys, inclusive; -1 = unbounded. A query at p sees p - k < window,
+    and non-causal layers also k - p < window."""
     if layer.sliding_window is None:
         return (-1, -1)
-    return (layer.sliding_window - 1, 0 if layer.is_causal else -1)
+    return (layer.sliding_window - 1, 0 if layer.is_causal else layer.sliding_window - 1)
 
 
 def _all_fresh(metadata: AttentionMetadata) -> bool:

@@ -123,10 +123,14 @@ def _prefill_kernel(
     q = tl.load(q_ptr + (q_start + q_idx)[:, None] * stride_qt + head * stride_qh + dim[None, :],
                 mask=q_valid[:, None] & dim_valid[None, :], other=0.0).to(COMPUTE_DTYPE)
 
-    # Key range this tile can see: causal stops at its last query, a window starts below its first.
+    # Key range this tile can see: causal stops at its last query, a window starts below its first (and, for
+    # non-causal layers, stops past its last).
+    last_q_pos = num_cached + tl.minimum((tile + 1) * BLOCK_M, q_len) - 1
     kv_end = seq_len
     if IS_CAUSAL:
-        kv_end = tl.minimum(seq_len, num_cached + tl.minimum((tile + 1) * BLOCK_M, q_len))
+        kv_end = last_q_pos + 1
+    elif USE_WINDOW:
+        kv_end = tl.minimum(seq_len, last_q_pos + sliding_window)
     kv_begin = 0
     if USE_WINDOW:
         kv_begin = tl.maximum(0, num_cached + tile * BLOCK_M - sliding_window + 1) // BLOCK_N * BLOCK_N
@@ -143,6 +147,8 @@ def _prefill_kernel(
             visible = visible & (kv_pos[None, :] <= q_pos[:, None])
         if USE_WINDOW:
             visible = visible & (kv_pos[None, :] > q_pos[:, None] - sliding_window)
+            if not IS_CAUSAL:  # encoders' local attention looks both ways: |p - k| < window
+                visible = visible & (kv_pos[None, :] < q_pos[:, None] + sliding_window)
         rows = _kv_rows(table, kv_pos, kv_valid, q_start, PAGED, BLOCK_SIZE)
         m_i, l_i, acc = _attend_tile(
             q, m_i, l_i, acc, k_ptr + kv_head * stride_kh, v_ptr + kv_head * stride_vh, rows, kv_valid, visible,
@@ -172,7 +178,7 @@ def _decode_kernel(
     if tl.load(query_start_loc_ptr + req + 1) - q_start != 1:
         return
     seq_len = tl.load(seq_lens_ptr + req)
-    q_pos = seq_len - 1  # every cached key is at or before the query: causal or not, all are visible
+    q_pos = seq_len - 1  # every cached key is at or before the query: causal or not, the same keys are visible
     kv_begin = 0
     if USE_WINDOW:
         kv_begin = tl.maximum(0, seq_len - sliding_window) // BLOCK_N * BLOCK_N

@@ -85,6 +85,7 @@ def _feature_grid() -> list[Case]:
         dict(is_causal=False, sliding_window=5),
         dict(is_causal=False, use_cache=False, requests=ENCODER),
         dict(use_cache=False, requests=ENCODER, sliding_window=7),
+        dict(is_causal=False, use_cache=False, requests=ENCODER, sliding_window=2),  # two-sided (ModernBERT)
     ]
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     return [replace(base, dtype=dtype, **f) for f, dtype in itertools.product(features, dtypes)]
