@@ -76,8 +76,9 @@ def auto_backend_name(device: torch.device) -> str:
     return "torch"
 
 
-def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
-    """`name` in auto | torch | triton | flash_attn; None or "auto" defer to $HFBRIDGE_ATTENTION_BACKEND."""
+def resolve_backend_name(name: str | None, device: torch.device) -> str:
+    """`name` in auto | torch | triton | flash_attn; None or "auto" defer to $HFBRIDGE_ATTENTION_BACKEND, then
+    pick the fastest available. Raises ValueError naming why an explicit choice cannot run."""
     source = ""
     if name in (None, "auto") and os.environ.get(ENV_VAR):
         name, source = os.environ[ENV_VAR], f" (from ${ENV_VAR})"
@@ -86,6 +87,11 @@ def get_attention_backend(name: str | None, device: torch.device) -> AttentionBa
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise ValueError(f"attention_backend={name!r}{source} cannot be used: {reason}")
+    return name
+
+
+def get_attention_backend(name: str | None, device: torch.device) -> AttentionBackend:
+    name = resolve_backend_name(name, device)
     module_name, class_name = BACKENDS[name]
     module = importlib.import_module(f"hfbridge.attention_backends.{module_name}")
     backend = getattr(module, class_name)()

@@ -82,4 +82,4 @@ class EngineConfig:
     cache_config: CacheConfig
     scheduler_config: SchedulerConfig
     device: torch.device
-    attention_backend: str = "auto"
+    attention_backend: str = "torch"  # resolved by name: torch | triton | flash_attn

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from hfbridge.attention_backends.registry import resolve_backend_name
 from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, PoolerConfig, SchedulerConfig
 from hfbridge.model_source import resolve_model_source
 from hfbridge.task_resolution import read_sentence_transformers_config, resolve_runner
@@ -126,11 +127,12 @@ class EngineArgs:
                 f"{self.pipeline_parallel_size}: hfbridge runs on one device for now; use 1"
             )
         device = _resolve_device(self.device)
+        attention_backend = resolve_backend_name(self.attention_backend, device)  # fail before loading anything
         model_config = self._model_config(device)
         pooling = model_config.runner == "pooling"
         cache_config = self._cache_config(pooling)
         scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
-        return EngineConfig(model_config, cache_config, scheduler_config, device, self.attention_backend or "auto")
+        return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend)
 
     def _model_config(self, device: torch.device) -> ModelConfig:
         from hfbridge.hf_config import load_generation_defaults, load_hf_config
