@@ -115,7 +115,8 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
 @cli.command(context_settings={"max_content_width": 110})
 @click.argument("model", required=False)
 @click.option("-p", "--prompt", help="The prompt; read from stdin when omitted.")
-@click.option("--chat/--no-chat", default=None, help="Wrap the prompt in the chat template. [default: if the model has one]")
+@click.option("--chat/--no-chat", default=None,
+              help="Wrap the prompt in the chat template. [default: if the model has one]")
 @click.option("--system", help="A system message (chat only).")
 @click.option("--max-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy.")
@@ -148,9 +149,12 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
         tokenizer = engine.get_tokenizer()
         template = engine.model_config.chat_template or getattr(tokenizer, "chat_template", None)
         if chat if chat is not None else bool(template):
-            messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
             text = render_chat(tokenizer, messages, chat_template=template)
-            engine_prompt: Any = {"prompt": text, "prompt_token_ids": tokenizer(text, add_special_tokens=False).input_ids}
+            # The template holds the special tokens already: none are added when tokenizing.
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            engine_prompt: Any = {"prompt": text, "prompt_token_ids": ids}
         else:
             engine_prompt = prompt
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k)

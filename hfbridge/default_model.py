@@ -81,6 +81,7 @@ def _cache_key(gguf: Path) -> str:
 def _convert_atomically(gguf: Path, folder: Path) -> None:
     """Write into a temporary sibling folder, then rename: a crash never leaves a half-written checkpoint."""
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         convert_gguf(gguf, tmp)
@@ -93,6 +94,16 @@ def _convert_atomically(gguf: Path, folder: Path) -> None:
             logger.info("Another process converted the default model meanwhile; using its copy")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale_temporaries(folder: Path, max_age_s: float = 3600) -> None:
+    """Temporary folders of conversions that were killed (Ctrl-C, OOM); fresh ones may be another process's."""
+    for tmp in folder.parent.glob(f".{folder.name}.*"):
+        try:
+            if time.time() - tmp.stat().st_mtime > max_age_s:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:

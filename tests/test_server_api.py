@@ -85,6 +85,19 @@ async def test_load_failure_is_reported_by_health_and_ready(aiohttp_client):
     await assert_error(await c.get("/ready"), 503, contains=["failed to load", "/nowhere"])
 
 
+async def test_serve_reports_a_port_in_use(tiny_llama, caplog):
+    import socket
+
+    from hfbridge.server import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert await serve(make_app(tiny_llama[1]), "127.0.0.1", port) == 1
+    assert f"Cannot listen on 127.0.0.1 port {port}" in caplog.text
+
+
 async def test_version(client):
     from hfbridge.version import __version__
 
@@ -292,7 +305,8 @@ async def test_body_size_limit(aiohttp_client, tiny_llama):
 # -- chat
 
 async def test_chat_matches_offline_chat(client, offline):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "What is the capital of France?"}]
     response = await client.post("/v1/chat/completions", json={
         "messages": messages, "max_completion_tokens": 10, "temperature": 0})
     body = await response.json()

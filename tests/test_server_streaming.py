@@ -8,7 +8,7 @@ import pytest
 import pytest_asyncio
 from server_utils import engine_of, make_app, parse_sse, wait_idle, wait_ready
 
-from hfbridge.server import ServerSettings
+from hfbridge.server import STATE, ServerSettings
 
 pytestmark = pytest.mark.asyncio
 PROMPT = "The capital of France is"
@@ -124,6 +124,7 @@ async def test_client_leaving_mid_stream_frees_its_blocks(client, path, body):
     await wait_idle(client)
     assert engine.kv_cache_manager.num_free_blocks == free_before
     assert engine.stats.num_generation_tokens < 100
+    assert client.app[STATE].metrics.finished == {"abort": 1}
 
 
 async def test_cancelled_non_streaming_request_frees_its_blocks(client):
