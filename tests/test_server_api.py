@@ -98,6 +98,17 @@ async def test_serve_reports_a_port_in_use(tiny_llama, caplog):
     assert f"Cannot listen on 127.0.0.1 port {port}" in caplog.text
 
 
+async def test_apps_in_one_process_load_one_at_a_time(aiohttp_client, tiny_llama):
+    import torch
+
+    # accelerate's init_empty_weights patches torch.nn.Module process-wide; overlapping loads would leave it so.
+    original = torch.nn.Module.register_parameter
+    clients = [await aiohttp_client(make_app(tiny_llama[1])) for _ in range(3)]
+    for c in clients:
+        await wait_ready(c)
+    assert torch.nn.Module.register_parameter is original
+
+
 async def test_version(client):
     from hfbridge.version import __version__
 
