@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from hfbridge.async_engine import AsyncLLMEngine
+from hfbridge.chat_utils import load_chat_template
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
 
@@ -60,8 +61,6 @@ class ServingState:
         for path in (model_config.model, model_config.model_path):
             aliases |= {path, os.path.basename(os.path.normpath(path))}
         tokenizer = engine.engine.get_tokenizer()
-        from hfbridge.chat_utils import load_chat_template
-
         chat_template = load_chat_template(model_config.chat_template) or getattr(tokenizer, "chat_template", None)
         self.card = ModelCard(
             names=tuple(names),
