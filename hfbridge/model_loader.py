@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -20,11 +21,16 @@ from hfbridge.weight_loader import iter_checkpoint, load_weights, missing_parame
 logger = logging.getLogger(__name__)
 
 
+# init_empty_weights patches torch.nn.Module for the whole process while it is active: two threads building at
+# once would leave the patch in place for good (every later model would start on meta). One build at a time.
+_BUILD_LOCK = threading.Lock()
+
+
 def build_on_meta(model_class: ModelClass, model_config: ModelConfig) -> nn.Module:
     """Parameters on meta, buffers (rotary tables) real; the config copy keeps the caller's config untouched."""
     register_vllm_attention()
     config = copy.deepcopy(model_config.hf_config)
-    with init_empty_weights(include_buffers=False):
+    with _BUILD_LOCK, init_empty_weights(include_buffers=False):
         model = model_class.cls._from_config(config, attn_implementation=ATTENTION_NAME, dtype=model_config.dtype)
     if model_class.needs_lm_head:
         model = BaseModelWithLMHead(model, config)

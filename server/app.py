@@ -27,10 +27,6 @@ from hfbridge.server.state import STATE, ServerSettings, ServingState
 logger = logging.getLogger("hfbridge.server")
 
 EngineFactory = Callable[[], LLMEngine]
-# One model load at a time per process: building on the meta device goes through accelerate's
-# init_empty_weights, which patches torch.nn.Module process-wide; two loads in two threads (two apps in one
-# process, or an app stopped mid-load and a new one) can leave the patch in place for good.
-_LOAD_LOCK = threading.Lock()
 
 
 def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Application:
@@ -62,8 +58,7 @@ async def _load(state: ServingState, engine_factory: EngineFactory) -> None:
 
     def build() -> None:
         try:
-            with _LOAD_LOCK:
-                engine = engine_factory()
+            engine = engine_factory()
         except BaseException as e:  # noqa: BLE001 - reported through /health, /ready and the CLI's exit code
             _resolve_threadsafe(loop, built, None, e)
         else:

@@ -137,3 +137,32 @@ def test_gguf_file_loads_through_transformers_reader():
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
     assert_greedy_match(out.token_ids, expected, logits)
     assert "Paris" in out.text
+
+
+def test_models_built_in_parallel_threads_both_load(tiny_llama, monkeypatch):
+    """Building on meta patches torch.nn.Module process-wide; concurrent builds must not leak the patch."""
+    import threading
+    import time
+
+    original = transformers.LlamaForCausalLM._from_config.__func__
+
+    def slow_build(cls, *args, **kwargs):  # widen the window in which the meta patch is active
+        time.sleep(0.3)
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "_from_config", classmethod(slow_build))
+    results, errors = [], []
+
+    def load():
+        try:
+            results.append(generate(tiny_llama[1]))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 3 and results[0] == results[1] == results[2]
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # modules built afterwards are real again
