@@ -6,7 +6,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
 from hfbridge.chat_utils import render_chat
@@ -23,6 +22,7 @@ from hfbridge.pooling_outputs import (
 )
 from hfbridge.pooling_params import PoolingParams
 from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.scoring import cosine, cross_encoder_prompts, is_cross_encoder, score_pairs
 
 
 class LLM:
@@ -149,27 +149,20 @@ class LLM:
         self._require_runner("score", "pooling")
         texts_1, texts_2 = score_pairs(data_1, data_2)
         engine = self.llm_engine
-        if "classify" in engine.supported_tasks:
-            if engine.model_config.hf_config.num_labels != 1:
-                raise ValueError("Scoring API is only enabled for num_labels == 1.")
-            tokenizer = self.get_tokenizer()
-            prompts = []
-            for a, b in zip(texts_1, texts_2):
-                encoded = tokenizer(a, b)
-                prompts.append({"prompt_token_ids": encoded["input_ids"], "token_type_ids": encoded.get("token_type_ids")})
+        if is_cross_encoder(engine.supported_tasks, engine.model_config.hf_config):
+            prompts = cross_encoder_prompts(self.get_tokenizer(), texts_1, texts_2)
             outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
                                truncate_prompt_tokens=truncate_prompt_tokens)
             return [ScoringRequestOutput.from_base(o) for o in outs]
         unique = list(dict.fromkeys(texts_1 + texts_2))
         embedded = self.encode(unique, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
                                truncate_prompt_tokens=truncate_prompt_tokens)
-        vectors = {text: out for text, out in zip(unique, embedded)}
+        vectors = dict(zip(unique, embedded))
         results = []
         for a, b in zip(texts_1, texts_2):
             first, second = vectors[a], vectors[b]
-            similarity = torch.nn.functional.cosine_similarity(first.outputs.data, second.outputs.data, dim=0)
             results.append(ScoringRequestOutput(
-                f"{first.request_id}-{second.request_id}", ScoringOutput(float(similarity)),
+                f"{first.request_id}-{second.request_id}", ScoringOutput(cosine(first.outputs.data, second.outputs.data)),
                 first.prompt_token_ids + second.prompt_token_ids,
             ))
         return results
@@ -245,18 +238,3 @@ def _as_prompt_list(prompts: Any) -> list[Any]:
     if isinstance(prompts, (str, dict)) or is_token_ids(prompts):
         return [prompts]
     return list(prompts)
-
-
-def score_pairs(data_1: Any, data_2: Any) -> tuple[list[str], list[str]]:
-    """vLLM's pairing rules: 1:1, 1:N (the first side is repeated) or N:N."""
-    texts_1 = [data_1] if isinstance(data_1, str) else list(data_1)
-    texts_2 = [data_2] if isinstance(data_2, str) else list(data_2)
-    if not texts_1:
-        raise ValueError("At least one text element must be given")
-    if not texts_2:
-        raise ValueError("At least one text_pair element must be given")
-    if len(texts_1) > 1 and len(texts_1) != len(texts_2):
-        raise ValueError("Input lengths must be either 1:1, 1:N or N:N")
-    if len(texts_1) == 1:
-        texts_1 = texts_1 * len(texts_2)
-    return texts_1, texts_2

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from hfbridge.async_engine import AsyncLLMEngine
 from hfbridge.llm_engine import LLMEngine
-from hfbridge.server import routes_misc
+from hfbridge.server import routes_misc, routes_pooling
 from hfbridge.server.auth import make_auth_middleware
 from hfbridge.server.errors import error_middleware
 from hfbridge.server.routes_chat import create_chat_completion
@@ -39,6 +39,7 @@ def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Ap
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     routes_misc.add_routes(app)
+    routes_pooling.add_routes(app)
     app.cleanup_ctx.append(partial(_engine_lifecycle, engine_factory))
     return app
 

@@ -25,7 +25,7 @@ def _fail(name: str, expected: str, value: Any) -> APIError:
     return APIError(400, f"`{name}` must be {expected}, got {type(value).__name__}: {str(value)[:100]}", name)
 
 
-def _int(name: str, value: Any) -> int:
+def as_int(name: str, value: Any) -> int:
     # 5.0 is accepted as 5, as pydantic's lax mode does; True is not an int here.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
@@ -35,7 +35,7 @@ def _int(name: str, value: Any) -> int:
 
 
 def _int64(name: str, value: Any) -> int:
-    value = _int(name, value)
+    value = as_int(name, value)
     if not _INT64[0] <= value <= _INT64[1]:
         raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {value}", name)
     return value
@@ -68,7 +68,7 @@ def _dict(name: str, value: Any) -> dict[str, Any]:
 def as_int_list(name: str, value: Any) -> list[int]:
     if not isinstance(value, list):
         raise _fail(name, "a list of integers", value)
-    return [_int(name, v) for v in value]
+    return [as_int(name, v) for v in value]
 
 
 def _str_list(name: str, value: Any) -> list[str]:
@@ -92,15 +92,15 @@ def _logit_bias(name: str, value: Any) -> dict[str, float]:
 
 # SamplingParams fields a request may set, with their types (vLLM's extras included).
 SAMPLING_FIELDS: dict[str, Check] = {
-    "n": _int, "best_of": _int, "temperature": _number, "top_p": _number, "top_k": _int, "min_p": _number,
+    "n": as_int, "best_of": as_int, "temperature": _number, "top_p": _number, "top_k": as_int, "min_p": _number,
     "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": _int64,
-    "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": _int,
+    "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": as_int,
     "skip_special_tokens": as_bool, "spaces_between_special_tokens": as_bool, "include_stop_str_in_output": as_bool,
-    "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": _int,
-    "truncate_prompt_tokens": _int,
+    "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": as_int,
+    "truncate_prompt_tokens": as_int,
 }
 _COMMON_FIELDS: dict[str, Check] = {
-    "model": as_str, "max_tokens": _int, "stream": as_bool, "stream_options": _dict, "echo": as_bool,
+    "model": as_str, "max_tokens": as_int, "stream": as_bool, "stream_options": _dict, "echo": as_bool,
     "add_special_tokens": as_bool, "request_id": as_str, "user": as_str,
 }
 # Fields that would change the output in ways the engine cannot deliver yet: refused, never ignored.
@@ -188,7 +188,7 @@ def _option(options: dict[str, Any], name: str) -> bool:
 
 
 def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
-    values = _take(body, {**SAMPLING_FIELDS, **_COMMON_FIELDS, "prompt": _prompts, "logprobs": _int})
+    values = _take(body, {**SAMPLING_FIELDS, **_COMMON_FIELDS, "prompt": _prompts, "logprobs": as_int})
     if "prompt" not in values:
         raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
     return CompletionRequest(
@@ -201,8 +201,8 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
 
 def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     schema = {
-        **SAMPLING_FIELDS, **_COMMON_FIELDS, "messages": _messages, "max_completion_tokens": _int,
-        "logprobs": as_bool, "top_logprobs": _int, "add_generation_prompt": as_bool, "continue_final_message": as_bool,
+        **SAMPLING_FIELDS, **_COMMON_FIELDS, "messages": _messages, "max_completion_tokens": as_int,
+        "logprobs": as_bool, "top_logprobs": as_int, "add_generation_prompt": as_bool, "continue_final_message": as_bool,
         "chat_template": as_str, "chat_template_kwargs": _dict, "tools": _tools, "tool_choice": _any,
         "response_format": _dict,
     }
