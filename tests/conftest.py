@@ -10,7 +10,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
+import torch  # noqa: E402  (importing torch does not import triton)
+
+# Without a GPU, Triton kernels run in its CPU interpreter. TRITON_INTERPRET is read when @triton.jit decorates
+# a function, triton.language's own helpers included, and importing Transformers' models imports triton: so it
+# must be set here, before any test module is collected.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tiny_models import make_tiny_model  # noqa: E402
 
