@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfbridge.server.errors import APIError
-from hfbridge.server.protocol import as_bool, as_int_list, as_str, as_int
+from hfbridge.server.protocol import as_bool, as_int, as_prompt_list, as_str
 
 MAX_INPUTS = 2048  # OpenAI's limit for one embeddings request
 ENCODING_FORMATS = ("float", "base64")
@@ -69,18 +69,8 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inputs(name: str, value: Any) -> list[str | list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> a list of inputs; empty ones are refused."""
-    if isinstance(value, str):
-        items: list[Any] = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        items = [value]
-    elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
-        items = [v if isinstance(v, str) else as_int_list(name, v) for v in value]
-    else:
-        raise APIError(400, f"`{name}` must be a non-empty string, list of strings, list of token ids or list of "
-                            f"such lists, got {type(value).__name__}", name)
-    if len(items) > MAX_INPUTS:
-        raise APIError(400, f"At most {MAX_INPUTS} inputs per request, got {len(items)}", name)
+    """Like completion prompts, but an empty input is refused (OpenAI refuses "" too)."""
+    items = as_prompt_list(name, value, MAX_INPUTS)
     for i, item in enumerate(items):
         if len(item) == 0:
             raise APIError(400, f"`{name}[{i}]` is empty; every input needs at least one token", name)

@@ -245,24 +245,28 @@ def _any(name: str, value: Any) -> Any:
     return value
 
 
-def _prompts(name: str, value: Any) -> list[str | list[int]]:
-    """str | list[str] | list[int] | list[list[int]] -> a list of prompts."""
+def as_prompt_list(name: str, value: Any, max_items: int) -> list[str | list[int]]:
+    """str | list[str] | list[int] | list[list[int]] -> a list of prompts, each a string or token ids."""
     if isinstance(value, str):
         prompts: list[Any] = [value]
     elif isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
         prompts = [value]
     elif isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
         prompts = [v if isinstance(v, str) else as_int_list(name, v) for v in value]
-    elif value == []:
-        raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", name)
     else:
         raise _fail(name, "a string, a list of strings, a list of token ids or a list of such lists", value)
-    if len(prompts) > MAX_PROMPTS:
-        raise APIError(400, f"At most {MAX_PROMPTS} prompts per request, got {len(prompts)}", name)
+    if len(prompts) > max_items:
+        raise APIError(400, f"At most {max_items} prompts per request, got {len(prompts)}", name)
     for prompt in prompts:
         if isinstance(prompt, list) and any(t < 0 for t in prompt):
-            raise APIError(400, "Token ids in `prompt` must be non-negative", name)
+            raise APIError(400, f"Token ids in `{name}` must be non-negative", name)
     return prompts
+
+
+def _prompts(name: str, value: Any) -> list[str | list[int]]:
+    if value == []:
+        raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", name)
+    return as_prompt_list(name, value, MAX_PROMPTS)
 
 
 def _messages(name: str, value: Any) -> list[dict[str, Any]]:

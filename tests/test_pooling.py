@@ -36,16 +36,20 @@ def minilm():
     return LLM(model=minilm_path(), task="embed")
 
 
-def test_minilm_embeddings_equal_masked_mean_of_transformers(minilm):
+def minilm_reference(texts: list[str]) -> torch.Tensor:
+    """The sentence-transformers recipe with plain Transformers: masked mean pooling, then L2 normalisation."""
     path = minilm_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"][..., None].float()
-    expected = F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
+
+def test_minilm_embeddings_equal_masked_mean_of_transformers(minilm):
+    expected = minilm_reference(SENTENCES)
     outs = minilm.embed(SENTENCES, use_tqdm=False)
     ours = torch.tensor([o.outputs.embedding for o in outs])
     assert ours.shape == (len(SENTENCES), 384) and outs[0].outputs.hidden_size == 384

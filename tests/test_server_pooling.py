@@ -8,9 +8,16 @@ import pytest
 import pytest_asyncio
 import torch
 import torch.nn.functional as F
-import transformers
 from server_utils import make_app, start_server, stop_server, wait_ready
-from test_pooling import PAIRS, SENTENCES, minilm_path, reference_outputs, tiny_classifier, wordpiece_tokenizer
+from test_pooling import (
+    PAIRS,
+    SENTENCES,
+    minilm_path,
+    minilm_reference,
+    reference_outputs,
+    tiny_classifier,
+    wordpiece_tokenizer,
+)
 
 DOCUMENTS = [
     "France's wine and cheese are famous all over the world.",
@@ -19,17 +26,6 @@ DOCUMENTS = [
     "Mitochondria are the powerhouse of the cell.",
 ]
 QUERY = "What is the capital of France?"
-
-
-def minilm_reference(texts: list[str]) -> torch.Tensor:
-    path = minilm_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(texts, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"][..., None].float()
-    return F.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 @pytest.fixture(scope="module")
