@@ -51,10 +51,19 @@ def probe_attention_layers(model: nn.Module, device: torch.device) -> dict[int, 
         model(ids, ids.clone())
     if not probe.layers:
         raise ValueError(
-            f"{type(model).__name__} made no call to the 'vllm' attention function: its attention does not go "
-            "through ALL_ATTENTION_FUNCTIONS, so hfbridge cannot manage its KV cache"
+            f"{_user_class_name(model)} made no call to the 'vllm' attention function: its attention modules "
+            "must call ALL_ATTENTION_FUNCTIONS[config._attn_implementation] (not sdpa or eager directly), so that "
+            "hfbridge can run attention over its KV cache"
         )
     return dict(sorted(probe.layers.items()))
+
+
+def _user_class_name(model: nn.Module) -> str:
+    """The innermost Transformers model under hfbridge's wrappers (what the user wrote or chose)."""
+    while hasattr(model, "model") and isinstance(model.model, nn.Module):
+        model = model.model
+    base = getattr(model, "base_model", None)
+    return type(base if isinstance(base, nn.Module) else model).__name__
 
 
 def bytes_per_block(layers: dict[int, LayerSpec], block_size: int) -> int:

@@ -76,3 +76,16 @@ def test_model_without_the_flag_is_refused_by_name(tmp_path):
     message = str(info.value)
     assert "MyModel" in message and "_supports_attention_backend" in message
     assert "ALL_ATTENTION_FUNCTIONS" in message and "kwargs" in message
+
+
+def test_attention_not_through_the_interface_names_the_users_class(tmp_path):
+    folder = tmp_path / "direct_sdpa"
+    write_remote_code_model(folder)
+    modeling = (folder / "modeling_my.py").read_text()
+    modeling = modeling.replace(
+        "attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]",
+        "attention_interface = ALL_ATTENTION_FUNCTIONS['sdpa']",
+    )
+    (folder / "modeling_my.py").write_text(modeling)
+    with pytest.raises(ValueError, match=r"MyModel made no call to the 'vllm' attention function.*_attn_implementation"):
+        LLM(model=str(folder), trust_remote_code=True, max_model_len=64)
