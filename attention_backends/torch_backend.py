@@ -21,13 +21,29 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-def gather_kv(kv_cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts of B requests, padded: block_tables [B, nb] -> key, value [B, max_len, Hkv, D]."""
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One request's context: block_table [1, nb] -> key, value [1, seq_len, Hkv, D]."""
     block_size = kv_cache.shape[2]
-    num_blocks = -(-max_len // block_size)
-    blocks = kv_cache[:, block_tables[:, :num_blocks].long()]  # [2, B, nb, bs, Hkv, D]
-    blocks = blocks.flatten(2, 3)[:, :, :max_len]  # [2, B, max_len, Hkv, D]
+    num_blocks = -(-seq_len // block_size)
+    blocks = kv_cache[:, block_table[:, :num_blocks].long()]  # [2, 1, nb, bs, Hkv, D]
+    blocks = blocks.flatten(2, 3)[:, :, :seq_len]
     return blocks[0], blocks[1]
+
+
+def gather_padded_kv(
+    kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contexts of B requests padded to max_len: [B, max_len, Hkv, D]. Padding repeats each request's position 0,
+    a slot it has written, so no unwritten (possibly NaN) cache memory is ever read; attend() masks it."""
+    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
+    positions = torch.arange(max_len, device=kv_cache.device)[None, :]  # [1, L]
+    positions = torch.where(positions < seq_lens[:, None], positions, 0)  # [B, L]
+    blocks = block_tables.long().gather(1, positions // block_size)
+    slots = (blocks * block_size + positions % block_size).flatten()
+    keys = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    values = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, slots)
+    shape = (len(seq_lens), max_len, num_kv_heads, head_dim)
+    return keys.view(shape), values.view(shape)
 
 
 def attend(
@@ -51,9 +67,9 @@ def attend(
         mask = mask & (distance < layer.sliding_window)
         if not layer.is_causal:  # encoders' local attention looks both ways (ModernBERT)
             mask = mask & (-distance < layer.sliding_window)
-    # Padded keys may hold stale or uninitialised cache memory (NaN * 0 = NaN): zero them.
-    k = torch.where(valid[:, :, None, None], key.float(), 0.0).transpose(1, 2)  # [B, Hkv, L, D]
-    v = torch.where(valid[:, :, None, None], value.float(), 0.0).transpose(1, 2)
+    # Keys past kv_lens are padding the callers fill with real (finite) values: masked, they weigh exactly 0.
+    k = key.float().transpose(1, 2)  # [B, Hkv, L, D]
+    v = value.float().transpose(1, 2)
     # GQA without copying K/V: query head h = j * group + g reads KV head j, so the `group` query heads of one
     # KV head become extra query rows: [B, Q, Hkv, G, D] -> [B, Hkv, G * Q, D].
     q = query.float().view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
@@ -111,6 +127,6 @@ class TorchReferenceBackend:
         token_idx = metadata.query_start_loc[rows].long()  # one query token per decode request
         lens = metadata.seq_lens[rows].long()
         max_len = max(metadata.seq_lens_cpu[b] for b in decodes)
-        k, v = gather_kv(kv_cache, metadata.block_tables[rows], max_len)
+        k, v = gather_padded_kv(kv_cache, metadata.block_tables[rows], lens, max_len)
         result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
         out[token_idx] = result[:, 0].to(out.dtype)
