@@ -97,10 +97,10 @@ def main() -> None:
         results["transformers generate_batch()"] = run_generate_batch(model, prompts, args.output_len, args)
 
     base = results["hfbridge"][0]
-    print(f"\n{'engine':<32}{'seconds':>10}{'tokens/s':>12}{'hfbridge is':>14}")
+    print(f"\n{'engine':<32}{'seconds':>10}{'tokens/s':>12}{'hfbridge tok/s / this':>24}")
     for name, (elapsed, _) in results.items():
-        ratio = "" if name == "hfbridge" else f"{elapsed / base:.2f}x faster"
-        print(f"{name:<32}{elapsed:>10.1f}{num_tokens / elapsed:>12.1f}{ratio:>14}")
+        ratio = "" if name == "hfbridge" else f"{elapsed / base:.2f}x"
+        print(f"{name:<32}{elapsed:>10.1f}{num_tokens / elapsed:>12.1f}{ratio:>24}")
     ours = results["hfbridge"][1]
     for name, (_, tokens) in results.items():
         if name != "hfbridge":
