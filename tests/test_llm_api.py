@@ -136,3 +136,18 @@ def test_prompt_longer_than_the_context_is_refused(llm):
         llm.generate({"prompt_token_ids": []}, GREEDY)
     with pytest.raises(ValueError, match="out of vocabulary"):
         llm.generate({"prompt_token_ids": [5, 10_000]}, GREEDY)
+
+
+def test_cpu_kv_cache_is_sized_from_the_memory_budget(tiny_llama):
+    from hfbridge.kv_cache_sizing import bytes_per_block, probe_attention_layers
+
+    folder = str(tiny_llama[1])
+    llm = LLM(model=folder, max_model_len=64, kv_cache_memory_bytes=1 << 20)
+    engine = llm.llm_engine
+    layers = llm.apply_model(lambda m: probe_attention_layers(m, engine.config.device))[0]
+    per_block = bytes_per_block(layers, engine.config.cache_config.block_size)
+    # tiny Llama: 2 layers x K and V x 16 tokens x 2 KV heads x 16 dims x 4 bytes
+    assert per_block == 2 * 2 * 16 * 2 * 16 * 4
+    assert engine.kv_cache_manager.pool.num_blocks == (1 << 20) // per_block
+    with pytest.raises(ValueError, match=r"The KV cache holds 32 tokens \(2 blocks of 16\) but max_model_len is 64"):
+        LLM(model=folder, max_model_len=64, kv_cache_memory_bytes=2 * per_block)

@@ -217,3 +217,66 @@ def test_batch_longer_than_one_step_is_split_across_steps(tmp_path):
     alone = torch.tensor([llm.embed(t, use_tqdm=False)[0].outputs.embedding for t in many[:5]])
     torch.testing.assert_close(batched[:5], alone, rtol=1e-5, atol=1e-6)
     assert llm.llm_engine.kv_cache_manager.num_free_blocks == llm.llm_engine.kv_cache_manager.pool.num_blocks
+
+
+def tiny_encoder(arch: str, folder, num_labels: int = 2):
+    """A tiny random RoBERTa-family model (positions offset by the padding index) saved with a BPE tokenizer."""
+    tokenizer = build_tokenizer()
+    config_cls = transformers.XLMRobertaConfig if arch.startswith("XLM") else transformers.RobertaConfig
+    config = config_cls(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=130, pad_token_id=0, num_labels=num_labels)
+    torch.manual_seed(3)
+    model = getattr(transformers, arch)(config).eval()
+    folder.mkdir(parents=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("arch", ["RobertaModel", "XLMRobertaModel"])
+def test_roberta_family_embeddings_equal_transformers(arch, tmp_path):
+    model, tokenizer = tiny_encoder(arch, tmp_path / arch)
+    llm = LLM(model=str(tmp_path / arch), runner="pooling", max_model_len=128, pooler_config={"pooling_type": "MEAN"})
+    outs = llm.embed(SENTENCES, use_tqdm=False)
+    for text, out in zip(SENTENCES, outs):
+        with torch.no_grad():
+            hidden = model(torch.tensor([tokenizer(text).input_ids])).last_hidden_state[0]
+        torch.testing.assert_close(torch.tensor(out.outputs.embedding), F.normalize(hidden.mean(0), dim=0),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_roberta_classifier_equals_transformers(tmp_path):
+    model, tokenizer = tiny_encoder("RobertaForSequenceClassification", tmp_path / "rc", num_labels=3)
+    llm = LLM(model=str(tmp_path / "rc"), max_model_len=128)
+    probs = torch.tensor([o.outputs.probs for o in llm.classify(SENTENCES, use_tqdm=False)])
+    expected = reference_outputs(model, [dict(tokenizer(t)) for t in SENTENCES], 3)
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_type_override_and_step_rewards(tmp_path):
+    tokenizer = wordpiece_tokenizer()
+    model = tiny_classifier("BertForSequenceClassification", 3, tmp_path / "clf", tokenizer)
+    text = "first step. second step. third step."
+    ids = tokenizer(text).input_ids
+    with torch.no_grad():
+        hidden = model.bert(torch.tensor([ids])).last_hidden_state[0]
+        per_token = model.classifier(model.bert.pooler(hidden[:, None]))  # the head on every token
+    step_tag = tokenizer.convert_tokens_to_ids(".")
+    llm = LLM(model=str(tmp_path / "clf"), max_model_len=128)
+    rewards = llm.reward(text, pooling_params=PoolingParams(step_tag_id=step_tag, use_activation=False))
+    marked = torch.tensor(ids) == step_tag
+    assert int(marked.sum()) == 3
+    torch.testing.assert_close(rewards[0].outputs.data, per_token[marked], rtol=1e-4, atol=1e-5)
+    every_token = llm.encode(text, pooling_task="token_classify")[0].outputs.data
+    torch.testing.assert_close(every_token, torch.softmax(per_token, -1), rtol=1e-4, atol=1e-5)
+
+    mean_pooled = LLM(model=str(tmp_path / "clf"), max_model_len=128, pooler_config={"pooling_type": "MEAN"})
+    probs = mean_pooled.classify(text)[0].outputs.probs
+    with torch.no_grad():
+        expected = torch.softmax(model.classifier(model.bert.pooler(hidden.mean(0)[None, None])), -1)[0]
+    torch.testing.assert_close(torch.tensor(probs), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pooling_budget_must_fit_a_whole_prompt():
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(64\) < max_model_len \(256\) with chunked prefill disabled"):
+        LLM(model=minilm_path(), task="embed", max_num_batched_tokens=64)
