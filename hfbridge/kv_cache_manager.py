@@ -58,9 +58,14 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queried_tokens += request.num_tokens
-        self.stats.hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
+
+    def record_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count a prefix-cache lookup once, when its request is admitted (a request that must wait for blocks
+        looks up again on every step)."""
+        if self.enable_caching and not request.wants_prompt_logprobs:
+            self.stats.queried_tokens += request.num_tokens
+            self.stats.hit_tokens += num_hit_tokens
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[KVCacheBlock] = ()

@@ -66,6 +66,7 @@ class Scheduler:
             if blocks is None:
                 break
             self.waiting.popleft()
+            self.kv.record_lookup(request, num_hit_tokens)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens

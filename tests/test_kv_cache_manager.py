@@ -15,6 +15,8 @@ def make_request(request_id: str, tokens: list[int]) -> Request:
 def allocate_prompt(kv: KVCacheManager, request: Request):
     hits, num_hit = kv.get_computed_blocks(request)
     blocks = kv.allocate_slots(request, request.num_tokens - num_hit, hits)
+    if blocks is not None:
+        kv.record_lookup(request, num_hit)
     request.num_computed_tokens = request.num_tokens if blocks is not None else 0
     return blocks, num_hit
 

@@ -129,3 +129,17 @@ def test_prefix_hit_is_counted_as_computed():
     out = run_step(s)
     item = next(x for x in out.scheduled if x.request is b)
     assert (item.start, item.num_new_tokens) == (12, 1) and b.num_cached_tokens == 12
+
+
+def test_prefix_lookup_is_counted_once_per_admitted_request():
+    s = make_scheduler(num_blocks=5)
+    add(s, "a", 16)  # 4 blocks
+    run_step(s)
+    b = add(s, "b", 9, offset=100)  # needs 3 blocks, 1 free: waits while a runs
+    for _ in range(3):
+        run_step(s)
+    assert b.status is RequestStatus.WAITING and s.kv.stats.queried_tokens == 16
+    s.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
+    run_step(s)
+    assert b.status is RequestStatus.RUNNING and s.kv.stats.queried_tokens == 16 + 9
+
