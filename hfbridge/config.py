@@ -46,6 +46,7 @@ class ModelConfig:
     chat_template: str | None = None
     # Sampling defaults from the model's generation_config.json (vLLM's generation_config="auto").
     default_sampling: dict[str, Any] = field(default_factory=dict)
+    generation_eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json
     runner: str = "generate"  # generate | pooling
     convert: str = "none"  # none | embed | classify: how a pooling runner reads the model
     pooler_config: PoolerConfig | None = None  # resolved for pooling runners

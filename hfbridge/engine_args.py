@@ -135,7 +135,12 @@ class EngineArgs:
         return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend)
 
     def _model_config(self, device: torch.device) -> ModelConfig:
-        from hfbridge.hf_config import load_generation_defaults, load_hf_config
+        from hfbridge.hf_config import (
+            generation_defaults,
+            generation_eos_token_ids,
+            load_hf_config,
+            read_generation_config,
+        )
 
         if self.model is None:
             from hfbridge.default_model import default_model_path
@@ -151,13 +156,13 @@ class EngineArgs:
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         if self.override_pooler_config is not None:
             logger.warning("override_pooler_config is deprecated; use pooler_config")
+        st_config = read_sentence_transformers_config(source.folder)
         runner = resolve_runner(
-            list(getattr(hf_config, "architectures", None) or []), source.folder, hf_config, self.runner, self.convert,
+            list(getattr(hf_config, "architectures", None) or []), st_config, hf_config, self.runner, self.convert,
             self.task, self.pooler_config if self.pooler_config is not None else self.override_pooler_config,
         )
         max_model_len = self.max_model_len
-        st_config = read_sentence_transformers_config(source.folder) if runner.runner == "pooling" else None
-        if max_model_len is None and st_config and st_config.get("max_seq_length"):
+        if runner.runner == "pooling" and max_model_len is None and st_config and st_config.get("max_seq_length"):
             max_model_len = min(st_config["max_seq_length"], derived_max_model_len(hf_config) or 1 << 30)
         tokenizer_path = source.folder
         if self.tokenizer is not None:
@@ -167,7 +172,8 @@ class EngineArgs:
         served = self.served_model_name
         if isinstance(served, list):
             served = served[0] if served else None
-        defaults = {} if self.generation_config == "vllm" else load_generation_defaults(source)
+        generation_config = read_generation_config(source.folder)
+        defaults = {} if self.generation_config == "vllm" else generation_defaults(generation_config)
         defaults.update(self.override_generation_config or {})
         return ModelConfig(
             model=model,
@@ -186,6 +192,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
             default_sampling=defaults,
+            generation_eos_token_ids=generation_eos_token_ids(generation_config),
             runner=runner.runner,
             convert=runner.convert,
             pooler_config=runner.pooler_config,

@@ -57,31 +57,31 @@ def apply_overrides(target: Any, overrides: dict[str, Any]) -> None:
             setattr(target, key, value)
 
 
-def load_generation_defaults(source: ModelSource) -> dict[str, Any]:
-    """SamplingParams defaults from generation_config.json (only the fields vLLM reads)."""
-    if not (Path(source.folder) / "generation_config.json").is_file():
-        return {}
+def read_generation_config(folder: str) -> GenerationConfig | None:
+    """The model's generation_config.json, or None when it has none (or an unreadable one)."""
+    if not (Path(folder) / "generation_config.json").is_file():
+        return None
     try:
-        generation_config = GenerationConfig.from_pretrained(source.folder)
+        return GenerationConfig.from_pretrained(folder)
     except (OSError, ValueError):
+        return None
+
+
+def generation_defaults(generation_config: GenerationConfig | None) -> dict[str, Any]:
+    """SamplingParams defaults from generation_config.json (only the fields vLLM reads, and only those set)."""
+    if generation_config is None:
         return {}
-    defaults = {}
-    for hf_name, name in _SAMPLING_DEFAULTS.items():
-        value = getattr(generation_config, hf_name, None)
-        if value is not None and hf_name in generation_config.to_diff_dict():
-            defaults[name] = value
-    return defaults
+    explicit = generation_config.to_diff_dict()
+    return {
+        name: getattr(generation_config, hf_name)
+        for hf_name, name in _SAMPLING_DEFAULTS.items()
+        if hf_name in explicit and getattr(generation_config, hf_name, None) is not None
+    }
 
 
-def generation_eos_token_ids(source_folder: str) -> set[int]:
+def generation_eos_token_ids(generation_config: GenerationConfig | None) -> frozenset[int]:
     """EOS ids named in generation_config.json (an int or a list)."""
-    path = Path(source_folder) / "generation_config.json"
-    if not path.is_file():
-        return set()
-    try:
-        eos = GenerationConfig.from_pretrained(source_folder).eos_token_id
-    except (OSError, ValueError):
-        return set()
+    eos = None if generation_config is None else generation_config.eos_token_id
     if eos is None:
-        return set()
-    return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
+        return frozenset()
+    return frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))

@@ -49,7 +49,7 @@ class RunnerChoice:
 
 def resolve_runner(
     architectures: list[str],
-    model_folder: str,
+    st: dict[str, Any] | None,  # read_sentence_transformers_config() of the model folder
     hf_config: Any,
     runner: str = "auto",
     convert: str = "auto",
@@ -72,7 +72,6 @@ def resolve_runner(
         raise ValueError(f"convert={convert!r} is not one of {list(CONVERTS)}")
     if convert == "reward":
         convert = "auto"
-    st = read_sentence_transformers_config(model_folder)
     arch_runner, arch_convert = _from_architecture(architectures)
     if st is not None and runner == "auto" and convert == "auto":
         arch_runner, arch_convert = "pooling", "embed"

@@ -25,9 +25,7 @@ def load_tokenizer(model_config: ModelConfig) -> Any | None:
 
 def eos_token_ids(tokenizer: Any, model_config: ModelConfig) -> frozenset[int]:
     """EOS ids from the tokenizer, the model config and generation_config.json."""
-    from hfbridge.hf_config import generation_eos_token_ids
-
-    ids: set[int] = set(generation_eos_token_ids(model_config.model_path))
+    ids: set[int] = set(model_config.generation_eos_token_ids)
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
     config_eos = getattr(model_config.hf_text_config, "eos_token_id", None)
