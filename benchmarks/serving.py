@@ -83,7 +83,7 @@ def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen,
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    args = [sys.executable, "-m", "hfbridge.cli", "serve", *([model] if model else []), "--port", str(port),
+    args = [sys.executable, "-m", "hfbridge", "serve", *([model] if model else []), "--port", str(port),
             "--log-level", "warning", *extra]
     process = subprocess.Popen(args, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     url = f"http://127.0.0.1:{port}"

@@ -1,10 +1,10 @@
 """hfbridge: serve any Hugging Face Transformers model with a paged-KV-cache engine."""
-from hfbridge.engine_args import EngineArgs
-from hfbridge.llm import LLM
-from hfbridge.llm_engine import LLMEngine
+from hfbridge.engine.engine_args import EngineArgs
+from hfbridge.entrypoints.llm import LLM
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.config import PoolerConfig
 from hfbridge.outputs import CompletionOutput, Logprob, RequestOutput
-from hfbridge.pooling_outputs import (
+from hfbridge.pooling.pooling_outputs import (
     ClassificationOutput,
     ClassificationRequestOutput,
     EmbeddingOutput,
@@ -14,8 +14,8 @@ from hfbridge.pooling_outputs import (
     ScoringOutput,
     ScoringRequestOutput,
 )
-from hfbridge.pooling_params import PoolingParams
-from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.pooling.pooling_params import PoolingParams
+from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
 from hfbridge.version import __version__
 
 __all__ = [

@@ -1,5 +1,5 @@
 """`python -m hfbridge serve MODEL` works where the `hfbridge` script is not on PATH (e.g. in a notebook)."""
-from hfbridge.cli import main
+from hfbridge.entrypoints.cli import main
 
 if __name__ == "__main__":
     main()

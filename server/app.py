@@ -15,8 +15,8 @@ from functools import partial
 
 from aiohttp import web
 
-from hfbridge.async_engine import AsyncLLMEngine
-from hfbridge.llm_engine import LLMEngine
+from hfbridge.engine.async_engine import AsyncLLMEngine
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.server import routes_misc, routes_pooling
 from hfbridge.server.auth import make_auth_middleware
 from hfbridge.server.errors import error_middleware

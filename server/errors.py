@@ -59,7 +59,7 @@ def to_api_error(error: BaseException) -> APIError:
         return error
     if isinstance(error, ValidationError):
         return APIError.from_validation(error)
-    from hfbridge.async_engine import EngineDeadError
+    from hfbridge.engine.async_engine import EngineDeadError
 
     if isinstance(error, EngineDeadError):
         return APIError(503, f"The engine is not running: {error}")

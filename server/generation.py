@@ -9,10 +9,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbridge.async_engine import AsyncLLMEngine, RequestStream
+from hfbridge.engine.input_processor import truncate_tokens
+from hfbridge.engine.async_engine import AsyncLLMEngine, RequestStream
 from hfbridge.errors import ValidationError
 from hfbridge.outputs import RequestOutput
-from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import RequestTimer
 from hfbridge.server.protocol import GenerationRequest
@@ -82,10 +83,10 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
                    max_tokens_param: str, prompt_param: str) -> PreparedPrompt:
     engine, card = state.require_engine()
     text, token_ids = tokenize(engine.engine.get_tokenizer(), prompt, request.add_special_tokens)
-    truncate = request.sampling.get("truncate_prompt_tokens")
-    if truncate is not None and truncate != 0:
-        # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run.
-        token_ids = token_ids[-(card.max_model_len if truncate == -1 else max(truncate, 1)):]
+    # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run (0 means
+    # none; other values out of range are refused by SamplingParams below).
+    truncate = request.sampling.get("truncate_prompt_tokens") or None
+    token_ids = truncate_tokens(token_ids, truncate if truncate is None or truncate >= -1 else 1, card.max_model_len)
     defaults = {k: v for k, v in card.default_sampling.items() if k != "max_tokens"}
     max_tokens = fit_max_tokens(request.max_tokens, default_max_tokens, len(token_ids), card,
                                 state.settings.strict_max_tokens, max_tokens_param, prompt_param)

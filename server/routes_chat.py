@@ -7,8 +7,8 @@ from typing import Any
 import jinja2
 from aiohttp import web
 
-from hfbridge.chat_utils import render_chat
-from hfbridge.detokenizer import decode_token
+from hfbridge.engine.chat_utils import render_chat
+from hfbridge.engine.detokenizer import decode_token
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
 from hfbridge.server.logprobs import chat_logprobs

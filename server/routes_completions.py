@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hfbridge.detokenizer import decode_token
+from hfbridge.engine.detokenizer import decode_token
 from hfbridge.server.errors import read_json_object
 from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
 from hfbridge.server.logprobs import CompletionLogprobs, merge_completion_logprobs

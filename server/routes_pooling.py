@@ -14,9 +14,9 @@ import torch
 from aiohttp import web
 
 from hfbridge.errors import ValidationError
-from hfbridge.pooling_outputs import PoolingRequestOutput
-from hfbridge.pooling_params import PoolingParams
-from hfbridge.scoring import cosine, cross_encoder_prompts, is_cross_encoder, score_pairs
+from hfbridge.pooling.pooling_outputs import PoolingRequestOutput
+from hfbridge.pooling.pooling_params import PoolingParams
+from hfbridge.pooling.scoring import plan_scoring
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.pooling_protocol import (
     EmbedRequest,
@@ -138,20 +138,15 @@ async def _scores(state: ServingState, options: PoolingOptions, texts_1: list[st
     """One score per pair, and the pooling outputs that produced them (for usage)."""
     engine, _ = state.require_engine()
     try:
-        texts_1, texts_2 = score_pairs(texts_1, texts_2)
-        cross = is_cross_encoder(engine.engine.supported_tasks, engine.engine.model_config.hf_config)
+        plan = plan_scoring(texts_1, texts_2, engine.engine.supported_tasks, engine.engine.model_config.hf_config,
+                            engine.engine.get_tokenizer())
     except ValueError as e:
         raise APIError(400, str(e)) from e
-    if cross:
-        prompts = cross_encoder_prompts(engine.engine.get_tokenizer(), texts_1, texts_2)
-        outputs = await _run(state, "score", options, prompts,
-                             PoolingParams(task="classify", use_activation=options.use_activation))
-        return [float(o.outputs.data.reshape(-1)[0]) for o in outputs], outputs
-    _require_task(state, "embed", "scoring")
-    unique = list(dict.fromkeys(texts_1 + texts_2))
-    outputs = await _run(state, "score", options, unique, PoolingParams(task="embed", use_activation=options.use_activation))
-    vectors = {text: out.outputs.data for text, out in zip(unique, outputs)}
-    return [cosine(vectors[a], vectors[b]) for a, b in zip(texts_1, texts_2)], outputs
+    if plan.task == "embed":
+        _require_task(state, "embed", "scoring")
+    outputs = await _run(state, "score", options, plan.prompts,
+                         PoolingParams(task=plan.task, use_activation=options.use_activation))
+    return plan.scores([o.outputs.data for o in outputs]), outputs
 
 
 async def create_score(request: web.Request) -> web.Response:

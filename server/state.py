@@ -9,8 +9,8 @@ from typing import Any
 
 from aiohttp import web
 
-from hfbridge.async_engine import AsyncLLMEngine
-from hfbridge.chat_utils import load_chat_template
+from hfbridge.engine.async_engine import AsyncLLMEngine
+from hfbridge.engine.chat_utils import load_chat_template
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
 

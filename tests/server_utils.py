@@ -91,7 +91,7 @@ def start_server(args: list[str], log_path, env: dict | None = None, ready_timeo
     port = free_port()
     with open(log_path, "w") as log:  # the child keeps its own handle
         process = subprocess.Popen(
-            [sys.executable, "-m", "hfbridge.cli", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
+            [sys.executable, "-m", "hfbridge", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
     url = f"http://127.0.0.1:{port}"

@@ -7,9 +7,9 @@ from click.testing import CliRunner
 
 import hfbridge.server
 from hfbridge import LLM, SamplingParams
-from hfbridge.cli import cli, main
-from hfbridge.cli_args import normalize_argv
-from hfbridge.llm_engine import LLMEngine
+from hfbridge.entrypoints.cli import cli, main
+from hfbridge.entrypoints.cli_args import normalize_argv
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.server.app import is_loopback, warn_if_exposed
 from hfbridge.server.state import ServerSettings
 
@@ -104,22 +104,12 @@ def test_api_keys_from_flags_and_environment(captured, monkeypatch):
     assert captured["settings"].api_keys == ("flag",)  # the flag wins over the environment
 
 
-def test_pooling_flags_parse_and_warn_until_the_engine_has_them(captured, caplog):
-    with caplog.at_level(logging.WARNING):
-        assert run(["serve", "x", "--task", "embed"]).exit_code == 0
+def test_pooling_flags_reach_the_engine(captured):
+    assert run(["serve", "x", "--task", "embed"]).exit_code == 0
+    assert vars(captured["engine_args"])["task"] == "embed"  # the engine maps it (and warns)
+    assert run(["serve", "x", "--runner", "pooling", "--convert", "classify"]).exit_code == 0
     fields = vars(captured["engine_args"])
-    if "task" in fields:
-        assert fields["task"] == "embed"  # the engine maps it (and warns)
-    else:
-        assert "--task embed is deprecated: use --runner pooling --convert embed" in caplog.text
-    with caplog.at_level(logging.WARNING):
-        assert run(["serve", "x", "--runner", "pooling", "--convert", "classify"]).exit_code == 0
-    fields = vars(captured["engine_args"])
-    for name, value in (("runner", "pooling"), ("convert", "classify")):
-        if name in fields:
-            assert fields[name] == value
-        else:
-            assert f"ignoring --{name}" in caplog.text
+    assert (fields["runner"], fields["convert"]) == ("pooling", "classify")
 
 
 def test_model_flag_and_config_file(captured, tmp_path, caplog):
@@ -135,7 +125,7 @@ def test_model_flag_and_config_file(captured, tmp_path, caplog):
 
 
 def test_default_model_names(captured, monkeypatch):
-    import hfbridge.default_model as dm
+    import hfbridge.model.default_model as dm
 
     monkeypatch.setattr(dm, "find_default_gguf", lambda: "present")
     assert run(["serve"]).exit_code == 0
@@ -146,7 +136,7 @@ def test_default_model_names(captured, monkeypatch):
 
 
 def test_missing_default_model_package_says_how_to_install_it(captured, monkeypatch):
-    import hfbridge.default_model as dm
+    import hfbridge.model.default_model as dm
 
     monkeypatch.setattr(dm.importlib.util, "find_spec", lambda name: None)
     result = run(["serve"])

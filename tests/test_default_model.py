@@ -7,7 +7,7 @@ import openai
 import pytest
 from server_utils import start_server, stop_server
 
-import hfbridge.default_model as dm
+import hfbridge.model.default_model as dm
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 

@@ -4,7 +4,7 @@ import random
 import pytest
 from tiny_models import build_tokenizer
 
-from hfbridge.detokenizer import IncrementalDetokenizer
+from hfbridge.engine.detokenizer import IncrementalDetokenizer
 
 TEXTS = [
     "Hello, world! Ünïcödé façade — naïve café.",

@@ -1,9 +1,9 @@
 """Block accounting and prefix caching, pure Python, no model."""
 import pytest
 
-from hfbridge.block_pool import BlockPool
-from hfbridge.kv_cache_manager import KVCacheManager, hash_block
-from hfbridge.request import Request
+from hfbridge.core.block_pool import BlockPool
+from hfbridge.core.kv_cache_manager import KVCacheManager, hash_block
+from hfbridge.core.request import Request
 
 BS = 4
 

@@ -139,7 +139,8 @@ def test_prompt_longer_than_the_context_is_refused(llm):
 
 
 def test_cpu_kv_cache_is_sized_from_the_memory_budget(tiny_llama):
-    from hfbridge.kv_cache_sizing import bytes_per_block, probe_attention_layers
+    from hfbridge.worker.kv_cache_sizing import bytes_per_block
+    from hfbridge.worker.layer_probe import probe_attention_layers
 
     folder = str(tiny_llama[1])
     llm = LLM(model=folder, max_model_len=64, kv_cache_memory_bytes=1 << 20)

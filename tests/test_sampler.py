@@ -9,8 +9,9 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hfbridge.sampler import Sampler, SamplingRow, apply_min_p, apply_penalties, apply_top_k_top_p, gather_logprobs
-from hfbridge.sampling_params import SamplingParams
+from hfbridge.sample.logprobs import gather_logprobs
+from hfbridge.sample.sampler import Sampler, SamplingRow, apply_min_p, apply_penalties, apply_top_k_top_p
+from hfbridge.sample.sampling_params import SamplingParams
 
 V = 50
 

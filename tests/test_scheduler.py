@@ -1,10 +1,10 @@
 """Scheduling decisions without a model: token budget, chunked prefill, preemption, abort, no leaks."""
 from hfbridge.config import SchedulerConfig
-from hfbridge.kv_cache_manager import KVCacheManager
-from hfbridge.request import Request, RequestStatus
-from hfbridge.sampling_params import SamplingParams
-from hfbridge.scheduler import Scheduler
-from hfbridge.scheduler_output import ModelRunnerOutput
+from hfbridge.core.kv_cache_manager import KVCacheManager
+from hfbridge.core.request import Request, RequestStatus
+from hfbridge.sample.sampling_params import SamplingParams
+from hfbridge.core.scheduler import Scheduler
+from hfbridge.core.scheduler_output import ModelRunnerOutput
 
 BS = 4
 
@@ -17,7 +17,7 @@ def make_scheduler(num_blocks=32, budget=64, max_seqs=8, chunked=True, caching=T
 def run_step(scheduler: Scheduler, next_token: int = 7):
     """Execute a step with a fake model that samples `next_token` for every request that reached its end."""
     out = scheduler.schedule()
-    sampled = {s.request.request_id: next_token for s in out.scheduled if s.samples}
+    sampled = {s.request.request_id: next_token for s in out.scheduled if s.produces_output}
     scheduler.update_from_output(out, ModelRunnerOutput(sampled_token_ids=sampled))
     return out
 
@@ -46,12 +46,12 @@ def test_budget_chunks_long_prefill_and_counts_decodes_first():
     out = run_step(s)
     # a's decode (1 token) goes first, b gets the remaining 7 tokens of the budget
     assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 7)]
-    assert not out.scheduled[1].samples and b.output_token_ids == []
+    assert not out.scheduled[1].produces_output and b.output_token_ids == []
     out = run_step(s)
     assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 7)]
     out = run_step(s)
     assert [(x.request.request_id, x.num_new_tokens) for x in out.scheduled] == [("a", 1), ("b", 6)]
-    assert out.scheduled[1].samples and b.output_token_ids == [7]
+    assert out.scheduled[1].produces_output and b.output_token_ids == [7]
     assert out.num_scheduled_tokens == 7 and a.num_output_tokens == 4
 
 
@@ -77,7 +77,7 @@ def test_preempts_newest_running_when_blocks_run_out_and_recomputes_it():
     a = add(s, "a", 4)  # 1 block, needs a 2nd at its first decode
     b = add(s, "b", 11, offset=100)  # 3 blocks
     run_step(s)
-    assert s.kv.num_free_blocks == 0 and a.output_token_ids == [7] and b.output_token_ids == [7]
+    assert s.kv_cache_manager.num_free_blocks == 0 and a.output_token_ids == [7] and b.output_token_ids == [7]
     out = run_step(s)  # a needs a block for token 5: b (newest) is preempted
     assert out.preempted_request_ids == ["b"] and b.status is RequestStatus.PREEMPTED
     assert b.num_computed_tokens == 0 and b.num_preemptions == 1
@@ -106,7 +106,7 @@ def test_preempting_itself_when_alone_does_not_loop():
     run_step(s)
     out = run_step(s)  # a needs a 3rd block; nobody else to evict: a is preempted
     assert out.preempted_request_ids == ["a"] and out.scheduled == []
-    assert a.status is RequestStatus.PREEMPTED and s.kv.num_free_blocks == 2
+    assert a.status is RequestStatus.PREEMPTED and s.kv_cache_manager.num_free_blocks == 2
 
 
 def test_abort_and_finish_free_every_block():
@@ -118,7 +118,7 @@ def test_abort_and_finish_free_every_block():
     s.finish_requests(["waiting"], RequestStatus.FINISHED_ABORTED)
     assert reqs[0].status is RequestStatus.FINISHED_ABORTED
     s.finish_requests(["1", "2"], RequestStatus.FINISHED_STOPPED)
-    assert s.kv.num_free_blocks == 16 and not s.has_unfinished_requests()
+    assert s.kv_cache_manager.num_free_blocks == 16 and not s.has_unfinished_requests()
 
 
 def test_prefix_hit_is_counted_as_computed():
@@ -138,8 +138,8 @@ def test_prefix_lookup_is_counted_once_per_admitted_request():
     b = add(s, "b", 9, offset=100)  # needs 3 blocks, 1 free: waits while a runs
     for _ in range(3):
         run_step(s)
-    assert b.status is RequestStatus.WAITING and s.kv.stats.queried_tokens == 16
+    assert b.status is RequestStatus.WAITING and s.kv_cache_manager.stats.queried_tokens == 16
     s.finish_requests(["a"], RequestStatus.FINISHED_STOPPED)
     run_step(s)
-    assert b.status is RequestStatus.RUNNING and s.kv.stats.queried_tokens == 16 + 9
+    assert b.status is RequestStatus.RUNNING and s.kv_cache_manager.stats.queried_tokens == 16 + 9
 

@@ -101,7 +101,7 @@ async def test_serve_reports_a_port_in_use(tiny_llama, caplog):
 async def test_apps_in_one_process_load_one_at_a_time(aiohttp_client, tiny_llama):
     import torch
 
-    from hfbridge.model_loader import _BUILD_LOCK
+    from hfbridge.model.model_loader import _BUILD_LOCK
 
     # accelerate's init_empty_weights patches torch.nn.Module process-wide; overlapping loads would leave it so.
     clients = [await aiohttp_client(make_app(tiny_llama[1])) for _ in range(3)]

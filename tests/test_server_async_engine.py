@@ -8,9 +8,9 @@ import pytest_asyncio
 from server_utils import engine_factory
 
 from hfbridge import SamplingParams
-from hfbridge.async_engine import AsyncLLMEngine, EngineDeadError
+from hfbridge.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from hfbridge.errors import ValidationError
-from hfbridge.sampling_params import RequestOutputKind
+from hfbridge.sample.sampling_params import RequestOutputKind
 
 pytestmark = pytest.mark.asyncio
 PROMPTS = ["The capital of France is", "Once upon a time", "A quick brown fox", "Serving language models"]

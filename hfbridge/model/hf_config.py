@@ -7,7 +7,7 @@ from typing import Any
 
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
-from hfbridge.model_source import ModelSource
+from hfbridge.model.model_source import ModelSource
 
 # The generation_config.json fields vLLM turns into default SamplingParams (generation_config="auto").
 _SAMPLING_DEFAULTS = {

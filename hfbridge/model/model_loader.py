@@ -13,10 +13,10 @@ from torch import nn
 
 from hfbridge.attention_backends import ATTENTION_NAME, register_vllm_attention
 from hfbridge.config import ModelConfig
-from hfbridge.model_resolver import ModelClass, resolve_model_class
-from hfbridge.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
-from hfbridge.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
-from hfbridge.weight_loader import iter_checkpoint, load_weights, missing_parameters
+from hfbridge.model.model_resolver import ModelClass, resolve_model_class
+from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
+from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
+from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ import torch
 
 from hfbridge.attention_backends.registry import resolve_backend_name
 from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, PoolerConfig, SchedulerConfig
-from hfbridge.model_source import resolve_model_source
-from hfbridge.task_resolution import read_sentence_transformers_config, resolve_runner
+from hfbridge.model.model_source import resolve_model_source
+from hfbridge.pooling.task_resolution import read_sentence_transformers_config, resolve_runner
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class EngineArgs:
         return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend)
 
     def _model_config(self, device: torch.device) -> ModelConfig:
-        from hfbridge.hf_config import (
+        from hfbridge.model.hf_config import (
             generation_defaults,
             generation_eos_token_ids,
             load_hf_config,
@@ -143,7 +143,7 @@ class EngineArgs:
         )
 
         if self.model is None:
-            from hfbridge.default_model import default_model_path
+            from hfbridge.model.default_model import default_model_path
 
             model = default_model_path()
         else:

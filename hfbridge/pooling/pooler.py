@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hfbridge.pooling_params import PoolingParams
+from hfbridge.pooling.pooling_params import PoolingParams
 
 Head = Callable[[torch.Tensor], torch.Tensor]  # [N, H] -> [N, num_labels]
 

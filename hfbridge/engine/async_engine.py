@@ -13,9 +13,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from hfbridge.llm_engine import LLMEngine
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.outputs import RequestOutput
-from hfbridge.sampling_params import SamplingParams
+from hfbridge.sample.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

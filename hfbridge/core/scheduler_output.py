@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hfbridge.request import Request
+from hfbridge.core.request import Request
+from hfbridge.sample.logprobs import SampledLogprobs
 
 
 @dataclass(frozen=True)
@@ -14,7 +15,7 @@ class ScheduledRequest:
     num_new_tokens: int  # tokens computed this step: all_token_ids[start:start + num_new_tokens]
     start: int  # = request.num_computed_tokens when scheduled (includes this step's prefix-cache hit)
     block_ids: list[int]
-    samples: bool  # this step reaches the last known token, so the next one is sampled (or the prompt pooled)
+    produces_output: bool  # this step reaches the last known token: the next one is sampled (or the prompt pooled)
 
     @property
     def end(self) -> int:
@@ -30,15 +31,6 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
-
-
-@dataclass(frozen=True)
-class SampledLogprobs:
-    """Logprobs of one sampled token: the sampled id first, then the top-k ids (ranks are 1-based)."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int]
 
 
 @dataclass(frozen=True)

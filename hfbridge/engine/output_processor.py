@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hfbridge.detokenizer import IncrementalDetokenizer, decode_token
+from hfbridge.engine.detokenizer import IncrementalDetokenizer, decode_token
 from hfbridge.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
-from hfbridge.pooling_outputs import PoolingOutput, PoolingRequestOutput
-from hfbridge.request import Request, RequestStatus
-from hfbridge.sampling_params import RequestOutputKind, SamplingParams
-from hfbridge.scheduler_output import ModelRunnerOutput, SampledLogprobs
+from hfbridge.pooling.pooling_outputs import PoolingOutput, PoolingRequestOutput
+from hfbridge.core.request import Request, RequestStatus
+from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.core.scheduler_output import ModelRunnerOutput
+from hfbridge.sample.logprobs import SampledLogprobs
 
 
 @dataclass

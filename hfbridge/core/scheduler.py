@@ -5,15 +5,15 @@ from __future__ import annotations
 from collections import deque
 
 from hfbridge.config import SchedulerConfig
-from hfbridge.kv_cache_manager import KVCacheManager
-from hfbridge.request import Request, RequestStatus
-from hfbridge.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from hfbridge.core.kv_cache_manager import KVCacheManager
+from hfbridge.core.request import Request, RequestStatus
+from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
         self.config = config
-        self.kv = kv_cache_manager
+        self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -39,14 +39,14 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            blocks = self.kv.allocate_slots(request, num_new)
+            blocks = self.kv_cache_manager.allocate_slots(request, num_new)
             while blocks is None:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
                     break
-                blocks = self.kv.allocate_slots(request, num_new)
+                blocks = self.kv_cache_manager.allocate_slots(request, num_new)
             if blocks is None:
                 break
             scheduled.append(_scheduled(request, num_new, request.num_computed_tokens, blocks))
@@ -56,17 +56,17 @@ class Scheduler:
         # 2. Waiting requests, in order, while budget, sequence slots and blocks last (none after a preemption).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(request)
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            blocks = self.kv.allocate_slots(request, num_new, hits)
+            blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
             if blocks is None:
                 break
             self.waiting.popleft()
-            self.kv.record_lookup(request, num_hit_tokens)
+            self.kv_cache_manager.record_lookup(request, num_hit_tokens)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
@@ -79,7 +79,7 @@ class Scheduler:
         return SchedulerOutput(scheduled, num_tokens, preempted)
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -111,7 +111,7 @@ class Scheduler:
             elif request in self.waiting:
                 self.waiting.remove(request)
             request.status = status
-            self.kv.free(request)
+            self.kv_cache_manager.free(request)
 
     @property
     def num_running(self) -> int:
@@ -124,5 +124,5 @@ class Scheduler:
 
 def _scheduled(request: Request, num_new: int, start: int, blocks) -> ScheduledRequest:
     return ScheduledRequest(
-        request, num_new, start, [b.block_id for b in blocks], samples=start + num_new == request.num_tokens
+        request, num_new, start, [b.block_id for b in blocks], produces_output=start + num_new == request.num_tokens
     )

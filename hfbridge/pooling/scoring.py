@@ -4,6 +4,7 @@ Cross-encoders (one-label classifiers) read each pair as one sequence with segme
 both sides and compare them by cosine similarity."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,3 +45,30 @@ def cross_encoder_prompts(tokenizer: Any, texts_1: list[str], texts_2: list[str]
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=0))
+
+
+@dataclass(frozen=True)
+class ScoringPlan:
+    """How one model scores a batch of pairs: the prompts to pool under `task`, and for each pair the indices
+    of the pooled outputs that make its score (a cross-encoder's pair i is prompt i; a bi-encoder embeds each
+    distinct text once and compares two of them)."""
+
+    task: str  # classify (cross-encoder) | embed (bi-encoder)
+    prompts: list[Any]
+    pairs: list[tuple[int, int]]
+
+    def scores(self, pooled: list[torch.Tensor]) -> list[float]:
+        if self.task == "classify":
+            return [float(pooled[i].reshape(-1)[0]) for i, _ in self.pairs]
+        return [cosine(pooled[a], pooled[b]) for a, b in self.pairs]
+
+
+def plan_scoring(data_1: Any, data_2: Any, supported_tasks: tuple[str, ...], hf_config: Any, tokenizer: Any) -> ScoringPlan:
+    """The one scoring routine of `LLM.score` and the /score and /rerank routes (ValueError for bad pairs)."""
+    texts_1, texts_2 = score_pairs(data_1, data_2)
+    if is_cross_encoder(supported_tasks, hf_config):
+        prompts = cross_encoder_prompts(tokenizer, texts_1, texts_2)
+        return ScoringPlan("classify", prompts, [(i, i) for i in range(len(prompts))])
+    unique = list(dict.fromkeys(texts_1 + texts_2))
+    index = {text: i for i, text in enumerate(unique)}
+    return ScoringPlan("embed", unique, [(index[a], index[b]) for a, b in zip(texts_1, texts_2)])

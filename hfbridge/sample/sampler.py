@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hfbridge.sampling_params import SamplingParams
-from hfbridge.scheduler_output import SampledLogprobs
+from hfbridge.sample.sampling_params import SamplingParams
+from hfbridge.sample.logprobs import SampledLogprobs, gather_logprobs
 
 
 @dataclass(frozen=True)
@@ -56,22 +56,6 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     drop[:, -1] = False  # the top token always survives
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
-
-
-def gather_logprobs(logprobs: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[SampledLogprobs]:
-    """logprobs [N, V] (log-softmax); for each row, the given token plus the row's top num_top[i] tokens."""
-    vocab_size = logprobs.shape[-1]
-    k_max = min(max(num_top, default=0), vocab_size)
-    top_values, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])
-    ranks = (logprobs > chosen).sum(dim=-1) + 1
-    out = []
-    for i, token in enumerate(token_ids):
-        k = min(num_top[i], vocab_size)
-        ids = [token] + (top_ids[i, :k].tolist() if k else [])
-        values = [chosen[i, 0].item()] + (top_values[i, :k].tolist() if k else [])
-        out.append(SampledLogprobs(ids, values, [int(ranks[i])] + list(range(1, k + 1))))
-    return out
 
 
 class Sampler:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from hfbridge.sampling_params import SamplingParams
+    from hfbridge.sample.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

@@ -10,18 +10,18 @@ from typing import Any
 import torch
 
 from hfbridge.config import EngineConfig
-from hfbridge.engine_args import EngineArgs
-from hfbridge.executor import Executor, InProcessExecutor
-from hfbridge.input_processor import process_prompt
-from hfbridge.kv_cache_manager import KVCacheManager
-from hfbridge.output_processor import OutputProcessor
+from hfbridge.engine.engine_args import EngineArgs
+from hfbridge.worker.executor import Executor, InProcessExecutor
+from hfbridge.engine.input_processor import process_prompt
+from hfbridge.core.kv_cache_manager import KVCacheManager
+from hfbridge.engine.output_processor import OutputProcessor
 from hfbridge.errors import ValidationError
 from hfbridge.outputs import RequestOutput
-from hfbridge.pooling_params import PoolingParams
-from hfbridge.request import Request, RequestStatus
-from hfbridge.sampling_params import SamplingParams
-from hfbridge.scheduler import Scheduler
-from hfbridge.tokenizer import eos_token_ids, load_tokenizer
+from hfbridge.pooling.pooling_params import PoolingParams
+from hfbridge.core.request import Request, RequestStatus
+from hfbridge.sample.sampling_params import SamplingParams
+from hfbridge.core.scheduler import Scheduler
+from hfbridge.engine.tokenizer import eos_token_ids, load_tokenizer
 
 logger = logging.getLogger(__name__)
 

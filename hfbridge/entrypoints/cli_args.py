@@ -10,9 +10,9 @@ from typing import Any
 
 import click
 
-from hfbridge.engine_args import EngineArgs
+from hfbridge.engine.engine_args import EngineArgs
 
-logger = logging.getLogger("hfbridge.cli")
+logger = logging.getLogger("hfbridge.entrypoints.cli")
 
 # Flags whose value is a list (argparse nargs="+"): `--api-key a b` becomes `--api-key a --api-key b`.
 LIST_FLAGS = frozenset({"--api-key", "--served-model-name"})
@@ -146,8 +146,6 @@ def load_config_file(ctx: click.Context, param: Any, path: str | None) -> str | 
 
 
 ENGINE_FIELDS = frozenset(f.name for f in fields(EngineArgs))
-# Pooling flags always parse; each reaches EngineArgs when it has a field of that name, else it warns.
-POOLING_OPTIONS = ("runner", "convert", "pooler_config", "task")
 _LEGACY_TASKS = {  # vLLM 0.11's --task -> 0.33's (runner, convert)
     "auto": ("auto", "auto"), "generate": ("generate", "auto"), "embed": ("pooling", "embed"),
     "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "auto"),
@@ -221,19 +219,6 @@ def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, A
     if flag_model is not None:
         logger.warning("--model is deprecated (as in vLLM): pass the model as the first argument")
         model = model or flag_model
-    task = given.get("task") if "task" not in ENGINE_FIELDS else None
-    if task is not None:  # an engine without `task` gets the 0.33 spelling
-        del given["task"]
-        runner, convert = _LEGACY_TASKS[task]
-        logger.warning("--task %s is deprecated: use --runner %s --convert %s", task, runner, convert)
-        given.setdefault("runner", runner)
-        given.setdefault("convert", convert)
-    for name in POOLING_OPTIONS:
-        if name in given and name not in ENGINE_FIELDS:
-            value = given.pop(name)
-            if value not in ("auto", "generate", "none"):
-                logger.warning("Pooling models are not available in hfbridge yet: ignoring --%s %s",
-                               name.replace("_", "-"), value)
     if "served_model_name" in given:
         given["served_model_name"] = list(given["served_model_name"])
     return EngineArgs(model=model, **{k: v for k, v in given.items() if k in ENGINE_FIELDS})

@@ -8,21 +8,21 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hfbridge.chat_utils import render_chat
-from hfbridge.engine_args import EngineArgs
-from hfbridge.input_processor import is_token_ids
-from hfbridge.llm_engine import LLMEngine
+from hfbridge.engine.chat_utils import render_chat
+from hfbridge.engine.engine_args import EngineArgs
+from hfbridge.engine.input_processor import is_token_ids
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.outputs import RequestOutput
-from hfbridge.pooling_outputs import (
+from hfbridge.pooling.pooling_outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
     PoolingRequestOutput,
     ScoringOutput,
     ScoringRequestOutput,
 )
-from hfbridge.pooling_params import PoolingParams
-from hfbridge.sampling_params import RequestOutputKind, SamplingParams
-from hfbridge.scoring import cosine, cross_encoder_prompts, is_cross_encoder, score_pairs
+from hfbridge.pooling.pooling_params import PoolingParams
+from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
+from hfbridge.pooling.scoring import plan_scoring
 
 
 class LLM:
@@ -147,25 +147,18 @@ class LLM:
         """Pairs 1:1, 1:N or N:N. Cross-encoders (one-label classifiers) score each pair; embedding models
         score by the cosine similarity of the two embeddings."""
         self._require_runner("score", "pooling")
-        texts_1, texts_2 = score_pairs(data_1, data_2)
         engine = self.llm_engine
-        if is_cross_encoder(engine.supported_tasks, engine.model_config.hf_config):
-            prompts = cross_encoder_prompts(self.get_tokenizer(), texts_1, texts_2)
-            outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
-                               truncate_prompt_tokens=truncate_prompt_tokens)
+        plan = plan_scoring(data_1, data_2, engine.supported_tasks, engine.model_config.hf_config, self.get_tokenizer())
+        outs = self.encode(plan.prompts, pooling_params, use_tqdm=use_tqdm, pooling_task=plan.task,
+                           truncate_prompt_tokens=truncate_prompt_tokens)
+        scores = plan.scores([o.outputs.data for o in outs])
+        if plan.task == "classify":
             return [ScoringRequestOutput.from_base(o) for o in outs]
-        unique = list(dict.fromkeys(texts_1 + texts_2))
-        embedded = self.encode(unique, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
-                               truncate_prompt_tokens=truncate_prompt_tokens)
-        vectors = dict(zip(unique, embedded))
-        results = []
-        for a, b in zip(texts_1, texts_2):
-            first, second = vectors[a], vectors[b]
-            results.append(ScoringRequestOutput(
-                f"{first.request_id}-{second.request_id}", ScoringOutput(cosine(first.outputs.data, second.outputs.data)),
-                first.prompt_token_ids + second.prompt_token_ids,
-            ))
-        return results
+        return [
+            ScoringRequestOutput(f"{outs[a].request_id}-{outs[b].request_id}", ScoringOutput(score),
+                                 outs[a].prompt_token_ids + outs[b].prompt_token_ids)
+            for (a, b), score in zip(plan.pairs, scores)
+        ]
 
     def _require_runner(self, method: str, runner: str) -> None:
         if self.llm_engine.model_config.runner == runner:

@@ -18,6 +18,14 @@ def is_token_ids(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+def truncate_tokens(token_ids: list[int], truncate_prompt_tokens: int | None, max_model_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last k tokens (-1: the last max_model_len); None keeps all."""
+    if truncate_prompt_tokens is None:
+        return token_ids
+    keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
+    return token_ids[-keep:]
+
+
 def process_prompt(
     prompt: Any,
     tokenizer: Any,
@@ -31,9 +39,7 @@ def process_prompt(
         if tokenizer is None:
             raise ValidationError("Text prompts need a tokenizer; pass prompt_token_ids instead", parameter="prompt")
         token_ids = tokenizer(text, add_special_tokens=add_special_tokens).input_ids
-    if truncate_prompt_tokens is not None:
-        keep = max_model_len if truncate_prompt_tokens == -1 else truncate_prompt_tokens
-        token_ids = token_ids[-keep:]
+    token_ids = truncate_tokens(token_ids, truncate_prompt_tokens, max_model_len)
     if not token_ids:
         raise ValidationError("The decoder prompt cannot be empty", parameter="prompt", value=prompt)
     bad = [t for t in token_ids if not 0 <= t < vocab_size]

@@ -6,8 +6,8 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hfbridge.block_pool import BlockPool, KVCacheBlock
-from hfbridge.request import Request
+from hfbridge.core.block_pool import BlockPool, KVCacheBlock
+from hfbridge.core.request import Request
 
 
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:

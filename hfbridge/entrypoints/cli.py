@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from hfbridge.cli_args import ENGINE_OPTIONS, HumanInt, JsonDict, apply_options, engine_args_from, normalize_argv
+from hfbridge.entrypoints.cli_args import ENGINE_OPTIONS, HumanInt, JsonDict, apply_options, engine_args_from, normalize_argv
 from hfbridge.version import __version__
 
-logger = logging.getLogger("hfbridge.cli")
+logger = logging.getLogger("hfbridge.entrypoints.cli")
 
 SERVER_OPTIONS = [
     click.option("--host", default="127.0.0.1", show_default=True,
@@ -48,13 +48,13 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # Model conversion is slow the first time: its progress lines show whatever the chosen level.
-    logging.getLogger("hfbridge.default_model").setLevel(min(logging.INFO, logging.getLogger().level))
+    logging.getLogger("hfbridge.model.default_model").setLevel(min(logging.INFO, logging.getLogger().level))
 
 
 def _check_default_model(model: str | None) -> None:
     """Without a model, fail before binding if the default model's package is missing (with the fix)."""
     if model is None:
-        from hfbridge.default_model import find_default_gguf
+        from hfbridge.model.default_model import find_default_gguf
 
         try:
             find_default_gguf()
@@ -82,8 +82,8 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
     """
     import asyncio
 
-    from hfbridge.default_model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
-    from hfbridge.llm_engine import LLMEngine
+    from hfbridge.model.default_model import DEFAULT_MODEL_HUB_ID, DEFAULT_MODEL_NAME
+    from hfbridge.engine.llm_engine import LLMEngine
     from hfbridge.server import ServerSettings, build_app
     from hfbridge.server import serve as serve_app
 
@@ -133,10 +133,10 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
       hfbridge generate -p "What is the capital of France?"
       echo "Once upon a time" | hfbridge generate --no-chat --temperature 0.8
     """
-    from hfbridge.chat_utils import render_chat
+    from hfbridge.engine.chat_utils import render_chat
     from hfbridge.errors import ValidationError
-    from hfbridge.llm_engine import LLMEngine
-    from hfbridge.sampling_params import RequestOutputKind, SamplingParams
+    from hfbridge.engine.llm_engine import LLMEngine
+    from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
 
     default_level = ctx.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
     _setup_logging("warning" if default_level else options["log_level"])

@@ -1,0 +1,1 @@
+"""How users reach hfbridge: the `LLM` class and the `hfbridge` command line."""

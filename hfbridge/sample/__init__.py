@@ -1,0 +1,1 @@
+"""Sampling: SamplingParams and the sampler that turns logits into tokens and logprobs."""

@@ -1,0 +1,77 @@
+"""Executors own the model and its KV cache; the engine talks only to them."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from hfbridge.attention_backends import get_attention_backend
+from hfbridge.config import EngineConfig
+from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from hfbridge.model.model_loader import load_model
+from hfbridge.pooling.pooler import build_pooler
+from hfbridge.sample.sampler import Sampler
+from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
+from hfbridge.worker.layer_probe import LayerSpec, probe_attention_layers
+from hfbridge.worker.model_runner import ModelRunner, PoolingModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    num_blocks: int
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class InProcessExecutor:
+    """Runs the model in this process, on one device: load, probe its attention layers, size and allocate the
+    KV cache, then build the runner for the config's runner kind."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        model = load_model(config.model_config, config.device)
+        layers = probe_attention_layers(model, config.device)
+        if config.model_config.runner == "pooling":
+            self.runner = self._pooling_runner(model, layers)
+        else:
+            self.runner = self._generation_runner(model, layers)
+
+    def _generation_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> ModelRunner:
+        config, device = self.config, self.config.device
+        block_size = config.cache_config.block_size
+        self.num_blocks = determine_num_blocks(layers, config.cache_config, config.scheduler_config, device)
+        kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
+        logger.info(
+            "KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
+            self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
+        )
+        generator = torch.Generator(device).manual_seed(config.model_config.seed)
+        backend = get_attention_backend(config.attention_backend, device)
+        return ModelRunner(model, kv_caches, backend, block_size, device, Sampler(generator))
+
+    def _pooling_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> PoolingModelRunner:
+        # Pooling needs no KV cache: every prompt runs whole in one step. Blocks are only counted, so the
+        # scheduler's accounting works unchanged.
+        config, device = self.config, self.config.device
+        block_size, scheduler_config = config.cache_config.block_size, config.scheduler_config
+        self.num_blocks = scheduler_config.max_num_seqs * -(-scheduler_config.max_model_len // block_size)
+        pooler = build_pooler(model, config.model_config.pooler_config, any(s.is_causal for s in layers.values()))
+        backend = get_attention_backend(config.attention_backend, device)
+        return PoolingModelRunner(model, backend, block_size, device, pooler)
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        return [func(self.runner.model)]
+
+    def shutdown(self) -> None:
+        self.runner.kv_caches.clear()

@@ -1,0 +1,97 @@
+"""One model step: pack the scheduled tokens (step_inputs.py), run the model once, then sample (generation)
+or pool (pooling models). The two runners share the packing and the forward context, nothing else."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfbridge.attention_backends import ForwardContext, forward_context
+from hfbridge.attention_backends.base import AttentionBackend
+from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from hfbridge.pooling.pooler import Pooler
+from hfbridge.sample.logprobs import gather_logprobs
+from hfbridge.sample.sampler import Sampler, SamplingRow
+from hfbridge.worker.step_inputs import StepInputs, prepare_inputs
+
+
+class ModelRunner:
+    """Generation: logits at the sampled (and prompt-logprob) positions only, then the sampler."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        kv_caches: dict[int, torch.Tensor],
+        backend: AttentionBackend,
+        block_size: int,
+        device: torch.device,
+        sampler: Sampler,
+    ):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        self.sampler = sampler
+
+    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        return prepare_inputs(scheduled, self.block_size, self.device)
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        step = self.prepare_inputs(scheduler_output.scheduled)
+        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+            logits = self.model(step.input_ids, step.positions, step.logits_indices)  # [N, V]
+        return self._sample(logits, step)
+
+    def _sample(self, logits: torch.Tensor, step: StepInputs) -> ModelRunnerOutput:
+        output = ModelRunnerOutput()
+        num_prompt_rows = logits.shape[0] - len(step.sample_requests)
+        if step.prompt_logprob_rows:
+            logprobs = torch.log_softmax(logits[:num_prompt_rows], dim=-1)
+            for request_id, (first, targets, k) in step.prompt_logprob_rows.items():
+                num_top = logits.shape[-1] if k == -1 else k
+                rows = logprobs[first : first + len(targets)]
+                output.prompt_logprobs[request_id] = gather_logprobs(rows, targets, [num_top] * len(targets))
+        if step.sample_requests:
+            rows = [
+                SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
+                            s.request.generator)
+                for s in step.sample_requests
+            ]
+            tokens, logprobs = self.sampler(logits[num_prompt_rows:], rows)
+            for s, token, lp in zip(step.sample_requests, tokens, logprobs):
+                output.sampled_token_ids[s.request.request_id] = token
+                if lp is not None:
+                    output.logprobs[s.request.request_id] = lp
+        return output
+
+
+class PoolingModelRunner:
+    """Pooling: requests run whole (no chunking, no KV cache); each one's hidden rows are its whole prompt."""
+
+    def __init__(self, model: nn.Module, backend: AttentionBackend, block_size: int, device: torch.device,
+                 pooler: Pooler):
+        self.model = model
+        self.kv_caches: dict[int, torch.Tensor] = {}
+        self.backend = backend
+        self.block_size = block_size
+        self.device = device
+        self.pooler = pooler
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        step = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
+        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+            hidden = self.model(step.input_ids, step.positions, step.token_type_ids)  # [T, H]
+        rows, token_ids, params, ids = [], [], [], []
+        offset = 0
+        for item in scheduler_output.scheduled:
+            if item.produces_output:
+                assert item.start == 0, "a pooling request must be scheduled whole"
+                rows.append(hidden[offset : offset + item.num_new_tokens])
+                token_ids.append(item.request.prompt_token_ids)
+                params.append(item.request.pooling_params)
+                ids.append(item.request.request_id)
+            offset += item.num_new_tokens
+        pooled = self.pooler(rows, token_ids, params) if rows else []
+        return ModelRunnerOutput(pooled={i: p.cpu() for i, p in zip(ids, pooled)})
