@@ -30,6 +30,9 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_caching)
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # leading blocks of a request already in the prefix cache
+        # Blocks registered in the prefix cache since the step began: their K/V is written by that step, so
+        # they are dropped from the cache if it fails (see drop_step_cached_blocks).
+        self.step_cached_blocks: list[KVCacheBlock] = []
         self.stats = PrefixCacheStats()
 
     @property
@@ -89,6 +92,16 @@ class KVCacheManager:
             self._cache_full_blocks(request, blocks, num_computed + num_new_tokens)
         return blocks
 
+    def begin_step(self) -> None:
+        """The previous step succeeded: the blocks it registered hold their K/V for good."""
+        self.step_cached_blocks.clear()
+
+    def drop_step_cached_blocks(self) -> None:
+        """The step failed: the blocks it registered may hold no K/V; no later request may hit them."""
+        for block in self.step_cached_blocks:
+            self.pool.uncache_block(block)
+        self.step_cached_blocks.clear()
+
     def free(self, request: Request) -> None:
         """Release a finished, aborted or preempted request's blocks; its tail blocks are evicted first."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
@@ -111,5 +124,6 @@ class KVCacheManager:
             return
         self._update_hashes(request)
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            if self.pool.cache_block(blocks[i], request.block_hashes[i]):
+                self.step_cached_blocks.append(blocks[i])
         self.num_cached_blocks[request.request_id] = num_full

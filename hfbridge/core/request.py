@@ -36,8 +36,12 @@ class Request:
         generator: torch.Generator | None = None,
         pooling_params=None,
         token_type_ids: list[int] | None = None,
+        group_id: str | None = None,
     ):
         self.request_id = request_id
+        # The user request this one belongs to (the n samples of a request share it); the scheduler admits
+        # waiting requests round-robin across groups.
+        self.group_id = request_id if group_id is None else group_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.pooling_params = pooling_params

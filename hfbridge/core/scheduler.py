@@ -2,12 +2,11 @@
 decode and prefix-cache hits. When blocks run out, the newest running request is preempted and recomputed."""
 from __future__ import annotations
 
-from collections import deque
-
 from hfbridge.config import SchedulerConfig
 from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.core.request import Request, RequestStatus
 from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from hfbridge.core.waiting_queue import WaitingQueue
 
 
 class Scheduler:
@@ -15,7 +14,7 @@ class Scheduler:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = WaitingQueue()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -27,6 +26,7 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> SchedulerOutput:
+        self.kv_cache_manager.begin_step()
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
@@ -55,7 +55,7 @@ class Scheduler:
 
         # 2. Waiting requests, in order, while budget, sequence slots and blocks last (none after a preemption).
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+            request = self.waiting.peek()
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget:
@@ -65,7 +65,7 @@ class Scheduler:
             blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
             if blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             self.kv_cache_manager.record_lookup(request, num_hit_tokens)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
@@ -101,15 +101,16 @@ class Scheduler:
         return advanced
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
-        """Finish (or abort) requests: their blocks are freed at once."""
-        for request_id in request_ids:
-            request = self.requests.pop(request_id, None)
-            if request is None:
-                continue
-            if request.status is RequestStatus.RUNNING:
-                self.running.remove(request)
-            elif request in self.waiting:
-                self.waiting.remove(request)
+        """Finish (or abort) requests: their blocks are freed at once. Linear in the number of requests (an
+        abort of a request with thousands of samples finishes them all in one call)."""
+        finished = [r for request_id in request_ids if (r := self.requests.pop(request_id, None)) is not None]
+        if not finished:
+            return
+        running = {id(r) for r in finished if r.status is RequestStatus.RUNNING}
+        if running:
+            self.running = [r for r in self.running if id(r) not in running]
+        self.waiting.remove_many([r for r in finished if r.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)])
+        for request in finished:
             request.status = status
             self.kv_cache_manager.free(request)
 

@@ -37,6 +37,8 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, SampledLogprobs] = field(default_factory=dict)
-    # request id -> one entry per prompt position computed this step that predicts a prompt token
-    prompt_logprobs: dict[str, list[SampledLogprobs]] = field(default_factory=dict)
+    # request id -> (first prompt position, one entry per prompt position computed this step that predicts a
+    # prompt token). A preempted request recomputes its prompt from position 0: the start says which of the
+    # entries are already known.
+    prompt_logprobs: dict[str, tuple[int, list[SampledLogprobs]]] = field(default_factory=dict)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from hfbridge.engine.llm_engine import LLMEngine
+from hfbridge.engine.llm_engine import EngineStepError, LLMEngine
 from hfbridge.outputs import RequestOutput
 from hfbridge.sample.sampling_params import SamplingParams
 
@@ -185,8 +185,16 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except EngineStepError as e:
+            # The engine already aborted the step's requests (and dropped the prefix-cache entries the step was
+            # to write): end their streams with the error; every other request goes on.
+            logger.error("Engine step failed; ending its %d requests", len(e.request_ids), exc_info=e.__cause__)
+            failed = [(stream, e) for request_id in e.request_ids if (stream := self._streams.pop(request_id, None))]
+            if failed:
+                self._call_soon(_deliver, failed)
+            return
         except Exception as e:  # noqa: BLE001
-            # A failed step poisons only the requests in it: end them with the error, free their blocks, go on.
+            # Failed outside the model step (bookkeeping): no request's state can be trusted; end them all.
             logger.exception("Engine step failed; ending the %d requests in flight", len(self._streams))
             self._close_all(e)
             return

@@ -22,6 +22,7 @@ from hfbridge.core.request import Request, RequestStatus
 from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.core.scheduler import Scheduler
 from hfbridge.engine.tokenizer import eos_token_ids, load_tokenizer
+from hfbridge.sample.bad_words import tokenize_bad_words
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ class EngineStats:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_finished: int = 0
+
+
+class EngineStepError(RuntimeError):
+    """A model step failed. Only the requests in that step were aborted (listed by the ids they were added
+    with); the engine goes on serving the others. The cause is chained (`__cause__`)."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException):
+        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); aborted {len(request_ids)} request(s)")
+        self.request_ids = request_ids
 
 
 class LLMEngine:
@@ -86,6 +96,7 @@ class LLMEngine:
                 "`--runner generate` to use the model as a generative model.", parameter="model",
             )
         params.verify_for_vocab(self.vocab_size, self.model_config.max_logprobs)
+        bad_words_token_ids = self._bad_words_token_ids(params)
         processed = process_prompt(
             prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
             params.truncate_prompt_tokens, add_special_tokens,
@@ -94,15 +105,18 @@ class LLMEngine:
         for index in range(params.n):
             child_params = params.clone()
             child_params.eos_token_ids = self.eos_token_ids
+            child_params.bad_words_token_ids = bad_words_token_ids
             if params.n > 1:
                 child_params.n = 1
                 if params.seed is not None:
                     child_params.seed = params.seed + index
-            child_id = request_id if params.n == 1 else f"{index}_{request_id}"
+            child_id = self._engine_id(request_id if params.n == 1 else f"{index}_{request_id}")
             generator = None
             if child_params.seed is not None:
                 generator = torch.Generator(self.config.device).manual_seed(child_params.seed)
-            request = Request(child_id, processed.prompt_token_ids, child_params, arrival_time, generator)
+            request = Request(
+                child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id
+            )
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
             self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += len(processed.prompt_token_ids)
@@ -132,19 +146,37 @@ class LLMEngine:
             params.truncate_prompt_tokens, add_special_tokens,
         )
         request = Request(
-            request_id, processed.prompt_token_ids, None, arrival_time, pooling_params=params,
-            token_type_ids=processed.token_type_ids,
+            self._engine_id(request_id), processed.prompt_token_ids, None, arrival_time, pooling_params=params,
+            token_type_ids=processed.token_type_ids, group_id=request_id,
         )
-        self.output_processor.add_pooling_request(request, processed.prompt)
+        self.output_processor.add_pooling_request(request, request_id, processed.prompt)
         self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += request.num_prompt_tokens
 
+    def _engine_id(self, candidate: str) -> str:
+        """The engine's id for a request: the user's id (or vLLM's f"{index}_{id}" for the samples of n > 1),
+        made unique with a suffix when taken. User ids and engine ids live in separate maps (the output
+        processor keeps both), so a user id "0_a" never reaches sample 0 of request "a"."""
+        request_id, suffix = candidate, 0
+        while self.output_processor.is_engine_id_used(request_id):
+            suffix += 1
+            request_id = f"{candidate}#{suffix}"
+        return request_id
+
+    def _bad_words_token_ids(self, params: SamplingParams) -> list[list[int]] | None:
+        if not params.bad_words:
+            return None
+        if self.tokenizer is None:
+            raise ValidationError("bad_words needs a tokenizer (skip_tokenizer_init=False)", parameter="bad_words")
+        return tokenize_bad_words(params.bad_words, self.tokenizer, self.vocab_size)
+
     def abort_request(self, request_ids: str | Iterable[str]) -> list[RequestOutput]:
-        """Abort requests (by the id they were added with); their KV blocks are freed at once."""
+        """Abort requests (by the id they were added with); their KV blocks are freed at once. Linear in the
+        number of samples: a request with a large n is aborted in one pass."""
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
-        child_ids = [c for request_id in ids for c in (self.output_processor.child_ids(request_id) or [request_id])]
-        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
-        return self.output_processor.abort(child_ids)
+        engine_ids = [e for request_id in ids for e in self.output_processor.engine_ids(request_id)]
+        self.scheduler.finish_requests(engine_ids, RequestStatus.FINISHED_ABORTED)
+        return self.output_processor.abort(engine_ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -156,7 +188,10 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
-        runner_output = self.executor.execute(scheduler_output)
+        try:
+            runner_output = self.executor.execute(scheduler_output)
+        except Exception as e:
+            raise EngineStepError(self._fail_step(scheduler_output), e) from e
         advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, finished = self.output_processor.process(advanced, runner_output)
         for request_id, status in finished.items():
@@ -164,6 +199,18 @@ class LLMEngine:
         self.stats.num_generation_tokens += len(advanced)
         self.stats.num_finished += len(finished)
         return outputs
+
+    def _fail_step(self, scheduler_output) -> list[str]:
+        """After a failed step: forget the prefix-cache entries registered for blocks this step was to write
+        (their K/V may never have been written), and abort the user requests the step held, all their samples
+        included. Returns those user ids."""
+        self.kv_cache_manager.drop_step_cached_blocks()
+        user_ids = dict.fromkeys(
+            user_id for item in scheduler_output.scheduled
+            if (user_id := self.output_processor.user_id(item.request.request_id)) is not None
+        )
+        self.abort_request(list(user_ids))
+        return list(user_ids)
 
     def apply_model(self, func) -> list[Any]:
         return self.executor.apply_model(func)

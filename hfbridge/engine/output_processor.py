@@ -49,15 +49,25 @@ class ParentState:
     num_samples: int
     kind: RequestOutputKind
     children: dict[int, RequestState] = field(default_factory=dict)
+    num_live: int = 0  # children still in OutputProcessor.states
+
+
+@dataclass(frozen=True)
+class PoolingState:
+    user_id: str  # the id the request was added with (the engine's own id may differ, see LLMEngine)
+    prompt: str | None
+    prompt_token_ids: list[int]
 
 
 class OutputProcessor:
     def __init__(self, tokenizer: Any, max_model_len: int):
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        # Keys: `states` and `pooling` by the engine's request id, `parents` and `pooling_ids` by the user's.
         self.states: dict[str, RequestState] = {}
         self.parents: dict[str, ParentState] = {}
-        self.pooling: dict[str, tuple[str | None, list[int]]] = {}  # request id -> (prompt, prompt token ids)
+        self.pooling: dict[str, PoolingState] = {}
+        self.pooling_ids: dict[str, str] = {}  # user id -> engine id of a pooling request
 
     def add_request(self, request: Request, parent_id: str, index: int, num_samples: int, prompt: str | None) -> None:
         params = request.sampling_params
@@ -75,16 +85,34 @@ class OutputProcessor:
         self.states[request.request_id] = state
         parent = self.parents.setdefault(parent_id, ParentState(parent_id, num_samples, params.output_kind))
         parent.children[index] = state
+        parent.num_live += 1
 
-    def add_pooling_request(self, request: Request, prompt: str | None) -> None:
-        self.pooling[request.request_id] = (prompt, request.prompt_token_ids)
+    def add_pooling_request(self, request: Request, user_id: str, prompt: str | None) -> None:
+        self.pooling[request.request_id] = PoolingState(user_id, prompt, request.prompt_token_ids)
+        self.pooling_ids[user_id] = request.request_id
 
-    def has_request(self, request_id: str) -> bool:
-        return request_id in self.states or request_id in self.pooling or request_id in self.parents
+    def has_request(self, user_id: str) -> bool:
+        """A user request id still in flight."""
+        return user_id in self.parents or user_id in self.pooling_ids
 
-    def child_ids(self, parent_id: str) -> list[str]:
-        parent = self.parents.get(parent_id)
-        return [c.request_id for c in parent.children.values()] if parent else []
+    def is_engine_id_used(self, request_id: str) -> bool:
+        return request_id in self.states or request_id in self.pooling
+
+    def engine_ids(self, user_id: str) -> list[str]:
+        """The engine's ids of a user request (its n samples, or its one pooling request); [] if unknown."""
+        parent = self.parents.get(user_id)
+        if parent is not None:
+            return [c.request_id for c in parent.children.values() if c.request_id in self.states]
+        pooling_id = self.pooling_ids.get(user_id)
+        return [pooling_id] if pooling_id is not None else []
+
+    def user_id(self, request_id: str) -> str | None:
+        """The user's id of an engine request."""
+        state = self.states.get(request_id)
+        if state is not None:
+            return state.parent_id
+        pooling = self.pooling.get(request_id)
+        return pooling.user_id if pooling is not None else None
 
     def process(
         self, advanced: list[Request], runner_output: ModelRunnerOutput
@@ -92,12 +120,10 @@ class OutputProcessor:
         """Returns the outputs to emit and the requests that finished this step (with how)."""
         finished: dict[str, RequestStatus] = {}
         touched: dict[str, None] = {}
-        for request_id, entries in runner_output.prompt_logprobs.items():
+        for request_id, (start, entries) in runner_output.prompt_logprobs.items():
             state = self.states.get(request_id)
             if state is not None:
-                if state.prompt_logprobs is None:
-                    state.prompt_logprobs = [None]
-                state.prompt_logprobs.extend(self._logprob_dict(e) for e in entries)
+                self._add_prompt_logprobs(state, start, entries)
         for request in advanced:
             state = self.states[request.request_id]
             if state.num_cached_tokens is None:
@@ -110,25 +136,43 @@ class OutputProcessor:
         for request_id in finished:
             self._remove(request_id)
         for request_id, data in runner_output.pooled.items():  # pooling requests end with their one step
-            prompt, prompt_token_ids = self.pooling.pop(request_id)
-            outputs.append(PoolingRequestOutput(request_id, PoolingOutput(data), prompt_token_ids, prompt=prompt))
+            pooling = self._pop_pooling(request_id)
+            outputs.append(PoolingRequestOutput(
+                pooling.user_id, PoolingOutput(data), pooling.prompt_token_ids, prompt=pooling.prompt
+            ))
             finished[request_id] = RequestStatus.FINISHED_STOPPED
         return outputs, finished
 
     def abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        """Mark requests aborted; returns the final outputs of parents that end because of it."""
-        outputs = []
+        """Mark engine requests aborted; returns the final outputs of parents that end because of it, one per
+        parent however many of its samples ended (linear in the number of samples)."""
+        parents: dict[str, None] = {}
         for request_id in request_ids:
-            self.pooling.pop(request_id, None)
+            if request_id in self.pooling:
+                self._pop_pooling(request_id)
             state = self.states.get(request_id)
-            if state is None:
-                continue
-            state.finish_reason = RequestStatus.FINISHED_ABORTED.value
-            out = self._make_output(state.parent_id)
-            self._remove(request_id)
-            if out is not None:
-                outputs.append(out)
+            if state is not None:
+                state.finish_reason = RequestStatus.FINISHED_ABORTED.value
+                parents[state.parent_id] = None
+        outputs = [out for parent_id in parents if (out := self._make_output(parent_id)) is not None]
+        for request_id in request_ids:
+            if request_id in self.states:
+                self._remove(request_id)
         return outputs
+
+    def _pop_pooling(self, request_id: str) -> PoolingState:
+        pooling = self.pooling.pop(request_id)
+        del self.pooling_ids[pooling.user_id]
+        return pooling
+
+    def _add_prompt_logprobs(self, state: RequestState, start: int, entries: list[SampledLogprobs]) -> None:
+        """entries[i] belongs to prompt position start + i + 1 (the token it predicts); a request recomputed
+        after preemption sends positions it already sent: each position is kept once."""
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None]  # the first prompt token has no logprob
+        num_known = len(state.prompt_logprobs) - 1
+        assert start <= num_known, f"prompt logprobs of {state.request_id} skip positions {num_known}..{start}"
+        state.prompt_logprobs.extend(self._logprob_dict(e) for e in entries[num_known - start :])
 
     def _append(self, state: RequestState, request: Request, logprobs: SampledLogprobs | None) -> RequestStatus | None:
         token = request.output_token_ids[-1]
@@ -214,9 +258,8 @@ class OutputProcessor:
     def _remove(self, request_id: str) -> None:
         state = self.states.pop(request_id)
         parent = self.parents[state.parent_id]
-        if all(c.request_id not in self.states for c in parent.children.values()) and (
-            len(parent.children) == parent.num_samples
-        ):
+        parent.num_live -= 1
+        if parent.num_live == 0 and len(parent.children) == parent.num_samples:
             del self.parents[state.parent_id]
 
 

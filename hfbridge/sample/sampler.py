@@ -1,4 +1,4 @@
-"""Logits -> tokens, in vLLM's order: allowed ids, min_tokens, logit_bias, penalties; then greedy rows take the
+"""Logits -> tokens, in vLLM's order: allowed ids, bad words, min_tokens, logit_bias, penalties; then greedy rows take the
 argmax, random rows apply temperature, min_p, top-k, top-p and draw with their own generator.
 
 Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`)."""
@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hfbridge.sample.bad_words import apply_bad_words
 from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.sample.logprobs import SampledLogprobs, gather_logprobs
 
@@ -104,8 +105,10 @@ class Sampler:
                 keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
                 keep[p.allowed_token_ids] = True
                 logits[i].masked_fill_(~keep, float("-inf"))
-            if len(row.output_token_ids) < p.min_tokens and p.all_stop_token_ids:
-                logits[i, sorted(p.all_stop_token_ids)] = float("-inf")
+            if p.bad_words_token_ids:
+                apply_bad_words(logits[i], p.bad_words_token_ids, row.output_token_ids)
+            if len(row.output_token_ids) < p.min_tokens and p.min_tokens_stop_ids:
+                logits[i, sorted(p.min_tokens_stop_ids)] = float("-inf")
             if p.logit_bias:
                 ids = torch.tensor(list(p.logit_bias), device=logits.device)
                 logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)

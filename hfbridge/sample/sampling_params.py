@@ -18,6 +18,54 @@ MAX_N = 16384
 LOGIT_BIAS_LIMIT = 100.0
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+_INT_FIELDS = ("n", "best_of", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs",
+               "truncate_prompt_tokens")
+_FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
+
+
+def _check_int(name: str, number: Any, value: Any = None) -> None:
+    """None passes (unset); anything else must be an int (not a bool) within int64."""
+    if number is None:
+        return
+    if isinstance(number, bool) or not isinstance(number, int):
+        raise ValidationError(
+            f"{name} must be an integer, got {type(number).__name__}", parameter=name,
+            value=number if value is None else value,
+        )
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValidationError(
+            f"{name} must be within the int64 range [{INT64_MIN}, {INT64_MAX}], got {number}.", parameter=name,
+            value=number if value is None else value,
+        )
+
+
+def _normalize_logit_bias(logit_bias: dict[Any, Any]) -> dict[int, float]:
+    """Keys -> int64 token ids; values -> finite floats clamped to [-100, 100]. NaN or inf is refused (a NaN
+    bias would turn the row's logits to NaN; clamping it to +-100 would silently change the request)."""
+    out: dict[int, float] = {}
+    for key, bias in logit_bias.items():
+        try:
+            token_id = int(key)
+        except (TypeError, ValueError) as e:
+            raise ValidationError(
+                "logit_bias contains key(s) that cannot be converted to integer token IDs",
+                parameter="logit_bias", value=logit_bias,
+            ) from e
+        _check_int("logit_bias", token_id, value=logit_bias)
+        try:
+            bias = float(bias)
+        except (TypeError, ValueError):
+            bias = math.nan
+        if not math.isfinite(bias):
+            raise ValidationError(
+                f"logit_bias values must be finite numbers, got {bias!r} for token {token_id}",
+                parameter="logit_bias", value=logit_bias,
+            )
+        out[token_id] = max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, bias))
+    return out
+
+
 class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0  # every output carries everything so far
     DELTA = 1  # only what is new since the last output
@@ -55,10 +103,16 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None
     # Filled by the engine: EOS ids of the model (tokenizer + generation_config), honoured unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
+    # Filled by the engine from bad_words and the tokenizer (see bad_words.py).
+    bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # As vLLM: forms are normalised, every range is verified, and only then are greedy requests' unused
+        # knobs reset (so top_p=2 with temperature=0 is still refused).
         self._normalize()
         self._verify()
+        if self.is_greedy:
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     # -- normalisation, as vLLM does it before validating
     def _normalize(self) -> None:
@@ -78,19 +132,12 @@ class SamplingParams:
             self.seed = None
         if self.top_k == -1:
             self.top_k = 0
-        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < _MIN_TEMPERATURE:
+        self._verify_types()
+        if 0 < self.temperature < _MIN_TEMPERATURE:
             logger.warning("temperature %s is below %s and was raised to it", self.temperature, _MIN_TEMPERATURE)
             self.temperature = _MIN_TEMPERATURE
         if self.logit_bias is not None:
-            try:
-                self.logit_bias = {
-                    int(k): max(-LOGIT_BIAS_LIMIT, min(LOGIT_BIAS_LIMIT, float(v))) for k, v in self.logit_bias.items()
-                }
-            except (TypeError, ValueError) as e:
-                raise ValidationError(
-                    "logit_bias contains key(s) that cannot be converted to integer token IDs",
-                    parameter="logit_bias", value=self.logit_bias,
-                ) from e
+            self.logit_bias = _normalize_logit_bias(self.logit_bias)
         if self.best_of is not None and self.best_of != self.n:
             if self.best_of < self.n:
                 raise ValidationError(
@@ -99,12 +146,11 @@ class SamplingParams:
                 )
             logger.warning("best_of=%d is not supported and was set to n=%d", self.best_of, self.n)
             self.best_of = self.n
-        if self.is_greedy:
-            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
     def _verify(self) -> None:
         def fail(message: str, parameter: str) -> None:
             raise ValidationError(message, parameter=parameter, value=getattr(self, parameter))
+
 
         if not isinstance(self.n, int) or isinstance(self.n, bool):
             fail(f"n must be an int, but is of type {type(self.n).__name__}", "n")
@@ -165,13 +211,35 @@ class SamplingParams:
         if self.is_greedy and self.n > 1:
             fail(f"n must be 1 when using greedy sampling, got {self.n}.", "n")
 
+    def _verify_types(self) -> None:
+        """Integers are ints within int64 (torch's widest; larger ones overflow inside a step and fail every
+        request in it), floats are real numbers: checked before any range check compares them."""
+        for name in _INT_FIELDS:
+            _check_int(name, getattr(self, name))
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for token_id in getattr(self, name) or ():
+                _check_int(name, token_id, value=getattr(self, name))
+        for name in _FLOAT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValidationError(
+                    f"{name} must be a number, got {type(value).__name__}", parameter=name, value=value
+                )
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
     @property
     def all_stop_token_ids(self) -> set[int]:
+        """Tokens that end the request: stop_token_ids, and EOS unless ignore_eos."""
         return set(self.stop_token_ids) | (set() if self.ignore_eos else set(self.eos_token_ids))
+
+    @property
+    def min_tokens_stop_ids(self) -> set[int]:
+        """Tokens masked while fewer than min_tokens were generated: EOS included even with ignore_eos (vLLM's
+        `_all_stop_token_ids` always holds it for min-tokens processing)."""
+        return set(self.stop_token_ids) | set(self.eos_token_ids)
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)

@@ -48,10 +48,10 @@ class ModelRunner:
         num_prompt_rows = logits.shape[0] - len(step.sample_requests)
         if step.prompt_logprob_rows:
             logprobs = torch.log_softmax(logits[:num_prompt_rows], dim=-1)
-            for request_id, (first, targets, k) in step.prompt_logprob_rows.items():
+            for request_id, (first, start, targets, k) in step.prompt_logprob_rows.items():
                 num_top = logits.shape[-1] if k == -1 else k
                 rows = logprobs[first : first + len(targets)]
-                output.prompt_logprobs[request_id] = gather_logprobs(rows, targets, [num_top] * len(targets))
+                output.prompt_logprobs[request_id] = (start, gather_logprobs(rows, targets, [num_top] * len(targets)))
         if step.sample_requests:
             rows = [
                 SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,

@@ -22,15 +22,16 @@ class StepInputs:
     logits_indices: torch.Tensor  # [N_prompt + N_sample]
     token_type_ids: torch.Tensor | None  # [1, T] segment ids, when a request carries them (sentence pairs)
     sample_requests: list[ScheduledRequest]  # the last N_sample rows of the logits, in order
-    # per request: (first logits row, target prompt token ids, top-k) of its prompt-logprob positions this step
-    prompt_logprob_rows: dict[str, tuple[int, list[int], int]]
+    # per request: (first logits row, first prompt position, target prompt token ids, top-k) of its
+    # prompt-logprob positions this step
+    prompt_logprob_rows: dict[str, tuple[int, int, list[int], int]]
 
 
 def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> StepInputs:
     bs = block_size
     ids, positions, slots, logits_indices = [], [], [], []
     query_lens, seq_lens, tables = [], [], []
-    prompt_rows: dict[str, tuple[int, list[int], int]] = {}
+    prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
     offset = 0
     for item in scheduled:
         request = item.request
@@ -47,6 +48,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
             if last > item.start:
                 prompt_rows[request.request_id] = (
                     len(logits_indices),
+                    item.start,
                     request.prompt_token_ids[item.start + 1 : last + 1],
                     request.sampling_params.prompt_logprobs,
                 )
