@@ -49,3 +49,61 @@ def render_chat(
         tools=tools,
         **(chat_template_kwargs or {}),
     )
+
+
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def format_conversation(
+    conversation: list[dict[str, Any]], content_format: str, chat_template: str | None
+) -> list[dict[str, Any]]:
+    """Messages' `content` in the form the template expects (vLLM's chat_template_content_format): "string"
+    (text parts joined by newlines), "openai" (a list of {"type": "text", "text": ...} parts), or "auto": "openai"
+    when the template loops over a message's content, else "string"."""
+    if content_format not in CONTENT_FORMATS:
+        raise ValidationError(
+            f"chat_template_content_format must be one of {list(CONTENT_FORMATS)}, got {content_format!r}",
+            parameter="chat_template_content_format", value=content_format,
+        )
+    if content_format == "auto":
+        content_format = "openai" if _loops_over_content(chat_template) else "string"
+    return [
+        {**m, "content": _format_content(m["content"], content_format)} if m.get("content") is not None else m
+        for m in conversation
+    ]
+
+
+def _format_content(content: Any, content_format: str) -> str | list[dict[str, str]]:
+    texts = [content] if isinstance(content, str) else [_text_of(part) for part in content]
+    if content_format == "string":
+        return "\n".join(texts)
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def _text_of(part: Any) -> str:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+        return part["text"]
+    kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+    raise ValidationError(f"only text content parts are supported, got {kind!r}", parameter="messages")
+
+
+def _loops_over_content(chat_template: str | None) -> bool:
+    """Whether the Jinja template has a `{% for ... in <something>.content %}` / `[...]['content']` loop."""
+    if not chat_template:
+        return False
+    import jinja2
+    from jinja2 import nodes
+
+    try:
+        ast = jinja2.Environment().parse(chat_template)
+    except jinja2.TemplateSyntaxError:
+        return False
+    for loop in ast.find_all(nodes.For):
+        target = loop.iter
+        if isinstance(target, nodes.Getattr) and target.attr == "content":
+            return True
+        if isinstance(target, nodes.Getitem) and isinstance(target.arg, nodes.Const) and target.arg.value == "content":
+            return True
+    return False

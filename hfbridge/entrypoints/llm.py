@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hfbridge.engine.chat_utils import render_chat
+from hfbridge.engine.chat_utils import format_conversation, load_chat_template, render_chat
 from hfbridge.engine.engine_args import EngineArgs
 from hfbridge.engine.input_processor import is_token_ids
 from hfbridge.engine.llm_engine import LLMEngine
@@ -56,9 +56,9 @@ class LLM:
         priority: Any = None,
     ) -> list[RequestOutput]:
         self._require_runner("generate", "generate")
-        if lora_request is not None:
-            raise ValueError("LoRA adapters are not supported by hfbridge yet; pass lora_request=None")
+        _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
+        _check_priority(priority, len(prompt_list))
         params_list = self._params_per_prompt(prompt_list, sampling_params)
         return self._run(prompt_list, params_list, use_tqdm)
 
@@ -79,8 +79,10 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         template = chat_template or self.llm_engine.model_config.chat_template
         tokenizer = self.get_tokenizer()
+        jinja = load_chat_template(template) or getattr(tokenizer, "chat_template", None)
         prompts = []
         for conversation in conversations:
+            conversation = format_conversation(conversation, chat_template_content_format, jinja)
             text = render_chat(
                 tokenizer, conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools, chat_template_kwargs=chat_template_kwargs,
@@ -105,6 +107,7 @@ class LLM:
         """Raw pooled outputs. pooling_task: embed, classify, token_embed or token_classify; left unset it is
         the model's token-level task, as vLLM 0.11's `encode` task was."""
         self._require_runner("encode", "pooling")
+        _refuse_lora(lora_request)
         if pooling_task is None:
             pooling_task = "token_" + self.llm_engine.supported_tasks[0]
         prompt_list = _as_prompt_list(prompts)
@@ -125,14 +128,14 @@ class LLM:
     def embed(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
               tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[EmbeddingRequestOutput]:
         self._require_runner("embed", "pooling")
-        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed", lora_request=lora_request,
                            tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         return [EmbeddingRequestOutput.from_base(o) for o in outs]
 
     def classify(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
                  tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[ClassificationRequestOutput]:
         self._require_runner("classify", "pooling")
-        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify", lora_request=lora_request,
                            tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         return [ClassificationRequestOutput.from_base(o) for o in outs]
 
@@ -140,13 +143,15 @@ class LLM:
                lora_request=None) -> list[PoolingRequestOutput]:
         """Token-level outputs of a reward model (vLLM 0.11's `encode` task)."""
         self._require_runner("reward", "pooling")
-        return self.encode(prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens)
+        return self.encode(prompts, pooling_params, use_tqdm=use_tqdm, truncate_prompt_tokens=truncate_prompt_tokens,
+                           lora_request=lora_request)
 
     def score(self, data_1: Any, data_2: Any, /, *, use_tqdm=True, pooling_params=None, lora_request=None,
               tokenization_kwargs=None, chat_template=None, truncate_prompt_tokens=None) -> list[ScoringRequestOutput]:
         """Pairs 1:1, 1:N or N:N. Cross-encoders (one-label classifiers) score each pair; embedding models
         score by the cosine similarity of the two embeddings."""
         self._require_runner("score", "pooling")
+        _refuse_lora(lora_request)
         engine = self.llm_engine
         plan = plan_scoring(data_1, data_2, engine.supported_tasks, engine.model_config.hf_config, self.get_tokenizer())
         outs = self.encode(plan.prompts, pooling_params, use_tqdm=use_tqdm, pooling_task=plan.task,
@@ -225,6 +230,23 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[r] for r in order]
+
+
+def _refuse_lora(lora_request: Any) -> None:
+    if lora_request is not None:
+        raise ValueError("LoRA adapters are not supported by hfbridge yet; pass lora_request=None")
+
+
+def _check_priority(priority: Any, num_prompts: int) -> None:
+    """vLLM's rules: one priority per prompt; a non-zero one needs priority scheduling, which hfbridge (FCFS,
+    round-robin across requests) does not have, so it is refused rather than ignored."""
+    if priority is None:
+        return
+    if len(priority) != num_prompts:
+        raise ValueError("The lengths of prompts and priority must be the same.")
+    for value in priority:
+        if value != 0:
+            raise ValueError(f"Got priority {value} but Priority scheduling is not enabled.")
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:
