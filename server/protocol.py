@@ -7,6 +7,7 @@ usable type. JSON null means "not set" everywhere.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,25 +27,28 @@ def _fail(name: str, expected: str, value: Any) -> APIError:
 
 
 def as_int(name: str, value: Any) -> int:
+    """An integer that fits in int64 (every integer field ends in a torch tensor or a C long somewhere)."""
     # 5.0 is accepted as 5, as pydantic's lax mode does; True is not an int here.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise _fail(name, "an integer", value)
-    return value
-
-
-def _int64(name: str, value: Any) -> int:
-    value = as_int(name, value)
     if not _INT64[0] <= value <= _INT64[1]:
-        raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {value}", name)
+        raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {str(value)[:40]}", name)
     return value
 
 
 def _number(name: str, value: Any) -> float:
+    """A finite number: Python's json accepts NaN and Infinity, which no sampling field can mean."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _fail(name, "a number", value)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal with 400 digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise APIError(400, f"`{name}` must be a finite number, got {str(value)[:40]}", name)
+    return number
 
 
 def as_bool(name: str, value: Any) -> bool:
@@ -93,7 +97,7 @@ def _logit_bias(name: str, value: Any) -> dict[str, float]:
 # SamplingParams fields a request may set, with their types (vLLM's extras included).
 SAMPLING_FIELDS: dict[str, Check] = {
     "n": as_int, "best_of": as_int, "temperature": _number, "top_p": _number, "top_k": as_int, "min_p": _number,
-    "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": _int64,
+    "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": as_int,
     "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": as_int,
     "skip_special_tokens": as_bool, "spaces_between_special_tokens": as_bool, "include_stop_str_in_output": as_bool,
     "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": as_int,

@@ -17,6 +17,15 @@ from hfbridge.server.metrics import ServerMetrics
 DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # a 128k-token prompt is < 1 MB; 16 MB leaves room without inviting abuse
 
 
+# The load exception's text can hold paths and config details: clients get this, the server log the rest.
+LOAD_FAILED = "The model failed to load; the server log has the reason"
+
+
+def _public_root(model: str, served_name: str) -> str:
+    """/v1/models' `root`: the Hub id the model came from, or the served name when it is a local path."""
+    return served_name if os.path.isabs(model) or os.path.exists(model) else model
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     served_model_names: tuple[str, ...] = ()  # empty: the engine's served_model_name
@@ -65,7 +74,7 @@ class ServingState:
         self.card = ModelCard(
             names=tuple(names),
             aliases=frozenset(a for a in aliases if a),
-            root=model_config.model,
+            root=_public_root(model_config.model, names[0]),
             max_model_len=engine.engine.config.scheduler_config.max_model_len,
             max_logprobs=model_config.max_logprobs,
             default_sampling=dict(model_config.default_sampling),
@@ -83,7 +92,7 @@ class ServingState:
         """The engine for a route that needs it; 503 while loading (retryable), or when loading failed."""
         if self.engine is None or self.card is None:
             if self.load_error is not None:
-                raise APIError(503, f"The model failed to load: {self.load_error}")
+                raise APIError(503, LOAD_FAILED)
             raise APIError(503, "The model is still loading; retry when GET /ready returns 200")
         return self.engine, self.card
 
@@ -94,9 +103,9 @@ class ServingState:
             return card.names[0]
         if requested in card.aliases:
             return requested if requested in card.names else card.names[0]
-        raise APIError(
-            404, f"The model `{requested}` does not exist. Valid aliases: {', '.join(sorted(card.aliases))}.", "model"
-        )
+        # Served names only: the aliases include the local path of the weights, which is nobody's business.
+        raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {', '.join(card.names)}.",
+                       "model")
 
 
 # Typed app state: routes read `request.app[STATE]`.
