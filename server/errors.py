@@ -32,11 +32,13 @@ ERROR_TYPES = {
 class APIError(Exception):
     """An error a handler wants the client to see, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers  # e.g. Retry-After on a 503 for a full queue
 
     @classmethod
     def from_validation(cls, error: ValidationError | ValueError) -> APIError:
@@ -81,10 +83,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else f"{e.reason}: {request.path}"
         if isinstance(e, web.HTTPRequestEntityTooLarge):
             message = f"{e.text} (raise the limit with --max-request-body-bytes)"
+        if isinstance(e, web.HTTPMethodNotAllowed):
+            message = f"Method {request.method} is not allowed for {request.path}"
         return error_response(e.status, message, headers=_allow_header(e))
     except Exception as e:  # noqa: BLE001 - this is the boundary that keeps tracebacks out of responses
         api_error = to_api_error(e)
-        return error_response(api_error.status, api_error.message, api_error.param)
+        return error_response(api_error.status, api_error.message, api_error.param, headers=api_error.headers)
 
 
 def _allow_header(e: web.HTTPException) -> dict[str, str] | None:

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 Check = Callable[[str, Any], Any]
 _INT64 = (-(2**63), 2**63 - 1)
 MAX_PROMPTS = 1024
+MAX_SEQUENCES_PER_REQUEST = 1024  # n x prompts: each one is a running sequence with its own KV blocks
 MAX_STOP_STRINGS = 64  # each one is searched after every token; OpenAI allows 4
 
 
@@ -195,6 +196,7 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     values = _take(body, {**SAMPLING_FIELDS, **_COMMON_FIELDS, "prompt": _prompts, "logprobs": as_int})
     if "prompt" not in values:
         raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    _check_num_sequences(values.get("n", 1), len(values["prompt"]))
     return CompletionRequest(
         **_generation_fields(values),
         add_special_tokens=values.get("add_special_tokens", True),
@@ -214,6 +216,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     if "messages" not in values:
         raise APIError(400, "`messages` is required: a non-empty list of {role, content} objects", "messages")
     _check_unsupported_chat_options(values)
+    _check_num_sequences(values.get("n", 1), 1)
     top_logprobs = values.get("top_logprobs")
     if top_logprobs not in (None, 0) and not values.get("logprobs", False):
         raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
@@ -231,6 +234,12 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         chat_template_kwargs=values.get("chat_template_kwargs", {}),
         tools=values.get("tools"),
     )
+
+
+def _check_num_sequences(n: int, num_prompts: int) -> None:
+    if n * num_prompts > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"n x prompts = {n} x {num_prompts} = {n * num_prompts} sequences, more than the "
+                            f"{MAX_SEQUENCES_PER_REQUEST} one request may ask for; split the request", "n")
 
 
 def _check_unsupported_chat_options(values: dict[str, Any]) -> None:
