@@ -9,9 +9,11 @@ import asyncio
 import ipaddress
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from typing import Any
 
 from aiohttp import web
 
@@ -22,7 +24,8 @@ from hfbridge.server.auth import make_auth_middleware
 from hfbridge.server.errors import error_middleware
 from hfbridge.server.routes_chat import create_chat_completion
 from hfbridge.server.routes_completions import create_completion
-from hfbridge.server.state import STATE, ServerSettings, ServingState
+from hfbridge.server.security import make_cors
+from hfbridge.server.state import MAX_BODY_BYTES_BEFORE_LOAD, STATE, ServerSettings, ServingState
 
 logger = logging.getLogger("hfbridge.server")
 
@@ -31,17 +34,27 @@ EngineFactory = Callable[[], LLMEngine]
 
 def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Application:
     """The OpenAI-compatible app; `engine_factory` builds the LLMEngine (slow: it runs in a thread)."""
-    middlewares = [error_middleware]
+    cors_preflight, cors_headers = make_cors(settings.cors)
+    # Preflights first: browsers send them without credentials, so they must not meet the auth check.
+    middlewares = [cors_preflight, error_middleware]
     if settings.api_keys:
         middlewares.append(make_auth_middleware(settings.api_keys))
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_request_body_bytes)
+    middlewares.append(body_limit_middleware)
+    app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES_BEFORE_LOAD)
     app[STATE] = ServingState(settings)
+    app.on_response_prepare.append(cors_headers)
     app.router.add_post("/v1/completions", create_completion)
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     routes_misc.add_routes(app)
     routes_pooling.add_routes(app)
     app.cleanup_ctx.append(partial(_engine_lifecycle, engine_factory))
     return app
+
+
+@web.middleware
+async def body_limit_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """The body limit of this request: the flag's, or one that follows the loaded model's context."""
+    return await handler(request.clone(client_max_size=request.app[STATE].body_limit))
 
 
 async def _engine_lifecycle(engine_factory: EngineFactory, app: web.Application) -> AsyncIterator[None]:
@@ -51,6 +64,7 @@ async def _engine_lifecycle(engine_factory: EngineFactory, app: web.Application)
     state.loader.cancel()
     if state.engine is not None:
         await state.engine.shutdown()
+    state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
 
 async def _load(state: ServingState, engine_factory: EngineFactory) -> None:
@@ -124,22 +138,22 @@ def warn_if_exposed(host: str, settings: ServerSettings) -> bool:
     return True
 
 
-async def serve(app: web.Application, host: str, port: int) -> int:
-    """Run until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1)."""
+async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
+    """Run until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1); HTTPS with `ssl_context`."""
     state = app[STATE]
     warn_if_exposed(host, state.settings)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests at once.
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
         try:
             await site.start()
         except OSError as e:  # port in use, address not on this machine, ...
             logger.error("Cannot listen on %s port %d: %s", host, port, e.strerror or e)
             return 1
-        logger.info("Listening on http://%s:%d (GET /ready answers 200 once the model is loaded)",
-                    host if ":" not in host else f"[{host}]", port)
+        logger.info("Listening on %s://%s:%d (GET /ready answers 200 once the model is loaded)",
+                    "https" if ssl_context is not None else "http", host if ":" not in host else f"[{host}]", port)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 from aiohttp import web
@@ -31,11 +32,13 @@ ERROR_TYPES = {
 class APIError(Exception):
     """An error a handler wants the client to see, with its HTTP status."""
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.headers = headers  # e.g. Retry-After on a 503 for a full queue
 
     @classmethod
     def from_validation(cls, error: ValidationError | ValueError) -> APIError:
@@ -61,6 +64,8 @@ def to_api_error(error: BaseException) -> APIError:
         return APIError.from_validation(error)
     from hfbridge.engine.async_engine import EngineDeadError
 
+    if isinstance(error, RecursionError):  # deeply nested input reached a recursive helper
+        return APIError(400, "The request is nested too deeply")
     if isinstance(error, EngineDeadError):
         return APIError(503, f"The engine is not running: {error}")
     logger.exception("Unhandled error", exc_info=error)
@@ -78,10 +83,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         message = e.text if e.text and not e.text.startswith(f"{e.status}:") else f"{e.reason}: {request.path}"
         if isinstance(e, web.HTTPRequestEntityTooLarge):
             message = f"{e.text} (raise the limit with --max-request-body-bytes)"
+        if isinstance(e, web.HTTPMethodNotAllowed):
+            message = f"Method {request.method} is not allowed for {request.path}"
         return error_response(e.status, message, headers=_allow_header(e))
     except Exception as e:  # noqa: BLE001 - this is the boundary that keeps tracebacks out of responses
         api_error = to_api_error(e)
-        return error_response(api_error.status, api_error.message, api_error.param)
+        return error_response(api_error.status, api_error.message, api_error.param, headers=api_error.headers)
 
 
 def _allow_header(e: web.HTTPException) -> dict[str, str] | None:
@@ -99,6 +106,25 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(400, f"Malformed JSON body: {e}") from e
+    except RecursionError as e:  # 100,000 nested lists: the parser's recursion limit, not a server fault
+        raise APIError(400, "The JSON body is nested too deeply") from e
     if not isinstance(body, dict):
         raise APIError(400, f"The request body must be a JSON object, got {type(body).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_no_lone_surrogate(body)
     return body
+
+
+# Raw UTF-8 cannot hold a surrogate; only a `\uD800`-style escape can, so only such bodies are walked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _check_no_lone_surrogate(body: Any) -> None:
+    """A lone UTF-16 surrogate ("a\\ud800b") is valid JSON but no text: tokenizers raise on it (a 500 before)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, "The JSON body holds a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape), "
+                            "which is not valid text") from e
+    except RecursionError as e:
+        raise APIError(400, "The JSON body is nested too deeply") from e

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,37 +98,62 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
     return PreparedPrompt(text, token_ids, params)
 
 
+async def prepare_prompts(state: ServingState, request: GenerationRequest, prompts: list[str | list[int]],
+                          **kwargs: Any) -> list[PreparedPrompt]:
+    """prepare_prompt for each prompt, on the tokenizer thread (a 15 MB prompt takes seconds to tokenize)."""
+    return await state.off_loop(lambda: [prepare_prompt(state, request, prompt, **kwargs) for prompt in prompts])
+
+
 async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt]) -> list[RequestStream]:
-    """Add every prompt's request, or none: if one is refused, the ones already added are aborted."""
-    streams: list[RequestStream] = []
+    """Add every prompt's request in one engine command (one step for all), or none of them."""
+    requests = []
+    for i, prepared in enumerate(prompts):
+        engine_prompt: dict[str, Any] = {"prompt_token_ids": prepared.token_ids}
+        if prepared.text is not None:
+            engine_prompt["prompt"] = prepared.text
+        requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True))
     try:
-        for i, prepared in enumerate(prompts):
-            engine_prompt = {"prompt_token_ids": prepared.token_ids}
-            if prepared.text is not None:
-                engine_prompt["prompt"] = prepared.text
-            streams.append(await engine.add_request(f"{response_id}-{i}", engine_prompt, prepared.params))
-    except BaseException as e:
-        for stream in streams:
-            engine.abort(stream.request_id)
-        if isinstance(e, ValueError) and not isinstance(e, ValidationError):
-            raise APIError(400, str(e)) from e  # e.g. a client-chosen request_id already in flight
-        raise
-    return streams
+        return await engine.add_requests(requests)
+    except ValueError as e:
+        if isinstance(e, ValidationError):
+            raise
+        raise APIError(400, str(e)) from e  # e.g. a client-chosen request_id already in flight
 
 
 @dataclass
 class OutputMerger:
-    """Outputs of several requests (one per prompt) as one stream of (prompt index, output)."""
+    """Outputs of several requests (one per prompt) as one stream of (prompt index, output).
+
+    Its seats in the server's queue (n per prompt) are held until each request finishes or is aborted."""
 
     engine: AsyncLLMEngine
     streams: list[RequestStream]
     timers: list[RequestTimer]
+    seats: list[int]  # per stream: the sequences it holds in the server's queue
+    release: Callable[[int], None]
     usage: Usage = field(default_factory=Usage)
 
-    def outputs(self) -> aclosing[AsyncIterator[tuple[int, RequestOutput]]]:
-        """`async with merger.outputs() as outputs: async for i, output in outputs: ...` -- the context manager
-        closes the iterator (aborting what is unfinished) the moment the caller stops, not at garbage collection."""
-        return aclosing(self._merge())
+    @asynccontextmanager
+    async def outputs(self) -> AsyncIterator[AsyncIterator[tuple[int, RequestOutput]]]:
+        """`async with merger.outputs() as outputs: async for i, output in outputs: ...` -- the guard: leaving
+        the block by any path (a disconnect before the first write included) aborts what is unfinished at once.
+        A context manager, not a generator's `finally`: an async generator never started never runs its finally."""
+        merged = self._merge()
+        try:
+            yield merged
+        finally:
+            await merged.aclose()
+            # Leaving early (a disconnect, an error, a cancelled handler) frees the requests' KV blocks at once.
+            for i, (stream, timer) in enumerate(zip(self.streams, self.timers)):
+                if not stream.finished:
+                    self.engine.abort(stream.request_id)
+                timer.on_output(0, "abort")  # a no-op for a request already counted as finished
+                self._free(i)
+
+    def _free(self, index: int) -> None:
+        if self.seats[index]:
+            self.release(self.seats[index])
+            self.seats[index] = 0
 
     async def _merge(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         queue: asyncio.Queue[tuple[int, RequestOutput | Exception]] = asyncio.Queue()
@@ -146,28 +171,34 @@ class OutputMerger:
             while remaining:
                 index, item = await queue.get()
                 if isinstance(item, Exception):
+                    self.timers[index].on_output(0, "error")  # counted in /metrics like any other ending
                     raise item
                 num_new = sum(len(c.token_ids) for c in item.outputs)
                 self.usage.completion_tokens += num_new
                 reason = (item.outputs[0].finish_reason or "abort") if item.finished and item.outputs else None
                 self.timers[index].on_output(num_new, reason)
-                remaining -= item.finished
+                if item.finished:
+                    remaining -= 1
+                    self._free(index)
                 yield index, item
         finally:
-            # Leaving early (a disconnect, an error, a cancelled handler) frees the requests' KV blocks at once.
             for task in tasks:
                 task.cancel()
-            for stream, timer in zip(self.streams, self.timers):
-                if not stream.finished:
-                    self.engine.abort(stream.request_id)
-                    timer.on_output(0, "abort")
 
 
 async def start(state: ServingState, response_id: str, prompts: list[PreparedPrompt]) -> OutputMerger:
+    """Take seats in the queue (503 when full), then submit. Enter `merger.outputs()` right after, with no
+    await in between, so a client that leaves at any later point has its requests aborted."""
     engine, _ = state.require_engine()
+    seats = [p.params.n for p in prompts]
+    state.admit(sum(seats))
+    try:
+        streams = await submit(engine, response_id, prompts)
+    except BaseException:
+        state.release(sum(seats))
+        raise
     timers = [state.metrics.timer() for _ in prompts]
-    streams = await submit(engine, response_id, prompts)
-    merger = OutputMerger(engine, streams, timers)
+    merger = OutputMerger(engine, streams, timers, seats, state.release)
     merger.usage.prompt_tokens = sum(len(p.token_ids) for p in prompts)
     return merger
 
@@ -183,17 +214,18 @@ class Choice:
     stop_reason: int | str | None = None
 
 
-async def collect(merger: OutputMerger, num_samples: int) -> tuple[dict[int, Choice], dict[int, RequestOutput]]:
-    """Every choice (index prompt * n + sample, as OpenAI numbers them) and the last output of each prompt."""
+async def collect(outputs: AsyncIterator[tuple[int, RequestOutput]], num_samples: int
+                  ) -> tuple[dict[int, Choice], dict[int, RequestOutput]]:
+    """Every choice (index prompt * n + sample, as OpenAI numbers them) and the last output of each prompt
+    (its prompt_logprobs are complete)."""
     choices: dict[int, Choice] = {}
     last: dict[int, RequestOutput] = {}
-    async with merger.outputs() as outputs:
-        async for prompt_index, output in outputs:
-            last[prompt_index] = output
-            for completion in output.outputs:
-                choice = choices.setdefault(prompt_index * num_samples + completion.index, Choice())
-                choice.text += completion.text
-                choice.token_ids += completion.token_ids
-                choice.logprobs += completion.logprobs or []
-                choice.finish_reason, choice.stop_reason = completion.finish_reason, completion.stop_reason
+    async for prompt_index, output in outputs:
+        last[prompt_index] = output
+        for completion in output.outputs:
+            choice = choices.setdefault(prompt_index * num_samples + completion.index, Choice())
+            choice.text += completion.text
+            choice.token_ids += completion.token_ids
+            choice.logprobs += completion.logprobs or []
+            choice.finish_reason, choice.stop_reason = completion.finish_reason, completion.stop_reason
     return dict(sorted(choices.items())), last

@@ -79,3 +79,17 @@ def chat_logprobs(token_ids: list[int], logprobs: list[dict[int, Logprob]], num_
         item["top_logprobs"] = [entry(t, lp) for t, lp in _top(entries, num_top)]
         content.append(item)
     return content
+
+
+def prompt_logprobs_json(entries: list[dict[int, Logprob] | None] | None, decode: Any) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt position None (the first) or {token id: {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [
+        None if entry is None else {
+            str(t): {"logprob": _clamp(lp.logprob), "rank": lp.rank,
+                     "decoded_token": lp.decoded_token if lp.decoded_token is not None else decode(t)}
+            for t, lp in entry.items()
+        }
+        for entry in entries
+    ]

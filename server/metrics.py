@@ -55,6 +55,7 @@ class RequestTimer:
         self.metrics = metrics
         self.arrival = time.perf_counter()
         self.last: float | None = None
+        self.done = False  # counted once in request_success_total, whichever path ends it first
 
     def on_output(self, num_new_tokens: int, finish_reason: str | None) -> None:
         now = time.perf_counter()
@@ -64,7 +65,8 @@ class RequestTimer:
             else:
                 self.metrics.itl.observe(now - self.last)
             self.last = now
-        if finish_reason is not None:
+        if finish_reason is not None and not self.done:
+            self.done = True
             self.metrics.e2e.observe(now - self.arrival)
             self.metrics.finished[finish_reason] += 1
 
@@ -81,6 +83,9 @@ def render(metrics: ServerMetrics, engine: Any | None) -> str:
                 engine.scheduler.num_waiting)
         _sample(out, "vllm:kv_cache_usage_perc", "gauge", "Fraction of KV-cache blocks in use (1 = full).", labels,
                 kv.usage())
+        _sample(out, "hfbridge:kv_cache_used_blocks", "gauge", "KV-cache blocks held by requests.", labels,
+                kv.pool.num_blocks - kv.num_free_blocks)
+        _sample(out, "hfbridge:kv_cache_total_blocks", "gauge", "KV-cache blocks in all.", labels, kv.pool.num_blocks)
         _sample(out, "vllm:prompt_tokens_total", "counter", "Prompt tokens received.", labels,
                 engine.stats.num_prompt_tokens)
         _sample(out, "vllm:generation_tokens_total", "counter", "Tokens generated.", labels,
@@ -93,7 +98,7 @@ def render(metrics: ServerMetrics, engine: Any | None) -> str:
                 kv.stats.hit_tokens)
     out.append("# HELP vllm:request_success_total Finished requests, by finish reason.")
     out.append("# TYPE vllm:request_success_total counter")
-    for reason in sorted(set(metrics.finished) | {"stop", "length", "abort"}):
+    for reason in sorted(set(metrics.finished) | {"stop", "length", "abort", "error"}):
         out.append(f"vllm:request_success_total{_labels({**labels, 'finished_reason': reason})} "
                    f"{metrics.finished[reason]}")
     _histogram(out, "vllm:time_to_first_token_seconds", "Time to first token.", labels, metrics.ttft)

@@ -118,6 +118,9 @@ def parse_rerank_request(body: dict[str, Any]) -> RerankRequest:
     if not isinstance(documents, list) or not documents:
         raise APIError(400, "`documents` is required: a non-empty list of strings or {\"text\": ...} objects",
                        "documents")
+    if len(documents) > MAX_INPUTS:  # never cut silently: the client would rank a subset without knowing it
+        raise APIError(400, f"At most {MAX_INPUTS} documents per rerank request, got {len(documents)}",
+                       "documents")
     texts = []
     for i, doc in enumerate(documents):
         text = doc.get("text") if isinstance(doc, dict) else doc
@@ -127,4 +130,4 @@ def parse_rerank_request(body: dict[str, Any]) -> RerankRequest:
     top_n = 0 if body.get("top_n") is None else as_int("top_n", body["top_n"])
     if top_n < 0:
         raise APIError(400, f"top_n must be >= 0 (0 returns every document), got {top_n}", "top_n")
-    return RerankRequest(**_options(body), query=body["query"], documents=texts[:MAX_INPUTS], top_n=top_n)
+    return RerankRequest(**_options(body), query=body["query"], documents=texts, top_n=top_n)

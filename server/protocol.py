@@ -7,6 +7,7 @@ usable type. JSON null means "not set" everywhere.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ logger = logging.getLogger(__name__)
 Check = Callable[[str, Any], Any]
 _INT64 = (-(2**63), 2**63 - 1)
 MAX_PROMPTS = 1024
+MAX_SEQUENCES_PER_REQUEST = 1024  # n x prompts: each one is a running sequence with its own KV blocks
 MAX_STOP_STRINGS = 64  # each one is searched after every token; OpenAI allows 4
 
 
@@ -26,25 +28,28 @@ def _fail(name: str, expected: str, value: Any) -> APIError:
 
 
 def as_int(name: str, value: Any) -> int:
+    """An integer that fits in int64 (every integer field ends in a torch tensor or a C long somewhere)."""
     # 5.0 is accepted as 5, as pydantic's lax mode does; True is not an int here.
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool):
         raise _fail(name, "an integer", value)
-    return value
-
-
-def _int64(name: str, value: Any) -> int:
-    value = as_int(name, value)
     if not _INT64[0] <= value <= _INT64[1]:
-        raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {value}", name)
+        raise APIError(400, f"`{name}` must fit in a signed 64-bit integer, got {str(value)[:40]}", name)
     return value
 
 
 def _number(name: str, value: Any) -> float:
+    """A finite number: Python's json accepts NaN and Infinity, which no sampling field can mean."""
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise _fail(name, "a number", value)
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer literal with 400 digits
+        number = math.inf
+    if not math.isfinite(number):
+        raise APIError(400, f"`{name}` must be a finite number, got {str(value)[:40]}", name)
+    return number
 
 
 def as_bool(name: str, value: Any) -> bool:
@@ -93,7 +98,7 @@ def _logit_bias(name: str, value: Any) -> dict[str, float]:
 # SamplingParams fields a request may set, with their types (vLLM's extras included).
 SAMPLING_FIELDS: dict[str, Check] = {
     "n": as_int, "best_of": as_int, "temperature": _number, "top_p": _number, "top_k": as_int, "min_p": _number,
-    "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": _int64,
+    "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": as_int,
     "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": as_int,
     "skip_special_tokens": as_bool, "spaces_between_special_tokens": as_bool, "include_stop_str_in_output": as_bool,
     "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": as_int,
@@ -191,6 +196,7 @@ def parse_completion_request(body: dict[str, Any]) -> CompletionRequest:
     values = _take(body, {**SAMPLING_FIELDS, **_COMMON_FIELDS, "prompt": _prompts, "logprobs": as_int})
     if "prompt" not in values:
         raise APIError(400, "Either prompt or prompt_embeds must be provided and non-empty.", "prompt")
+    _check_num_sequences(values.get("n", 1), len(values["prompt"]))
     return CompletionRequest(
         **_generation_fields(values),
         add_special_tokens=values.get("add_special_tokens", True),
@@ -210,6 +216,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     if "messages" not in values:
         raise APIError(400, "`messages` is required: a non-empty list of {role, content} objects", "messages")
     _check_unsupported_chat_options(values)
+    _check_num_sequences(values.get("n", 1), 1)
     top_logprobs = values.get("top_logprobs")
     if top_logprobs not in (None, 0) and not values.get("logprobs", False):
         raise APIError(400, "when using `top_logprobs`, `logprobs` must be set to true.", "top_logprobs")
@@ -227,6 +234,12 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         chat_template_kwargs=values.get("chat_template_kwargs", {}),
         tools=values.get("tools"),
     )
+
+
+def _check_num_sequences(n: int, num_prompts: int) -> None:
+    if n * num_prompts > MAX_SEQUENCES_PER_REQUEST:
+        raise APIError(400, f"n x prompts = {n} x {num_prompts} = {n * num_prompts} sequences, more than the "
+                            f"{MAX_SEQUENCES_PER_REQUEST} one request may ask for; split the request", "n")
 
 
 def _check_unsupported_chat_options(values: dict[str, Any]) -> None:

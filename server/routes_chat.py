@@ -10,8 +10,8 @@ from aiohttp import web
 from hfbridge.engine.chat_utils import render_chat
 from hfbridge.engine.detokenizer import decode_token
 from hfbridge.server.errors import APIError, read_json_object
-from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
-from hfbridge.server.logprobs import chat_logprobs
+from hfbridge.server.generation import OutputMerger, PreparedPrompt, collect, new_response_id, prepare_prompt, start
+from hfbridge.server.logprobs import chat_logprobs, prompt_logprobs_json
 from hfbridge.server.protocol import ChatRequest, parse_chat_request
 from hfbridge.server.sse import EventStream
 from hfbridge.server.state import STATE, ModelCard, ServingState
@@ -23,17 +23,20 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     body = parse_chat_request(raw)
     model = state.resolve_model(body.model)
     engine, card = state.require_engine()
-    prompt = render_messages(state, card, body)
-    prepared = prepare_prompt(
-        state, body, prompt,
-        logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
-        # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit.
-        default_max_tokens=card.default_sampling.get("max_tokens"),
-        max_tokens_param="max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens",
-        prompt_param="messages",
-    )
+
+    def render_and_prepare() -> PreparedPrompt:  # seconds for a huge conversation: on the tokenizer thread
+        return prepare_prompt(
+            state, body, render_messages(state, card, body),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
+            # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit;
+            # either way the request holds its seat in the queue like any other.
+            default_max_tokens=card.default_sampling.get("max_tokens"),
+            max_tokens_param="max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens",
+            prompt_param="messages",
+        )
+
+    prepared = await state.off_loop(render_and_prepare)
     response_id = new_response_id("chatcmpl", body, request.headers.get("X-Request-Id"))
-    merger = await start(state, response_id, [prepared])
     head = {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model}
     tokenizer = engine.engine.get_tokenizer()
 
@@ -42,10 +45,13 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
     role = state.settings.response_role
     echo = _echo_text(body, role)
-    if body.stream:
-        return await _stream(request, merger, {**head, "object": "chat.completion.chunk"}, body,
-                             prepared.params.n, role, echo, decode)
-    choices, _ = await collect(merger, prepared.params.n)
+    merger = await start(state, response_id, [prepared])
+    # The abort guard is entered before the role chunk is written: a client gone before it is aborted too.
+    async with merger.outputs() as outputs:
+        if body.stream:
+            return await _stream(request, outputs, merger, {**head, "object": "chat.completion.chunk"}, body,
+                                 prepared.params.n, role, echo, decode)
+        choices, last = await collect(outputs, prepared.params.n)
     rendered = []
     for index, choice in choices.items():
         logprobs = None
@@ -55,7 +61,10 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
                    "audio": None, "function_call": None}
         rendered.append({"index": index, "message": message, "logprobs": logprobs,
                          "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
-    return web.json_response({**head, "choices": rendered, "usage": merger.usage.as_dict()})
+    response = {**head, "choices": rendered, "usage": merger.usage.as_dict()}
+    if body.sampling.get("prompt_logprobs") is not None:  # vLLM: on the response, not on a choice
+        response["prompt_logprobs"] = prompt_logprobs_json(last[0].prompt_logprobs, decode)
+    return web.json_response(response)
 
 
 def render_messages(state: ServingState, card: ModelCard, body: ChatRequest) -> str:
@@ -86,8 +95,8 @@ def _echo_text(body: ChatRequest, role: str) -> str:
     return ""
 
 
-async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, Any], body: ChatRequest, n: int,
-                  role: str, echo: str, decode: Any) -> web.StreamResponse:
+async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head: dict[str, Any], body: ChatRequest,
+                  n: int, role: str, echo: str, decode: Any) -> web.StreamResponse:
     force_usage = request.app[STATE].settings.enable_force_include_usage
     continuous = body.continuous_usage or force_usage
     events = EventStream(request)
@@ -104,12 +113,11 @@ async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, An
         for index in range(n):
             await send({"index": index, "delta": {"role": role, "content": echo}, "logprobs": None,
                         "finish_reason": None})
-        async with merger.outputs() as outputs:
-            async for _, output in outputs:
-                for completion in output.outputs:
-                    choice = _stream_choice(body, completion, decode)
-                    if choice is not None:
-                        await send(choice)
+        async for _, output in outputs:
+            for completion in output.outputs:
+                choice = _stream_choice(body, completion, decode)
+                if choice is not None:
+                    await send(choice)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
     except ConnectionError:

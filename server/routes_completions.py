@@ -8,8 +8,8 @@ from aiohttp import web
 
 from hfbridge.engine.detokenizer import decode_token
 from hfbridge.server.errors import read_json_object
-from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompt, start
-from hfbridge.server.logprobs import CompletionLogprobs, merge_completion_logprobs
+from hfbridge.server.generation import OutputMerger, collect, new_response_id, prepare_prompts, start
+from hfbridge.server.logprobs import CompletionLogprobs, merge_completion_logprobs, prompt_logprobs_json
 from hfbridge.server.protocol import CompletionRequest, parse_completion_request
 from hfbridge.server.sse import EventStream
 from hfbridge.server.state import STATE, ServingState
@@ -23,22 +23,21 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     model = state.resolve_model(body.model)
     _, card = state.require_engine()
     k = body.logprobs
-    prepared = [
-        prepare_prompt(
-            state, body, prompt, logprobs=k,
-            prompt_logprobs=k if body.echo and k is not None else None,
-            default_max_tokens=card.default_sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
-            max_tokens_param="max_tokens", prompt_param="prompt",
-        )
-        for prompt in body.prompts
-    ]
+    prepared = await prepare_prompts(
+        state, body, body.prompts, logprobs=k,
+        prompt_logprobs=k if body.echo and k is not None else None,
+        default_max_tokens=card.default_sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
+        max_tokens_param="max_tokens", prompt_param="prompt",
+    )
     response_id = new_response_id("cmpl", body, request.headers.get("X-Request-Id"))
-    merger = await start(state, response_id, prepared)
     head = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
     renderer = _Renderer(state, body, [p.token_ids for p in prepared], [p.text for p in prepared], prepared[0].params.n)
-    if body.stream:
-        return await _stream(request, merger, head, renderer, body)
-    choices, last = await collect(merger, renderer.n)
+    merger = await start(state, response_id, prepared)
+    # The abort guard is entered before anything is written: a client gone before its first chunk is aborted too.
+    async with merger.outputs() as outputs:
+        if body.stream:
+            return await _stream(request, outputs, merger, head, renderer, body)
+        choices, last = await collect(outputs, renderer.n)
     rendered = []
     for index, choice in choices.items():
         prompt_index = index // renderer.n
@@ -49,6 +48,8 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             "index": index, "text": renderer.echo_text(index) + choice.text, "logprobs": logprobs,
             "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
         })
+        if body.sampling.get("prompt_logprobs") is not None:  # vLLM puts them on the choice, echo or not
+            rendered[-1]["prompt_logprobs"] = prompt_logprobs_json(last[prompt_index].prompt_logprobs, renderer.decode)
     return web.json_response({**head, "choices": rendered, "usage": merger.usage.as_dict()})
 
 
@@ -99,22 +100,21 @@ class _Renderer:
         return choice
 
 
-async def _stream(request: web.Request, merger: OutputMerger, head: dict[str, Any], renderer: _Renderer,
-                  body: CompletionRequest) -> web.StreamResponse:
+async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head: dict[str, Any],
+                  renderer: _Renderer, body: CompletionRequest) -> web.StreamResponse:
     force_usage = request.app[STATE].settings.enable_force_include_usage
     events = EventStream(request)
     await events.open()
     try:
-        async with merger.outputs() as outputs:
-            async for prompt_index, output in outputs:
-                for completion in output.outputs:
-                    choice = renderer.stream_choice(prompt_index, output, completion)
-                    if choice is None:
-                        continue
-                    chunk = {**head, "choices": [choice]}
-                    if body.continuous_usage or force_usage:
-                        chunk["usage"] = merger.usage.as_dict()
-                    await events.send(chunk)
+        async for prompt_index, output in outputs:
+            for completion in output.outputs:
+                choice = renderer.stream_choice(prompt_index, output, completion)
+                if choice is None:
+                    continue
+                chunk = {**head, "choices": [choice]}
+                if body.continuous_usage or force_usage:
+                    chunk["usage"] = merger.usage.as_dict()
+                await events.send(chunk)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
     except ConnectionError:

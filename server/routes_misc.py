@@ -9,8 +9,10 @@ from hfbridge.server import metrics
 from hfbridge.server.errors import APIError, error_response, read_json_object
 from hfbridge.server.protocol import as_bool, as_int_list, as_str, parse_chat_request
 from hfbridge.server.routes_chat import render_messages
-from hfbridge.server.state import STATE
+from hfbridge.server.state import LOAD_FAILED, STATE
 from hfbridge.version import __version__
+
+ENGINE_STOPPED = "The engine stopped; the server log has the reason"  # the probes need no auth: no details
 
 
 async def list_models(request: web.Request) -> web.Response:
@@ -36,9 +38,9 @@ async def health(request: web.Request) -> web.Response:
     """Liveness: 200 while the process works, loading included; 503 once loading failed or the engine died."""
     state = request.app[STATE]
     if state.load_error is not None:
-        return error_response(503, f"The model failed to load: {state.load_error}")
+        return error_response(503, LOAD_FAILED)
     if state.engine is not None and not state.engine.is_running:
-        return error_response(503, f"The engine stopped: {state.engine.dead_error}")
+        return error_response(503, ENGINE_STOPPED)
     return web.Response(status=200)
 
 
@@ -51,7 +53,7 @@ async def ready(request: web.Request) -> web.Response:
         state.require_engine()
     except APIError as e:
         return error_response(503, e.message)
-    return error_response(503, f"The engine stopped: {state.engine.dead_error}")
+    return error_response(503, ENGINE_STOPPED)
 
 
 async def version(request: web.Request) -> web.Response:

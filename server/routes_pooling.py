@@ -48,13 +48,14 @@ async def _run(state: ServingState, prefix: str, options: PoolingOptions, prompt
     engine, _ = state.require_engine()
     response_id = f"{prefix}-{options.request_id or uuid.uuid4().hex}"
     params.truncate_prompt_tokens = options.truncate_prompt_tokens
-    streams, timers = [], []
+    requests = [(f"{response_id}-{i}", {"prompt_token_ids": p} if isinstance(p, list) else p, params.clone(),
+                 options.add_special_tokens) for i, p in enumerate(prompts)]
+    state.admit(len(requests))  # 503 + Retry-After when the queue is full
+    streams: list[Any] = []
     try:
-        for i, prompt in enumerate(prompts):
-            engine_prompt = {"prompt_token_ids": prompt} if isinstance(prompt, list) else prompt
-            timers.append(state.metrics.timer())
-            streams.append(await engine.add_request(f"{response_id}-{i}", engine_prompt, params.clone(),
-                                                    options.add_special_tokens))
+        # One engine command for every input: 2,048 embedding inputs share steps instead of one step each.
+        streams = await engine.add_requests(requests)
+        timers = [state.metrics.timer() for _ in streams]
         outputs = []
         for stream, timer in zip(streams, timers):
             async for output in stream:
@@ -68,6 +69,7 @@ async def _run(state: ServingState, prefix: str, options: PoolingOptions, prompt
         for stream in streams:
             if not stream.finished:
                 engine.abort(stream.request_id)
+        state.release(len(requests))
 
 
 def _head(kind: str, prefix: str, model: str, options: PoolingOptions) -> dict[str, Any]:
@@ -138,8 +140,8 @@ async def _scores(state: ServingState, options: PoolingOptions, texts_1: list[st
     """One score per pair, and the pooling outputs that produced them (for usage)."""
     engine, _ = state.require_engine()
     try:
-        plan = plan_scoring(texts_1, texts_2, engine.engine.supported_tasks, engine.engine.model_config.hf_config,
-                            engine.engine.get_tokenizer())
+        plan = await state.off_loop(plan_scoring, texts_1, texts_2, engine.engine.supported_tasks,
+                                    engine.engine.model_config.hf_config, engine.engine.get_tokenizer())
     except ValueError as e:
         raise APIError(400, str(e)) from e
     if plan.task == "embed":

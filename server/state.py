@@ -4,8 +4,11 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -13,8 +16,30 @@ from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.chat_utils import load_chat_template
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
+from hfbridge.server.security import CorsSettings
 
-DEFAULT_MAX_REQUEST_BODY_BYTES = 16 << 20  # a 128k-token prompt is < 1 MB; 16 MB leaves room without inviting abuse
+T = TypeVar("T")
+
+# The body limit, when not set, follows the context: a prompt that fills max_model_len tokens is at most about
+# 4 bytes of text per token, 12 to 24 once JSON-escaped or sent as token ids ("123456, "). 32 bytes per token
+# holds one full context in any of these forms with room for the other fields; a 1 MiB floor keeps small-context
+# models usable for batches (embedding inputs, several prompts). Anything larger cannot be one context's prompt
+# and only costs parsing and tokenizing time; raise --max-request-body-bytes for bigger batches.
+BODY_BYTES_PER_TOKEN = 32
+MIN_AUTO_BODY_BYTES = 1 << 20
+MAX_BODY_BYTES_BEFORE_LOAD = 16 << 20  # aiohttp's own cap (the context is unknown until the model loads)
+# Sequences (prompts x n) that may wait beyond the running batch before new requests get a 503 + Retry-After.
+DEFAULT_MAX_WAITING_REQUESTS = 4096
+RETRY_AFTER_SECONDS = 1
+
+
+# The load exception's text can hold paths and config details: clients get this, the server log the rest.
+LOAD_FAILED = "The model failed to load; the server log has the reason"
+
+
+def _public_root(model: str, served_name: str) -> str:
+    """/v1/models' `root`: the Hub id the model came from, or the served name when it is a local path."""
+    return served_name if os.path.isabs(model) or os.path.exists(model) else model
 
 
 @dataclass(frozen=True)
@@ -27,8 +52,10 @@ class ServerSettings:
     trust_request_chat_template: bool = False
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     enable_force_include_usage: bool = False
-    max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES
+    max_request_body_bytes: int | None = None  # None: from the context (see BODY_BYTES_PER_TOKEN)
+    max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     response_role: str = "assistant"
+    cors: CorsSettings = field(default_factory=CorsSettings)
 
 
 @dataclass(frozen=True)
@@ -53,6 +80,35 @@ class ServingState:
         self.card: ModelCard | None = None
         self.load_error: BaseException | None = None
         self.loader: asyncio.Task[None] | None = None  # the background load, started with the app
+        self.in_flight = 0  # sequences (prompts x n) submitted and not finished: running + waiting
+        # Tokenizing and rendering chat templates take seconds on huge inputs: they run here, off the event loop.
+        # One thread: a fast tokenizer must not be used from two threads at once ("Already borrowed").
+        self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="hfbridge-tokenizer")
+
+    async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the tokenizer thread, so /health and every stream keep answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args))
+
+    @property
+    def body_limit(self) -> int:
+        if self.settings.max_request_body_bytes is not None:
+            return self.settings.max_request_body_bytes
+        if self.card is None:
+            return MAX_BODY_BYTES_BEFORE_LOAD
+        return max(MIN_AUTO_BODY_BYTES, BODY_BYTES_PER_TOKEN * self.card.max_model_len)
+
+    def admit(self, num_seqs: int) -> None:
+        """Take `num_seqs` seats in the queue, or a 503 with Retry-After when the waiting queue is full."""
+        engine, _ = self.require_engine()
+        capacity = engine.engine.config.scheduler_config.max_num_seqs + self.settings.max_waiting_requests
+        if self.in_flight + num_seqs > capacity:
+            raise APIError(503, f"The server is at capacity ({self.in_flight} sequences running or waiting, at most "
+                                f"{capacity}: --max-num-seqs + --max-waiting-requests); retry later",
+                           headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+        self.in_flight += num_seqs
+
+    def release(self, num_seqs: int) -> None:
+        self.in_flight -= num_seqs
 
     def set_loaded(self, engine: AsyncLLMEngine) -> None:
         model_config = engine.engine.model_config
@@ -65,7 +121,7 @@ class ServingState:
         self.card = ModelCard(
             names=tuple(names),
             aliases=frozenset(a for a in aliases if a),
-            root=model_config.model,
+            root=_public_root(model_config.model, names[0]),
             max_model_len=engine.engine.config.scheduler_config.max_model_len,
             max_logprobs=model_config.max_logprobs,
             default_sampling=dict(model_config.default_sampling),
@@ -83,7 +139,7 @@ class ServingState:
         """The engine for a route that needs it; 503 while loading (retryable), or when loading failed."""
         if self.engine is None or self.card is None:
             if self.load_error is not None:
-                raise APIError(503, f"The model failed to load: {self.load_error}")
+                raise APIError(503, LOAD_FAILED)
             raise APIError(503, "The model is still loading; retry when GET /ready returns 200")
         return self.engine, self.card
 
@@ -94,9 +150,9 @@ class ServingState:
             return card.names[0]
         if requested in card.aliases:
             return requested if requested in card.names else card.names[0]
-        raise APIError(
-            404, f"The model `{requested}` does not exist. Valid aliases: {', '.join(sorted(card.aliases))}.", "model"
-        )
+        # Served names only: the aliases include the local path of the weights, which is nobody's business.
+        raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {', '.join(card.names)}.",
+                       "model")
 
 
 # Typed app state: routes read `request.app[STATE]`.

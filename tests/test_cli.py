@@ -26,8 +26,8 @@ def captured(monkeypatch):
         seen["engine_args"] = factory()
         return "app"
 
-    async def fake_serve(app, host, port):
-        seen["host"], seen["port"] = host, port
+    async def fake_serve(app, host, port, ssl_context=None):
+        seen["host"], seen["port"], seen["ssl_context"] = host, port, ssl_context
         return 0
 
     monkeypatch.setattr(hfbridge.server, "build_app", fake_build_app)

@@ -8,7 +8,8 @@ from typing import Any
 
 import click
 
-from hfbridge.entrypoints.cli_args import ENGINE_OPTIONS, HumanInt, JsonDict, apply_options, engine_args_from, normalize_argv
+from hfbridge.entrypoints.cli_args import (ENGINE_OPTIONS, HumanInt, JsonDict, StringList, apply_options,
+                                          engine_args_from, normalize_argv)
 from hfbridge.version import __version__
 
 logger = logging.getLogger("hfbridge.entrypoints.cli")
@@ -28,8 +29,26 @@ SERVER_OPTIONS = [
     click.option("--default-chat-template-kwargs", type=JsonDict(),
                  help='JSON passed to the chat template, e.g. \'{"enable_thinking": false}\'; requests win.'),
     click.option("--enable-force-include-usage", is_flag=True, help="Put usage in every streamed chunk."),
-    click.option("--max-request-body-bytes", type=HumanInt(), default="16M", show_default=True,
-                 help="Larger request bodies get a 413."),
+    click.option("--max-request-body-bytes", type=HumanInt(), default="auto", show_default=True,
+                 help="Larger request bodies get a 413. auto: 32 bytes per token of --max-model-len (one full "
+                      "context, JSON-escaped or as token ids), at least 1M."),
+    click.option("--max-waiting-requests", type=int, default=4096, show_default=True,
+                 help="Sequences (prompts x n) that may wait beyond the running batch (--max-num-seqs); past "
+                      "it, requests get a 503 with Retry-After."),
+    click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM)."),
+    click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False),
+                 help="TLS certificate chain (PEM): the server speaks HTTPS."),
+    click.option("--ssl-ca-certs", type=click.Path(exists=True, dir_okay=False),
+                 help="CA certificates to verify client certificates with."),
+    click.option("--ssl-cert-reqs", type=click.IntRange(0, 2), default=0, show_default=True,
+                 help="Client certificates: 0 not asked, 1 optional, 2 required (ssl.CERT_*)."),
+    click.option("--allowed-origins", type=StringList(), default='["*"]', show_default=True,
+                 help="CORS: origins browsers may call from (JSON list)."),
+    click.option("--allowed-methods", type=StringList(), default='["*"]', show_default=True,
+                 help="CORS: allowed methods (JSON list)."),
+    click.option("--allowed-headers", type=StringList(), default='["*"]', show_default=True,
+                 help="CORS: allowed request headers (JSON list)."),
+    click.option("--allow-credentials", is_flag=True, help="CORS: allow cookies and credentials."),
     click.option("--response-role", default="assistant", show_default=True, help="Role of chat replies."),
 ]
 
@@ -86,6 +105,7 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
     from hfbridge.engine.llm_engine import LLMEngine
     from hfbridge.server import ServerSettings, build_app
     from hfbridge.server import serve as serve_app
+    from hfbridge.server.security import CorsSettings, build_ssl_context
 
     _setup_logging(options["log_level"])
     engine_args = engine_args_from(ctx, model, options)
@@ -105,11 +125,19 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
         trust_request_chat_template=options["trust_request_chat_template"],
         default_chat_template_kwargs=options["default_chat_template_kwargs"] or {},
         enable_force_include_usage=options["enable_force_include_usage"],
-        max_request_body_bytes=options["max_request_body_bytes"],
+        max_request_body_bytes=None if options["max_request_body_bytes"] < 0 else options["max_request_body_bytes"],
+        max_waiting_requests=options["max_waiting_requests"],
+        cors=CorsSettings(tuple(options["allowed_origins"]), tuple(options["allowed_methods"]),
+                          tuple(options["allowed_headers"]), options["allow_credentials"]),
         response_role=options["response_role"],
     )
+    try:
+        ssl_context = build_ssl_context(options["ssl_certfile"], options["ssl_keyfile"], options["ssl_ca_certs"],
+                                        options["ssl_cert_reqs"])
+    except (ValueError, OSError) as e:  # ssl.SSLError is an OSError: a key that does not match, a bad PEM
+        raise click.UsageError(f"TLS: {e}") from e
     app = build_app(settings, lambda: LLMEngine.from_engine_args(engine_args))
-    sys.exit(asyncio.run(serve_app(app, options["host"], options["port"])))
+    sys.exit(asyncio.run(serve_app(app, options["host"], options["port"], ssl_context=ssl_context)))
 
 
 @cli.command(context_settings={"max_content_width": 110})
@@ -169,7 +197,11 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    try:
+        args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
+    except click.UsageError as e:  # a refused flag: say why, exit like argparse
+        e.show()
+        sys.exit(e.exit_code)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the server forks nothing; silence the warning
     cli.main(args=args, prog_name="hfbridge")
 

@@ -23,7 +23,7 @@ IGNORED_FLAGS: dict[str, int] = {
         ["--enforce-eager", "--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
          "--disable-custom-all-reduce", "--enable-auto-tool-choice", "--enable-prompt-tokens-details",
          "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-sleep-mode",
-         "--allow-credentials", "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
+         "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
          "--disable-sliding-window", "--use-v2-block-manager", "--enable-server-load-tracking",
          "--enable-prompt-embeds", "--disable-fastapi-docs", "--disable-async-output-proc",
          "--trust-request-mm-kwargs", "--enable-log-outputs", "--disable-mm-preprocessor-cache",
@@ -33,17 +33,24 @@ IGNORED_FLAGS: dict[str, int] = {
          "--download-dir", "--tokenizer-mode", "--code-revision", "--max-seq-len-to-capture",
          "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
          "--max-lora-rank", "--max-cpu-loras", "--data-parallel-size", "--uvicorn-log-level", "--root-path",
-         "--ssl-keyfile", "--ssl-certfile", "--ssl-ca-certs", "--ssl-cert-reqs", "--chat-template-content-format",
+         "--chat-template-content-format",
          "--tool-call-parser", "--reasoning-parser", "--distributed-executor-backend", "--worker-cls",
          "--logits-processors", "--structured-outputs-config", "--guided-decoding-backend", "--speculative-config",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
          "--scheduling-policy", "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
-         "--collect-detailed-traces", "--max-log-len", "--uds", "--lora-dtype", "--tokenizer-pool-size",
-         "--kv-transfer-config", "--hf-config-path", "--allowed-local-media-path", "--allowed-origins",
-         "--allowed-methods", "--allowed-headers", "--disable-log-stats-interval", "--lora-extra-vocab-size",
+         "--collect-detailed-traces", "--max-log-len", "--lora-dtype", "--tokenizer-pool-size",
+         "--kv-transfer-config", "--hf-config-path", "--allowed-local-media-path", "--disable-log-stats-interval", "--lora-extra-vocab-size",
          "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo", "--tool-parser-plugin",
          "--numa-bind", "--ignore-patterns"], 1),
-    **dict.fromkeys(["--lora-modules", "--middleware", "--prompt-adapters"], -1),
+    **dict.fromkeys(["--lora-modules", "--prompt-adapters"], -1),
+}
+# vLLM flags that would weaken or bypass security if ignored (an auth middleware not mounted, a socket not the
+# one asked for): refused with the reason, never dropped with a warning.
+REFUSED_FLAGS = {
+    "--middleware": "hfbridge cannot mount ASGI middleware; use --api-key, or put a proxy in front",
+    "--uds": "hfbridge listens on TCP only (--host/--port); a Unix socket is not supported yet",
+    "--enable-ssl-refresh": "certificates are read once at start; restart the server to load new ones",
+    "--ssl-ciphers": "hfbridge uses Python's default TLS ciphers; a cipher list is not supported yet",
 }
 # vLLM's short spellings; argparse accepts them, click sees them as clusters of one-letter flags.
 SHORT_ALIASES = {"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size", "-dp": "--data-parallel-size",
@@ -69,6 +76,8 @@ def normalize_argv(argv: list[str]) -> list[str]:
         name, eq, value = token.partition("=")
         name = name.replace("_", "-")
         key = f"--{name[5:]}" if name.startswith("--no-") and f"--{name[5:]}" in IGNORED_FLAGS else name
+        if key in REFUSED_FLAGS:
+            raise click.UsageError(f"{name} is not supported: {REFUSED_FLAGS[key]}")
         if key in IGNORED_FLAGS:
             num_values = IGNORED_FLAGS[key]
             if not eq:  # skip the flag's values too: one, or all up to the next flag for list flags
@@ -106,6 +115,26 @@ class HumanInt(click.ParamType):
             return int(text)
         except ValueError:
             self.fail(f"{value!r} is not an integer (examples: 4096, 32k, 32K, auto)", param, ctx)
+
+
+class StringList(click.ParamType):
+    """vLLM's list flags (--allowed-origins '["https://a.example"]'): a JSON list, or comma-separated values."""
+
+    name = "list"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v) for v in value)
+        text = str(value).strip()
+        if text.startswith("["):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as e:
+                self.fail(f"not a JSON list ({e}): {value!r}", param, ctx)
+            if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+                self.fail(f"expected a JSON list of strings, got {value!r}", param, ctx)
+            return tuple(parsed)
+        return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
 class JsonDict(click.ParamType):
