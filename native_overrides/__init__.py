@@ -1,13 +1,19 @@
 """Hand-written modules for performance-critical architectures.
 
 `NATIVE_MODELS` maps a Transformers architecture name to (module inside this package, class name); modules are
-imported only when chosen. It is empty for now: every model runs through Transformers.
+imported only when chosen. `unsupported_reason` says why a config of a registered architecture still needs
+Transformers (None: the native class reproduces it).
 """
 from __future__ import annotations
 
 import importlib
 
-NATIVE_MODELS: dict[str, tuple[str, str]] = {}
+NATIVE_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+}
 
 
 def find_native_model(architectures: list[str]) -> type | None:
@@ -17,3 +23,9 @@ def find_native_model(architectures: list[str]) -> type | None:
             module = importlib.import_module(f"hfbridge.native_overrides.{module_name}")
             return getattr(module, class_name)
     return None
+
+
+def unsupported_reason(hf_config) -> str | None:
+    from hfbridge.native_overrides.features import unsupported_reason as reason
+
+    return reason(hf_config.get_text_config())

@@ -65,19 +65,37 @@ def _weights(model_config: ModelConfig, model: nn.Module):
     return ((name, (lambda t=t: t)) for name, t in tensors.items())
 
 
+def load_native(model_class: ModelClass, model_config: ModelConfig, device: torch.device) -> nn.Module:
+    """Allocate the native model on `device`, then fill its fused parameters from the checkpoint's tensors."""
+    config = model_config.hf_text_config
+    model = model_class.cls.from_config(config, model_config.dtype, model_config.max_model_len, device)
+    if model_config.gguf_file is None:
+        weights = iter_checkpoint(model_config.model_path)
+    else:  # Transformers' GGUF reader names tensors after its own model, which the native names follow
+        weights = _weights(model_config, build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config))
+    model.load_weights(weights)
+    return model
+
+
+def _transformers_twin(model_class: ModelClass) -> type:
+    import transformers
+
+    return getattr(transformers, model_class.cls.__name__)
+
+
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The wrapped model for the config's runner: a causal LM, an embedding or a classification model."""
     start = time.perf_counter()
     model_class = resolve_model_class(model_config)
     if model_class.impl == "native":
-        model = model_class.cls.from_config(model_config, device)
+        model = load_native(model_class, model_config, device)
     else:
         hf_model = build_on_meta(model_class, model_config)
         load_checkpoint_into(hf_model, model_config, device)
         model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
     logger.info(
-        "Loaded %s (%s, %s) in %.1fs", model_config.model, type(model).__name__, model_class.cls.__name__,
-        time.perf_counter() - start,
+        "Loaded %s (%s, %s implementation of %s) in %.1fs", model_config.model, type(model).__name__,
+        model_class.impl, model_class.cls.__name__, time.perf_counter() - start,
     )
     return model
 

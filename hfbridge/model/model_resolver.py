@@ -1,13 +1,16 @@
 """Which class builds a model: a native override, a Transformers class, or the model's own remote code."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import transformers
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from hfbridge.config import ModelConfig
-from hfbridge.native_overrides import NATIVE_MODELS, find_native_model
+from hfbridge.native_overrides import NATIVE_MODELS, find_native_model, unsupported_reason
+
+logger = logging.getLogger(__name__)
 
 COMPATIBILITY_REQUIREMENTS = (
     "A model works with hfbridge's Transformers backend when (1) its modules pass `**kwargs` down to the "
@@ -25,12 +28,20 @@ class ModelClass:
     needs_lm_head: bool = False
 
 
-def resolve_model_class(model_config: ModelConfig) -> ModelClass:
+def resolve_model_class(model_config: ModelConfig, tensor_parallel_size: int = 1) -> ModelClass:
+    """auto: a registered native class when it implements the config, else Transformers; native: that or an
+    error saying why; transformers: always Transformers."""
     architectures = model_config.architectures
     if model_config.model_impl in ("auto", "native") and model_config.runner == "generate":
         native = find_native_model(architectures)
-        if native is not None:
+        reason = _native_refusal(model_config, tensor_parallel_size) if native is not None else None
+        if native is not None and reason is None:
             return ModelClass("native", native)
+        if reason is not None and model_config.model_impl == "native":
+            raise ValueError(f"model_impl='native' cannot run {architectures}: {reason}. Use model_impl='transformers' "
+                             "(or 'auto') to run it through Transformers.")
+        if reason is not None:
+            logger.info("Running %s through Transformers, not natively: %s", architectures[0], reason)
     if model_config.model_impl == "native":
         raise ValueError(
             f"model_impl='native' but no native implementation is registered for {architectures}; "
@@ -40,6 +51,12 @@ def resolve_model_class(model_config: ModelConfig) -> ModelClass:
     model_class = _transformers_class(model_config, kind)
     check_backend_compatible(model_class.cls)
     return model_class
+
+
+def _native_refusal(model_config: ModelConfig, tensor_parallel_size: int) -> str | None:
+    if tensor_parallel_size > 1:  # the native layers are not split across devices yet
+        return f"tensor_parallel_size={tensor_parallel_size} is not implemented by the native models yet"
+    return unsupported_reason(model_config.hf_config)
 
 
 def check_backend_compatible(cls: type) -> None:

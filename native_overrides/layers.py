@@ -1,0 +1,75 @@
+"""The building blocks of the native decoders: fused RMSNorm + residual, the rotary table, SiLU-and-mul, and
+attention through hfbridge's backend (the same call and KV layout the "vllm" Transformers entry makes)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfbridge.attention_backends.forward_context import get_forward_context
+from hfbridge.attention_backends.metadata import LayerOptions
+
+
+class RMSNorm(nn.Module):
+    """Transformers' RMSNorm arithmetic (float32 statistics, weight applied in the input dtype), with the residual
+    add fused: `norm(x, residual)` returns (normed(x + residual), x + residual)."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return self._norm(x)
+        residual = x + residual
+        return self._norm(residual), residual
+
+
+class RotaryTable(nn.Module):
+    """cos/sin for every position up to `max_positions`, computed once with Transformers' own rope init function
+    (so inv_freq and the attention scaling of linear / llama3 / yarn rope are exactly Transformers')."""
+
+    def __init__(self, config, head_dim: int, max_positions: int, dtype: torch.dtype, device):
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        params = config.rope_parameters
+        if params["rope_type"] == "default":
+            inv_freq = 1.0 / (params["rope_theta"] ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+            scaling = 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, "cpu")
+        freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D], the same layout as Transformers' rotate_half
+        self.register_buffer("cos", (emb.cos() * scaling).to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype), persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q [T, H, D], k [T, Hkv, D], positions [T] -> rotated q, k."""
+        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> [T, I]"""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return nn.functional.silu(gate) * up
+
+
+def backend_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: LayerOptions
+) -> torch.Tensor:
+    """q [T, H, D], k/v [T, Hkv, D] -> [T, H, D], through this step's backend and this layer's KV cache."""
+    ctx = get_forward_context()
+    return ctx.backend.forward(query, key, value, ctx.kv_caches.get(layer.layer_idx), ctx.metadata, layer)

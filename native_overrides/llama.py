@@ -1,0 +1,192 @@
+"""One decoder for the Llama family (Llama, Mistral, Qwen2, Qwen3): fused qkv_proj and gate_up_proj, RMSNorm with
+the residual add fused, rotary from a cached table, attention through hfbridge's backend, logits only at the
+sampled positions. The families differ only in config-driven details, read once into `DecoderOptions`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
+from hfbridge.native_overrides.weights import load_stacked_weights
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_layers: int
+    vocab_size: int
+    eps: float
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+    qk_norm: bool
+    sliding_windows: tuple[int | None, ...]  # per layer
+    tie_word_embeddings: bool
+
+
+def _sliding_windows(config, family: str) -> tuple[int | None, ...]:
+    n, window = config.num_hidden_layers, getattr(config, "sliding_window", None)
+    if family == "mistral":  # every layer, when the config sets a window
+        return (window,) * n
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * n
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)
+
+
+def decoder_options(config, family: str) -> DecoderOptions:
+    heads = config.num_attention_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    return DecoderOptions(
+        hidden_size=config.hidden_size,
+        num_heads=heads,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=config.intermediate_size,
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        eps=config.rms_norm_eps,
+        qkv_bias=True if family == "qwen2" else attention_bias,  # Qwen2 always has q/k/v bias, never o bias
+        o_bias=False if family == "qwen2" else attention_bias,
+        mlp_bias=bool(getattr(config, "mlp_bias", False)),
+        qk_norm=family == "qwen3",
+        sliding_windows=_sliding_windows(config, family),
+        tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+    )
+
+
+class Attention(nn.Module):
+    def __init__(self, opts: DecoderOptions, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = opts.num_heads, opts.num_kv_heads, opts.head_dim
+        self.q_size, self.kv_size = opts.num_heads * opts.head_dim, opts.num_kv_heads * opts.head_dim
+        self.qkv_proj = nn.Linear(opts.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias, dtype=dtype)
+        self.o_proj = nn.Linear(self.q_size, opts.hidden_size, bias=opts.o_bias, dtype=dtype)
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(opts.head_dim, opts.eps, dtype, "meta")
+            self.k_norm = RMSNorm(opts.head_dim, opts.eps, dtype, "meta")
+        self.options = LayerOptions(
+            layer_idx=layer_idx, scaling=opts.head_dim**-0.5, sliding_window=opts.sliding_windows[layer_idx]
+        )
+
+    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable) -> torch.Tensor:
+        # hidden [T, hidden] -> qkv [T, q + 2 kv] -> q [T, H, D], k/v [T, Hkv, D]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head, before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, positions)
+        out = backend_attention(q, k, v.contiguous(), self.options)  # [T, H, D]
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
+        super().__init__()
+        size = opts.intermediate_size
+        self.gate_up_proj = nn.Linear(opts.hidden_size, 2 * size, bias=opts.mlp_bias, dtype=dtype)
+        self.down_proj = nn.Linear(size, opts.hidden_size, bias=opts.mlp_bias, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, opts: DecoderOptions, layer_idx: int, dtype: torch.dtype):
+        super().__init__()
+        self.self_attn = Attention(opts, layer_idx, dtype)
+        self.mlp = MLP(opts, dtype)
+        self.input_layernorm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
+        self.post_attention_layernorm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
+
+    def forward(self, hidden, residual, positions, rotary):
+        if residual is None:
+            residual, hidden = hidden, self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, rotary)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(opts.vocab_size, opts.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(DecoderLayer(opts, i, dtype) for i in range(opts.num_layers))
+        self.norm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
+        for layer in self.layers:
+            hidden, residual = layer(hidden, residual, positions, rotary)
+        return self.norm(hidden, residual)[0]
+
+
+class NativeCausalLM(nn.Module):
+    """Called like hfbridge's Transformers wrapper: (input_ids [1, T], positions [1, T], logits_indices [N])
+    -> logits [N, V] float32. Checkpoint names are Transformers' (`model.layers.0.self_attn.q_proj.weight`, ...)."""
+
+    family = "llama"
+
+    def __init__(self, config, dtype: torch.dtype, max_positions: int):
+        super().__init__()
+        self.config = config
+        self.options = decoder_options(config, self.family)
+        with torch.device("meta"):
+            self.model = DecoderModel(self.options, dtype)
+            if not self.options.tie_word_embeddings:
+                self.lm_head = nn.Linear(self.options.hidden_size, self.options.vocab_size, bias=False, dtype=dtype)
+        self.max_positions = max_positions
+        self.rotary: RotaryTable | None = None
+
+    @classmethod
+    def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
+        """Parameters allocated on `device` but unset (fill them with `load_weights`), the rotary table real."""
+        model = cls(config, dtype, max_positions)
+        model.to_empty(device=device)
+        model.rotary = RotaryTable(config, model.options.head_dim, max_positions, dtype, device)
+        return model.eval()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.options.tie_word_embeddings else self.lm_head.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [1, T]
+        positions: torch.Tensor,  # [1, T]
+        logits_indices: torch.Tensor | None = None,  # [N]
+    ) -> torch.Tensor:  # [N, V] float32
+        hidden = self.model(input_ids[0], positions[0], self.rotary)  # [T, hidden]
+        if logits_indices is None:
+            logits_indices = input_ids.new_zeros(0)
+        return nn.functional.linear(hidden[logits_indices], self.head_weight).float()
+
+    def load_weights(self, weights) -> set[str]:
+        """weights: (checkpoint name, lazy tensor) pairs; returns the parameter names filled."""
+        skip = ("lm_head.",) if self.options.tie_word_embeddings else ()
+        return load_stacked_weights(self, weights, skip_prefixes=skip)
+
+
+class LlamaForCausalLM(NativeCausalLM):
+    family = "llama"
+
+
+class MistralForCausalLM(NativeCausalLM):
+    family = "mistral"
+
+
+class Qwen2ForCausalLM(NativeCausalLM):
+    family = "qwen2"
+
+
+class Qwen3ForCausalLM(NativeCausalLM):
+    family = "qwen3"

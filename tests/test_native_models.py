@@ -1,0 +1,94 @@
+"""The native Llama-family models give Transformers' tokens and logprobs: greedy ids equal the Transformers path's
+and Transformers' own generate(), top-5 logprobs equal log-softmax of Transformers' logits within 1e-4 (float32)."""
+import pytest
+import torch
+import transformers
+from greedy import assert_greedy_match, hf_greedy
+from tiny_models import COMMON, build_tokenizer, save_model
+
+from hfbridge import LLM, SamplingParams
+
+MAX_NEW = 10
+TOP = 5
+
+# name -> (architecture, config overrides); each exercises one family difference
+NATIVE_CASES = {
+    "llama": ("LlamaForCausalLM", {}),
+    "mistral_window": ("MistralForCausalLM", dict(sliding_window=6)),  # shorter than the long prompt
+    "qwen2_bias": ("Qwen2ForCausalLM", {}),  # q/k/v bias
+    "qwen2_window_layers": ("Qwen2ForCausalLM", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "qwen3_qk_norm_tied": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True)),
+    "llama3_rope_bias": ("LlamaForCausalLM", dict(attention_bias=True, mlp_bias=True, rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=32))),
+    "yarn_rope": ("Qwen3ForCausalLM", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64))),
+}
+
+
+def build(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = getattr(transformers, arch.replace("ForCausalLM", "Config"))(**{**COMMON, **overrides})
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # spread biases and norms away from their 0 / 1 init so they matter
+        for name, param in model.named_parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.05)
+    return model
+
+
+def prompts() -> list[list[int]]:
+    tok = build_tokenizer()
+    texts = ["Hello", "The capital of France is", "Once upon a time there was a little robot who loved to read"]
+    return [tok(t).input_ids for t in texts]
+
+
+def check_against_transformers(model, folder, batch, impls=("native", "transformers"), **llm_kwargs):
+    """Greedy ids and top-5 logprobs of each path against generate(); returns apply_model's class names."""
+    expected = [hf_greedy(model, p, MAX_NEW, ignore_eos=True) for p in batch]
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
+    names, ids = {}, {}
+    for impl in impls:
+        llm = LLM(model=str(folder), model_impl=impl, block_size=4, max_model_len=128, dtype="float32", **llm_kwargs)
+        names[impl] = llm.apply_model(lambda m: type(m).__name__)[0]
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        ids[impl] = [o.outputs[0].token_ids for o in outs]
+        for out, (tokens, logits) in zip(outs, expected):
+            completion = out.outputs[0]
+            assert_greedy_match(completion.token_ids, tokens, logits)
+            for step, entry in enumerate(completion.logprobs[: len(tokens)]):
+                if completion.token_ids[step] != tokens[step]:
+                    break  # a documented near tie: the continuations differ from here
+                ref = torch.log_softmax(logits[step].float(), -1)
+                assert set(ref.topk(TOP).indices.tolist()) <= set(entry)
+                for token_id, lp in entry.items():
+                    assert lp.logprob == pytest.approx(ref[token_id].item(), abs=1e-4), (impl, step, token_id)
+    if len(impls) == 2:
+        assert ids["native"] == ids["transformers"]
+    return names
+
+
+@pytest.mark.parametrize("case", sorted(NATIVE_CASES))
+def test_native_equals_transformers(case, tmp_path):
+    arch, overrides = NATIVE_CASES[case]
+    model = build(arch, **overrides)
+    folder = save_model(model, tmp_path / case)
+    if overrides.get("tie_word_embeddings"):
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert "lm_head.weight" not in f.keys()  # the tied head is loaded from the embedding
+    batch = prompts()
+    assert len(batch[-1]) > 6  # the long prompt outruns the sliding windows
+    names = check_against_transformers(model, folder, batch)
+    assert names == {"native": arch, "transformers": "TransformersForCausalLM"}
+
+
+def test_sharded_safetensors_load_natively(tmp_path):
+    model = build("Qwen2ForCausalLM", seed=1)
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="40KB")
+    build_tokenizer().save_pretrained(folder)
+    assert len(list(folder.glob("*.safetensors"))) > 3
+    names = check_against_transformers(model, folder, prompts()[1:], impls=("native",))
+    assert names == {"native": "Qwen2ForCausalLM"}
