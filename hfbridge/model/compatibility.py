@@ -116,15 +116,42 @@ def probe_compatibility(cls: type, config, wrap) -> ProbeResult:
     return _CACHE[key]
 
 
+# Tried in order: every shape shrunk, then only depth, vocabulary and experts (widths kept consistent).
+_SHRINK_PLANS = (None, {key: SHRINK[key] for key in (
+    "vocab_size", "num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_experts", "num_local_experts",
+    "n_routed_experts", "num_experts_per_tok", "max_position_embeddings")})
+
+
+def _tiny_reference(cls: type, config, prompts: list[list[int]]):
+    """The tiny copy (eager attention) and its logits per prompt; raises the last plan's error when none runs."""
+    error: Exception | None = None
+    for plan in _SHRINK_PLANS:
+        try:
+            tiny = shrink_config(config) if plan is None else _shrink_only(config, plan)
+            torch.manual_seed(0)
+            model = cls._from_config(tiny, attn_implementation="eager", dtype=torch.float32).eval()
+            return model, [_reference_logits(model, p + [p[-1]]) for p in prompts]
+        except Exception as exc:  # noqa: BLE001 - try the next, less aggressive plan
+            error = exc
+    raise error
+
+
+def _shrink_only(config, fields: dict):
+    config = copy.deepcopy(config)
+    targets = [config] + [getattr(config, k) for k in SUB_CONFIGS if hasattr(getattr(config, k, None), "to_dict")]
+    for target in targets:
+        for key, value in fields.items():
+            if key in target.__dict__:
+                _try_set(target, key, value)
+    return config
+
+
 def _probe(cls: type, config, wrap) -> ProbeResult:
+    prompts = [list(p) for p in PROBE_PROMPTS]
     try:
-        tiny = shrink_config(config)
-        torch.manual_seed(0)
-        model = cls._from_config(tiny, attn_implementation="eager", dtype=torch.float32).eval()
-        prompts = [list(p) for p in PROBE_PROMPTS]
-        reference = [_reference_logits(model, p + [p[-1]]) for p in prompts]
+        model, reference = _tiny_reference(cls, config, prompts)
     except Exception as exc:  # noqa: BLE001 - the tiny copy is a best effort; the static gate still ran
-        logger.info("compatibility probe skipped for %s: its tiny copy did not run (%s)", cls.__name__, exc)
+        logger.warning("compatibility probe skipped for %s: its tiny copy did not run (%s)", cls.__name__, exc)
         return ProbeResult(True, detail=f"probe skipped: {exc}")
     register_vllm_attention()
     for module in model.modules():  # as build_on_meta does it: no mask function, attention through the entry
@@ -215,6 +242,11 @@ def _paged_logits(wrapper, prompts: list[list[int]], next_tokens: list[int]) -> 
             with forward_context(ForwardContext(metadata, {}, backend)):
                 logits = wrapper(torch.tensor([ids]), torch.tensor([positions]), keep)
             rows.append(logits.float())
+            if not backend.caches:
+                raise UnsupportedModelError(
+                    "its attention modules make no call to ALL_ATTENTION_FUNCTIONS[config._attn_implementation] "
+                    "(they call sdpa/eager or a recurrent mixer directly), so hfbridge cannot run them over its KV cache"
+                )
     return [torch.stack([rows[0][b], rows[1][b]]) for b in range(len(prompts))]
 
 
