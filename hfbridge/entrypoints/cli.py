@@ -168,6 +168,11 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
     click.echo()
 
 
+from hfbridge.entrypoints.check import check_command  # noqa: E402 - `hfbridge check`, in its own module
+
+cli.add_command(check_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = normalize_argv(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the server forks nothing; silence the warning
