@@ -73,3 +73,6 @@ class LayerOptions:
     sliding_window: int | None = None
     softcap: float | None = None  # scores -> softcap * tanh(scores / softcap), after scaling
     is_causal: bool = True
+    # Attention sinks (GPT-OSS's `s_aux`): [H] one learned logit per query head that joins every softmax's
+    # denominator and carries no value: out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink)).
+    sinks: torch.Tensor | None = None

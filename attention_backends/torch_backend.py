@@ -75,13 +75,19 @@ def attend(
     q = query.float().view(batch, num_queries, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
     q = q.reshape(batch, num_kv_heads, group * num_queries, head_dim)
     mask = mask[:, None, None].expand(-1, 1, group, -1, -1).reshape(batch, 1, group * num_queries, -1)
-    if layer.softcap is None:
+    if layer.softcap is None and layer.sinks is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
     else:
-        scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling
-        scores = layer.softcap * torch.tanh(scores / layer.softcap)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scaling  # [B, Hkv, G * Q, L]
+        if layer.softcap is not None:
+            scores = layer.softcap * torch.tanh(scores / layer.softcap)
         scores = scores.masked_fill(~mask, float("-inf"))
-        out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        if layer.sinks is not None:  # one extra logit per query head, its column dropped after the softmax
+            sink = layer.sinks.float().view(1, num_kv_heads, group, 1, 1).expand(batch, -1, -1, num_queries, -1)
+            scores = torch.cat([scores, sink.reshape(batch, num_kv_heads, group * num_queries, 1)], dim=-1)
+            out = torch.matmul(torch.softmax(scores, dim=-1)[..., :-1], v)
+        else:
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
     out = out.view(batch, num_kv_heads, group, num_queries, head_dim).permute(0, 3, 1, 2, 4)
     return out.reshape(batch, num_queries, num_heads, head_dim)
 

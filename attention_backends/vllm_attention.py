@@ -31,6 +31,7 @@ def vllm_attention_forward(
         sliding_window=kwargs.get("sliding_window"),
         softcap=kwargs.get("softcap"),
         is_causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
+        sinks=kwargs.get("s_aux"),
     )
     out = ctx.backend.forward(
         query[0].transpose(0, 1),

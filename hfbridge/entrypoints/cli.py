@@ -196,6 +196,11 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
     click.echo()
 
 
+from hfbridge.entrypoints.check import check_command  # noqa: E402 - `hfbridge check`, in its own module
+
+cli.add_command(check_command)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         args = normalize_argv(list(sys.argv[1:] if argv is None else argv))

@@ -13,6 +13,7 @@ from torch import nn
 
 from hfbridge.attention_backends import ATTENTION_NAME, register_vllm_attention
 from hfbridge.config import ModelConfig
+from hfbridge.model.compatibility import check_compatible
 from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
@@ -90,6 +91,7 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     if model_class.impl == "native":
         model = load_native(model_class, model_config, device)
     else:
+        check_compatible(model_class.cls, model_config.hf_config, model_config.runner, model_class.needs_lm_head)
         hf_model = build_on_meta(model_class, model_config)
         load_checkpoint_into(hf_model, model_config, device)
         model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)

@@ -31,7 +31,16 @@ class TransformersForCausalLM(nn.Module):
             logits_indices = input_ids.new_zeros(0)
         # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
-        return out.logits[0].float()
+        logits = out.logits[0]
+        if logits.shape[0] != logits_indices.shape[0]:
+            # A head that ignores logits_to_keep (remote code) returns every token's row: keep the asked ones.
+            if logits.shape[0] != input_ids.shape[1]:
+                raise RuntimeError(
+                    f"{type(self.model).__name__} returned {logits.shape[0]} logit rows for {input_ids.shape[1]} "
+                    f"tokens and logits_to_keep of {logits_indices.shape[0]}; hfbridge cannot tell which rows are whose"
+                )
+            logits = logits[logits_indices]
+        return logits.float()
 
 
 class BaseModelWithLMHead(nn.Module):

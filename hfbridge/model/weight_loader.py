@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def load_weights(
     converters = [m for m in mapping if isinstance(m, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     targets = dict(model.state_dict(keep_vars=True))
-    pending: dict[str, WeightConverter] = {}  # fused target name -> converter collecting its pieces
+    pending: dict[str, list] = {}  # fused target name -> its pieces (name, pattern, loader)
     loaded: set[str] = set()
     unexpected = []
     for name, load in weights:
@@ -90,12 +91,16 @@ def load_weights(
         if target not in targets:
             unexpected.append(name)
         elif pattern is not None:
-            converter = pending.setdefault(target, copy.deepcopy(by_pattern[pattern]))
-            converter.add_tensor(target, name, pattern, load)
+            pending.setdefault(target, []).append((name, pattern, load))
         else:
             _assign(model, target, load(), targets[target], device)
             loaded.add(target)
-    for first_target, converter in pending.items():
+    for first_target, pieces in pending.items():
+        # Fused pieces stack in expert order: checkpoints list names as strings ("experts.10" before "experts.2").
+        pieces.sort(key=lambda piece: _natural_key(piece[0]))
+        converter = copy.deepcopy(by_pattern[pieces[0][1]])
+        for name, pattern, load in pieces:
+            converter.add_tensor(first_target, name, pattern, load)
         for target, tensor in converter.convert(first_target, model=model, config=getattr(model, "config", None)).items():
             tensor = tensor[0] if isinstance(tensor, list) else tensor
             _assign(model, target, tensor, targets[target], device)
@@ -103,6 +108,10 @@ def load_weights(
     if unexpected:
         logger.info("Ignored %d checkpoint tensors the model has no place for: %s", len(unexpected), unexpected[:8])
     return loaded
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 def _assign(model: torch.nn.Module, name: str, tensor: torch.Tensor, current: torch.Tensor, device: torch.device) -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from hfbridge.attention_backends import AttentionMetadata, ForwardContext, LayerOptions, forward_context
+from hfbridge.model.compatibility import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def probe_attention_layers(model: nn.Module, device: torch.device) -> dict[int, 
     with torch.inference_mode(), forward_context(ForwardContext(metadata, {}, probe)):
         model(ids, ids.clone())
     if not probe.layers:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{_user_class_name(model)} made no call to the 'vllm' attention function: its attention modules "
             "must call ALL_ATTENTION_FUNCTIONS[config._attn_implementation] (not sdpa or eager directly), so that "
             "hfbridge can run attention over its KV cache"
