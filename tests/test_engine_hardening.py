@@ -298,6 +298,18 @@ def test_integers_past_int64_are_validation_errors(kwargs, parameter):
     assert info.value.parameter == parameter
 
 
+def test_pooling_integers_past_int64_are_validation_errors():
+    from hfbridge.errors import ValidationError
+    from hfbridge.pooling.pooling_params import PoolingParams
+
+    for kwargs, parameter in [(dict(dimensions=INT64_OVER), "dimensions"), (dict(step_tag_id=-INT64_OVER - 1), "step_tag_id"),
+                              (dict(truncate_prompt_tokens=INT64_OVER), "truncate_prompt_tokens"),
+                              (dict(returned_token_ids=[0, INT64_OVER]), "returned_token_ids")]:
+        with pytest.raises(ValidationError) as info:
+            PoolingParams(**kwargs)
+        assert info.value.parameter == parameter
+
+
 def test_int64_bounds_are_accepted_and_reach_a_step(llm):
     # The largest values vLLM accepts run without overflowing inside the step (torch tensors are int64).
     params = SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=2**63 - 1, max_tokens=2, ignore_eos=True)
@@ -370,3 +382,25 @@ def test_lora_request_on_pooling_calls_is_refused_like_generate(tiny_llama):
             call()
     assert not embedder.llm_engine.has_unfinished_requests()
     assert len(embedder.embed(["Hello"], use_tqdm=False)[0].outputs.embedding) == 64
+
+
+def test_waiting_queue_is_fcfs_per_request_round_robin_across_requests_and_preempted_first():
+    from hfbridge.core.request import Request
+    from hfbridge.core.waiting_queue import WaitingQueue
+
+    def req(request_id, group):
+        return Request(request_id, [1, 2], SamplingParams(), group_id=group)
+
+    queue = WaitingQueue()
+    singles = [req(str(i), str(i)) for i in range(3)]
+    for r in singles:
+        queue.append(r)
+    assert [queue.pop() for _ in range(3)] == singles  # one request per group: first come, first served
+    big = [req(f"{i}_big", "big") for i in range(3)]
+    for r in big + singles[:2]:
+        queue.append(r)
+    preempted = req("p", "p")
+    queue.appendleft(preempted)  # vLLM puts a preempted request back at the front
+    queue.remove_many([big[1]])
+    order = [queue.pop().request_id for _ in range(len(queue))]
+    assert order == ["p", "0_big", "0", "1", "2_big"]
