@@ -50,7 +50,8 @@ def test_prompt_logprobs_once_per_position_when_preempted_mid_prefill(tiny_llama
         real_preempt(request)
 
     engine.scheduler._preempt = spy
-    engine.add_request("decoder", {"prompt_token_ids": other}, SamplingParams(temperature=0, max_tokens=28, ignore_eos=True))
+    decode = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
+    engine.add_request("decoder", {"prompt_token_ids": other}, decode)
     engine.add_request("scored", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
     out = final(engine)["scored"]
     assert any(preempted_mid_prefill), "the test must preempt a request in the middle of its prompt"
@@ -302,9 +303,12 @@ def test_pooling_integers_past_int64_are_validation_errors():
     from hfbridge.errors import ValidationError
     from hfbridge.pooling.pooling_params import PoolingParams
 
-    for kwargs, parameter in [(dict(dimensions=INT64_OVER), "dimensions"), (dict(step_tag_id=-INT64_OVER - 1), "step_tag_id"),
-                              (dict(truncate_prompt_tokens=INT64_OVER), "truncate_prompt_tokens"),
-                              (dict(returned_token_ids=[0, INT64_OVER]), "returned_token_ids")]:
+    cases = [
+        (dict(dimensions=INT64_OVER), "dimensions"), (dict(step_tag_id=-INT64_OVER - 1), "step_tag_id"),
+        (dict(truncate_prompt_tokens=INT64_OVER), "truncate_prompt_tokens"),
+        (dict(returned_token_ids=[0, INT64_OVER]), "returned_token_ids"),
+    ]
+    for kwargs, parameter in cases:
         with pytest.raises(ValidationError) as info:
             PoolingParams(**kwargs)
         assert info.value.parameter == parameter
@@ -360,7 +364,8 @@ def test_chat_template_content_format(llm):
     # A template that loops over content parts gets OpenAI's list form, from either message shape.
     loop = ("{% for m in messages %}{{ m['role'] }}:{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}\n"
             "{% endfor %}")
-    for messages, rendered in ((parts, "user:[Hello][there]"), ([{"role": "user", "content": "Hello"}], "user:[Hello]")):
+    single = [{"role": "user", "content": "Hello"}]
+    for messages, rendered in ((parts, "user:[Hello][there]"), (single, "user:[Hello]")):
         for fmt in ("auto", "openai"):
             out = llm.chat(messages, params, use_tqdm=False, chat_template=loop, chat_template_content_format=fmt)
             assert out[0].prompt == rendered

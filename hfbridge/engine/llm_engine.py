@@ -39,7 +39,9 @@ class EngineStepError(RuntimeError):
     with); the engine goes on serving the others. The cause is chained (`__cause__`)."""
 
     def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); aborted {len(request_ids)} request(s)")
+        super().__init__(
+            f"the model step failed ({type(cause).__name__}: {cause}); aborted {len(request_ids)} request(s)"
+        )
         self.request_ids = request_ids
 
 

@@ -31,7 +31,9 @@ def profile_step_lengths(scheduler_config: SchedulerConfig) -> list[int]:
 
 
 @torch.inference_mode()
-def run_profile_step(model: nn.Module, scheduler_config: SchedulerConfig, sampler: Sampler, device: torch.device) -> None:
+def run_profile_step(
+    model: nn.Module, scheduler_config: SchedulerConfig, sampler: Sampler, device: torch.device
+) -> None:
     lengths = profile_step_lengths(scheduler_config)
     num_tokens = sum(lengths)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)[None]  # [1, T]
