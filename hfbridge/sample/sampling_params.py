@@ -152,9 +152,6 @@ class SamplingParams:
         def fail(message: str, parameter: str) -> None:
             raise ValidationError(message, parameter=parameter, value=getattr(self, parameter))
 
-
-        if not isinstance(self.n, int) or isinstance(self.n, bool):
-            fail(f"n must be an int, but is of type {type(self.n).__name__}", "n")
         if self.n < 1:
             fail(f"n must be at least 1, got {self.n}.", "n")
         if self.n > MAX_N:
@@ -215,6 +212,8 @@ class SamplingParams:
     def _verify_types(self) -> None:
         """Integers are ints within int64 (torch's widest; larger ones overflow inside a step and fail every
         request in it), floats are real numbers: checked before any range check compares them."""
+        if not isinstance(self.n, int) or isinstance(self.n, bool):
+            raise ValidationError(f"n must be an int, but is of type {type(self.n).__name__}", parameter="n", value=self.n)
         for name in _INT_FIELDS:
             check_int64(name, getattr(self, name))
         for name in ("stop_token_ids", "allowed_token_ids"):
