@@ -50,7 +50,8 @@ def test_prompt_logprobs_once_per_position_when_preempted_mid_prefill(tiny_llama
         real_preempt(request)
 
     engine.scheduler._preempt = spy
-    engine.add_request("decoder", {"prompt_token_ids": other}, SamplingParams(temperature=0, max_tokens=28, ignore_eos=True))
+    decode = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
+    engine.add_request("decoder", {"prompt_token_ids": other}, decode)
     engine.add_request("scored", {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1))
     out = final(engine)["scored"]
     assert any(preempted_mid_prefill), "the test must preempt a request in the middle of its prompt"
@@ -266,3 +267,145 @@ def test_a_large_n_request_does_not_starve_the_next_one(tiny_llama):
     scheduled = [s.request.group_id for s in engine.scheduler.schedule().scheduled]
     # Round-robin across requests: "small" takes the second free sequence slot, not the 65th.
     assert scheduled == ["big", "small", "big", "big"]
+
+
+# -- 16. integers past int64, 18. verify before normalising -------------------------------------------------
+INT64_OVER = 2**63
+
+
+@pytest.mark.parametrize(
+    "kwargs, parameter",
+    [
+        (dict(top_k=INT64_OVER), "top_k"),
+        (dict(seed=INT64_OVER), "seed"),
+        (dict(seed=-(2**63) - 1), "seed"),
+        (dict(max_tokens=INT64_OVER), "max_tokens"),
+        (dict(min_tokens=INT64_OVER, max_tokens=None), "min_tokens"),
+        (dict(logprobs=INT64_OVER), "logprobs"),
+        (dict(prompt_logprobs=INT64_OVER), "prompt_logprobs"),
+        (dict(truncate_prompt_tokens=INT64_OVER), "truncate_prompt_tokens"),
+        (dict(n=INT64_OVER), "n"),
+        (dict(stop_token_ids=[1, INT64_OVER]), "stop_token_ids"),
+        (dict(allowed_token_ids=[INT64_OVER]), "allowed_token_ids"),
+        (dict(logit_bias={INT64_OVER: 1.0}), "logit_bias"),
+        (dict(logit_bias={str(INT64_OVER): 1.0}), "logit_bias"),
+    ],
+)
+def test_integers_past_int64_are_validation_errors(kwargs, parameter):
+    from hfbridge.errors import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.parameter == parameter
+
+
+def test_pooling_integers_past_int64_are_validation_errors():
+    from hfbridge.errors import ValidationError
+    from hfbridge.pooling.pooling_params import PoolingParams
+
+    cases = [
+        (dict(dimensions=INT64_OVER), "dimensions"), (dict(step_tag_id=-INT64_OVER - 1), "step_tag_id"),
+        (dict(truncate_prompt_tokens=INT64_OVER), "truncate_prompt_tokens"),
+        (dict(returned_token_ids=[0, INT64_OVER]), "returned_token_ids"),
+    ]
+    for kwargs, parameter in cases:
+        with pytest.raises(ValidationError) as info:
+            PoolingParams(**kwargs)
+        assert info.value.parameter == parameter
+
+
+def test_int64_bounds_are_accepted_and_reach_a_step(llm):
+    # The largest values vLLM accepts run without overflowing inside the step (torch tensors are int64).
+    params = SamplingParams(temperature=1.0, top_k=2**63 - 1, seed=2**63 - 1, max_tokens=2, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": ids("Hello")}, params, use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=0, top_p=2), "top_p must be in (0, 1], got 2."),
+        (dict(temperature=0, top_p=0), "top_p must be in (0, 1], got 0."),
+        (dict(temperature=0, top_k=-5), "top_k must be 0 (disable), or at least 1, got -5."),
+        (dict(temperature=0, min_p=1.5), "min_p must be in [0, 1], got 1.5."),
+        (dict(temperature=0, top_k=2**63), "top_k must be within the int64 range"),
+    ],
+)
+def test_ranges_are_checked_before_greedy_normalisation(kwargs, message):
+    from hfbridge.errors import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        SamplingParams(**kwargs)
+    assert message in str(info.value)
+
+
+# -- 4. accepted-but-ignored arguments of LLM are applied or refused ----------------------------------------
+def test_priority_needs_priority_scheduling_like_vllm(llm):
+    prompt = {"prompt_token_ids": ids("Hello")}
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with pytest.raises(ValueError, match="Got priority 3 but Priority scheduling is not enabled."):
+        llm.generate([prompt], params, priority=[3], use_tqdm=False)
+    with pytest.raises(ValueError, match="The lengths of prompts and priority must be the same."):
+        llm.generate([prompt, prompt], params, priority=[0], use_tqdm=False)
+    assert len(llm.generate([prompt], params, priority=[0], use_tqdm=False)) == 1  # vLLM's default priority
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_chat_template_content_format(llm):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
+    plain = [{"role": "user", "content": "Hello\nthere"}]
+    params = SamplingParams(temperature=0, max_tokens=3)
+    # The tiny model's ChatML template prints content as a string: "auto" and "string" join the parts with
+    # newlines (vLLM's "string" format), exactly as the plain-string message renders.
+    expected = llm.chat(plain, params, use_tqdm=False)[0].prompt
+    assert expected == "<|im_start|>user\nHello\nthere<|im_end|>\n<|im_start|>assistant\n"
+    for fmt in ("auto", "string"):
+        assert llm.chat(parts, params, use_tqdm=False, chat_template_content_format=fmt)[0].prompt == expected
+    # A template that loops over content parts gets OpenAI's list form, from either message shape.
+    loop = ("{% for m in messages %}{{ m['role'] }}:{% for p in m['content'] %}[{{ p['text'] }}]{% endfor %}\n"
+            "{% endfor %}")
+    single = [{"role": "user", "content": "Hello"}]
+    for messages, rendered in ((parts, "user:[Hello][there]"), (single, "user:[Hello]")):
+        for fmt in ("auto", "openai"):
+            out = llm.chat(messages, params, use_tqdm=False, chat_template=loop, chat_template_content_format=fmt)
+            assert out[0].prompt == rendered
+    with pytest.raises(ValueError, match=r"chat_template_content_format must be one of \['auto', 'string', 'openai'\]"):
+        llm.chat(plain, params, use_tqdm=False, chat_template_content_format="xml")
+
+
+def test_lora_request_on_pooling_calls_is_refused_like_generate(tiny_llama):
+    embedder = LLM(model=str(tiny_llama[1]), task="embed", max_model_len=64)
+    lora = object()  # any adapter: none is supported
+    calls = [
+        lambda: embedder.embed(["Hello"], lora_request=lora, use_tqdm=False),
+        lambda: embedder.encode(["Hello"], lora_request=lora, use_tqdm=False),
+        lambda: embedder.reward(["Hello"], lora_request=lora, use_tqdm=False),
+        lambda: embedder.score("Hello", "there", lora_request=lora, use_tqdm=False),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match="LoRA adapters are not supported by hfbridge yet; pass lora_request=None"):
+            call()
+    assert not embedder.llm_engine.has_unfinished_requests()
+    assert len(embedder.embed(["Hello"], use_tqdm=False)[0].outputs.embedding) == 64
+
+
+def test_waiting_queue_is_fcfs_per_request_round_robin_across_requests_and_preempted_first():
+    from hfbridge.core.request import Request
+    from hfbridge.core.waiting_queue import WaitingQueue
+
+    def req(request_id, group):
+        return Request(request_id, [1, 2], SamplingParams(), group_id=group)
+
+    queue = WaitingQueue()
+    singles = [req(str(i), str(i)) for i in range(3)]
+    for r in singles:
+        queue.append(r)
+    assert [queue.pop() for _ in range(3)] == singles  # one request per group: first come, first served
+    big = [req(f"{i}_big", "big") for i in range(3)]
+    for r in big + singles[:2]:
+        queue.append(r)
+    preempted = req("p", "p")
+    queue.appendleft(preempted)  # vLLM puts a preempted request back at the front
+    queue.remove_many([big[1]])
+    order = [queue.pop().request_id for _ in range(len(queue))]
+    assert order == ["p", "0_big", "0", "1", "2_big"]

@@ -39,7 +39,9 @@ class EngineStepError(RuntimeError):
     with); the engine goes on serving the others. The cause is chained (`__cause__`)."""
 
     def __init__(self, request_ids: list[str], cause: BaseException):
-        super().__init__(f"the model step failed ({type(cause).__name__}: {cause}); aborted {len(request_ids)} request(s)")
+        super().__init__(
+            f"the model step failed ({type(cause).__name__}: {cause}); aborted {len(request_ids)} request(s)"
+        )
         self.request_ids = request_ids
 
 
@@ -194,8 +196,11 @@ class LLMEngine:
             raise EngineStepError(self._fail_step(scheduler_output), e) from e
         advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
         outputs, finished = self.output_processor.process(advanced, runner_output)
+        by_status: dict[RequestStatus, list[str]] = {}
         for request_id, status in finished.items():
-            self.scheduler.finish_requests([request_id], status)
+            by_status.setdefault(status, []).append(request_id)
+        for status, request_ids in by_status.items():  # one pass over the running list per status, not per request
+            self.scheduler.finish_requests(request_ids, status)
         self.stats.num_generation_tokens += len(advanced)
         self.stats.num_finished += len(finished)
         return outputs

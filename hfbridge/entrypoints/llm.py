@@ -128,14 +128,16 @@ class LLM:
     def embed(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
               tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[EmbeddingRequestOutput]:
         self._require_runner("embed", "pooling")
-        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed", lora_request=lora_request,
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="embed",
+                           lora_request=lora_request,
                            tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         return [EmbeddingRequestOutput.from_base(o) for o in outs]
 
     def classify(self, prompts: Any, *, use_tqdm=True, pooling_params=None, lora_request=None,
                  tokenization_kwargs=None, truncate_prompt_tokens=None) -> list[ClassificationRequestOutput]:
         self._require_runner("classify", "pooling")
-        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify", lora_request=lora_request,
+        outs = self.encode(prompts, pooling_params, use_tqdm=use_tqdm, pooling_task="classify",
+                           lora_request=lora_request,
                            tokenization_kwargs=tokenization_kwargs, truncate_prompt_tokens=truncate_prompt_tokens)
         return [ClassificationRequestOutput.from_base(o) for o in outs]
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 
 from hfbridge.config import PoolerConfig
 from hfbridge.errors import ValidationError
+from hfbridge.sample.sampling_params import check_int64
 
 POOLING_TASKS = ("embed", "classify", "token_embed", "token_classify")
 _TASK_PARAMS = {
@@ -46,6 +47,17 @@ class PoolingParams:
             raise ValidationError(_REMOVED_TASKS[self.task], parameter="task", value=self.task)
         if self.task is not None and self.task not in POOLING_TASKS:
             raise ValidationError(f"task must be one of {list(POOLING_TASKS)}, got {self.task!r}", parameter="task")
+        for name in ("dimensions", "step_tag_id", "truncate_prompt_tokens"):
+            check_int64(name, getattr(self, name))
+        for token_id in self.returned_token_ids or ():
+            check_int64("returned_token_ids", token_id, value=self.returned_token_ids)
+        if self.truncate_prompt_tokens is not None and not (
+            self.truncate_prompt_tokens == -1 or self.truncate_prompt_tokens >= 1
+        ):
+            raise ValidationError(
+                f"truncate_prompt_tokens must be an integer >= 1 or -1, got {self.truncate_prompt_tokens}",
+                parameter="truncate_prompt_tokens", value=self.truncate_prompt_tokens,
+            )
 
     def clone(self) -> PoolingParams:
         return copy.deepcopy(self)

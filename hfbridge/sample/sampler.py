@@ -1,5 +1,5 @@
-"""Logits -> tokens, in vLLM's order: allowed ids, bad words, min_tokens, logit_bias, penalties; then greedy rows take the
-argmax, random rows apply temperature, min_p, top-k, top-p and draw with their own generator.
+"""Logits -> tokens, in vLLM's order: allowed ids, bad words, min_tokens, logit_bias, penalties; then greedy rows
+take the argmax, random rows apply temperature, min_p, top-k, top-p and draw with their own generator.
 
 Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`)."""
 from __future__ import annotations

@@ -24,8 +24,9 @@ _INT_FIELDS = ("n", "best_of", "top_k", "seed", "max_tokens", "min_tokens", "log
 _FLOAT_FIELDS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p")
 
 
-def _check_int(name: str, number: Any, value: Any = None) -> None:
-    """None passes (unset); anything else must be an int (not a bool) within int64."""
+def check_int64(name: str, number: Any, value: Any = None) -> None:
+    """None passes (unset); anything else must be an int (not a bool) within int64: a larger one would
+    overflow a torch tensor inside the engine step and fail every request in it."""
     if number is None:
         return
     if isinstance(number, bool) or not isinstance(number, int):
@@ -52,7 +53,7 @@ def _normalize_logit_bias(logit_bias: dict[Any, Any]) -> dict[int, float]:
                 "logit_bias contains key(s) that cannot be converted to integer token IDs",
                 parameter="logit_bias", value=logit_bias,
             ) from e
-        _check_int("logit_bias", token_id, value=logit_bias)
+        check_int64("logit_bias", token_id, value=logit_bias)
         try:
             bias = float(bias)
         except (TypeError, ValueError):
@@ -151,9 +152,6 @@ class SamplingParams:
         def fail(message: str, parameter: str) -> None:
             raise ValidationError(message, parameter=parameter, value=getattr(self, parameter))
 
-
-        if not isinstance(self.n, int) or isinstance(self.n, bool):
-            fail(f"n must be an int, but is of type {type(self.n).__name__}", "n")
         if self.n < 1:
             fail(f"n must be at least 1, got {self.n}.", "n")
         if self.n > MAX_N:
@@ -214,11 +212,13 @@ class SamplingParams:
     def _verify_types(self) -> None:
         """Integers are ints within int64 (torch's widest; larger ones overflow inside a step and fail every
         request in it), floats are real numbers: checked before any range check compares them."""
+        if not isinstance(self.n, int) or isinstance(self.n, bool):
+            raise ValidationError(f"n must be an int, but is of type {type(self.n).__name__}", parameter="n", value=self.n)
         for name in _INT_FIELDS:
-            _check_int(name, getattr(self, name))
+            check_int64(name, getattr(self, name))
         for name in ("stop_token_ids", "allowed_token_ids"):
             for token_id in getattr(self, name) or ():
-                _check_int(name, token_id, value=getattr(self, name))
+                check_int64(name, token_id, value=getattr(self, name))
         for name in _FLOAT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -1,6 +1,7 @@
 """Executors own the model and its KV cache; the engine talks only to them."""
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
 from hfbridge.worker.layer_probe import LayerSpec, probe_attention_layers
 from hfbridge.worker.model_runner import ModelRunner, PoolingModelRunner
+from hfbridge.worker.profile_run import run_profile_step
 
 logger = logging.getLogger(__name__)
 
@@ -47,15 +49,19 @@ class InProcessExecutor:
     def _generation_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> ModelRunner:
         config, device = self.config, self.config.device
         block_size = config.cache_config.block_size
-        self.num_blocks = determine_num_blocks(layers, config.cache_config, config.scheduler_config, device)
+        sampler = Sampler(torch.Generator(device).manual_seed(config.model_config.seed))
+        profile = None
+        if device.type == "cuda":  # CPU budgets come from kv_cache_memory_bytes / free RAM, not a profile
+            profile = functools.partial(run_profile_step, model, config.scheduler_config, sampler, device)
+        self.num_blocks = determine_num_blocks(layers, config.cache_config, config.scheduler_config, device, profile)
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
         logger.info(
             "KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
             self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
         )
-        generator = torch.Generator(device).manual_seed(config.model_config.seed)
+        sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
-        return ModelRunner(model, kv_caches, backend, block_size, device, Sampler(generator))
+        return ModelRunner(model, kv_caches, backend, block_size, device, sampler)
 
     def _pooling_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> PoolingModelRunner:
         # Pooling needs no KV cache: every prompt runs whole in one step. Blocks are only counted, so the

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -18,13 +21,67 @@ def bytes_per_block(layers: dict[int, LayerSpec], block_size: int) -> int:
     return sum(2 * block_size * s.num_kv_heads * s.head_dim * s.dtype.itemsize for s in layers.values())
 
 
-def kv_memory_budget(cache_config: CacheConfig, device: torch.device) -> int:
+@dataclass(frozen=True)
+class DeviceMemory:
+    total: int
+    free: int  # as the driver sees it: other processes, the CUDA context and torch's cached pool are not free
+    allocated: int  # held by live tensors now (weights, buffers)
+    peak_allocated: int  # the highest `allocated` since the peak was reset (during the profiled step)
+
+
+class DeviceMemoryProbe(Protocol):
+    def reset_peak(self) -> None: ...
+
+    def release_cached(self) -> None: ...
+
+    def snapshot(self) -> DeviceMemory: ...
+
+
+class CudaMemoryProbe:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset_peak(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def release_cached(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+
+    def snapshot(self) -> DeviceMemory:
+        free, total = torch.cuda.mem_get_info(self.device)
+        return DeviceMemory(
+            total, free, torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)
+        )
+
+
+def gpu_kv_budget(memory: DeviceMemory, gpu_memory_utilization: float) -> int:
+    """Bytes left for the KV cache: the engine's share of the device (total x utilization), less what is used
+    now (weights, context, other processes: total - free), less the activation peak of a full step beyond what
+    stays allocated (peak - allocated)."""
+    used_now = memory.total - memory.free
+    activation_peak = memory.peak_allocated - memory.allocated
+    return int(memory.total * gpu_memory_utilization) - used_now - activation_peak
+
+
+def profiled_gpu_kv_budget(profile_step: Callable[[], None], gpu_memory_utilization: float,
+                           probe: DeviceMemoryProbe) -> int:
+    """Run the largest step the scheduler can send (profile_step), then size the budget from its peak, so the
+    first long prefill cannot run out of memory (vLLM's determine_available_memory)."""
+    probe.reset_peak()
+    profile_step()
+    probe.release_cached()  # the step's freed activations must not count twice (as used and as peak)
+    return gpu_kv_budget(probe.snapshot(), gpu_memory_utilization)
+
+
+def kv_memory_budget(
+    cache_config: CacheConfig, device: torch.device, profile_step: Callable[[], None] | None = None,
+    probe: DeviceMemoryProbe | None = None,
+) -> int:
     if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        used_by_others = total - free
-        # Activation peak of the forwards run so far (probe) beyond what is allocated now.
-        headroom = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
-        return int(total * cache_config.gpu_memory_utilization) - used_by_others - headroom
+        return profiled_gpu_kv_budget(
+            profile_step or (lambda: None), cache_config.gpu_memory_utilization, probe or CudaMemoryProbe(device)
+        )
     if cache_config.kv_cache_memory_bytes is not None:
         return cache_config.kv_cache_memory_bytes
     return min(_DEFAULT_CPU_KV_BYTES, _available_ram() // 2)
@@ -42,14 +99,16 @@ def _available_ram() -> int:
 
 
 def determine_num_blocks(
-    layers: dict[int, LayerSpec], cache_config: CacheConfig, scheduler_config: SchedulerConfig, device: torch.device
+    layers: dict[int, LayerSpec], cache_config: CacheConfig, scheduler_config: SchedulerConfig, device: torch.device,
+    profile_step: Callable[[], None] | None = None, probe: DeviceMemoryProbe | None = None,
 ) -> int:
+    """profile_step (GPU only): runs a full max_num_batched_tokens step before the free memory is read."""
     block_size = cache_config.block_size
     max_len = scheduler_config.max_model_len
     if cache_config.num_gpu_blocks_override is not None:
         num_blocks = cache_config.num_gpu_blocks_override
     else:
-        budget = kv_memory_budget(cache_config, device)
+        budget = kv_memory_budget(cache_config, device, profile_step, probe)
         num_blocks = max(budget, 0) // bytes_per_block(layers, block_size)
         # More blocks than all sequences can hold at once would only keep more cached prefixes.
         useful = scheduler_config.max_num_seqs * -(-max_len // block_size)
