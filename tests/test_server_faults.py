@@ -364,3 +364,16 @@ async def test_engine_errors_are_counted_in_metrics(client, monkeypatch):
     assert client.app[STATE].in_flight == 0
     ok = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
     assert ok.status == 200
+
+
+async def test_default_body_limit_follows_the_context(aiohttp_client, tiny_llama):
+    from hfbridge.server.state import MIN_AUTO_BODY_BYTES
+
+    c = await aiohttp_client(make_app(tiny_llama[1]))  # no --max-request-body-bytes: from max_model_len
+    await wait_ready(c)
+    assert c.app[STATE].body_limit == max(MIN_AUTO_BODY_BYTES, 32 * MAX_MODEL_LEN)
+    too_big = b'{"prompt": "' + b"a" * MIN_AUTO_BODY_BYTES + b'"}'
+    response = await c.post("/v1/completions", data=too_big)
+    assert response.status == 413 and "--max-request-body-bytes" in (await response.json())["error"]["message"]
+    response = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
+    assert response.status == 200
