@@ -68,15 +68,20 @@ async def tokenize(request: web.Request) -> web.Response:
     tokenizer = engine.engine.get_tokenizer()
     if body.get("messages") is not None:
         chat = parse_chat_request({**body, "tool_choice": "none"})  # tools only shape the rendered text here
-        text = render_messages(state, card, chat)
         add_special = chat.add_special_tokens
     elif body.get("prompt") is not None:
         text = as_str("prompt", body["prompt"])
         add_special = _optional_bool(body, "add_special_tokens", True)
     else:
         raise APIError(400, "Send `prompt` (a string) or `messages` (a chat)", "prompt")
-    ids = list(tokenizer(text, add_special_tokens=add_special).input_ids)
-    token_strs = tokenizer.convert_ids_to_tokens(ids) if _optional_bool(body, "return_token_strs", False) else None
+    want_strs = _optional_bool(body, "return_token_strs", False)
+
+    def run() -> tuple[list[int], list[str] | None]:  # on the tokenizer thread: seconds for a huge prompt
+        rendered = render_messages(state, card, chat) if body.get("messages") is not None else text
+        ids = list(tokenizer(rendered, add_special_tokens=add_special).input_ids)
+        return ids, tokenizer.convert_ids_to_tokens(ids) if want_strs else None
+
+    ids, token_strs = await state.off_loop(run)
     return web.json_response(
         {"count": len(ids), "max_model_len": card.max_model_len, "tokens": ids, "token_strs": token_strs}
     )
@@ -94,7 +99,7 @@ async def detokenize(request: web.Request) -> web.Response:
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise APIError(400, f"Token id(s) {bad[:5]} are out of vocabulary (size {vocab_size})", "tokens")
-    return web.json_response({"prompt": engine.engine.get_tokenizer().decode(ids)})
+    return web.json_response({"prompt": await state.off_loop(engine.engine.get_tokenizer().decode, ids)})
 
 
 async def prometheus_metrics(request: web.Request) -> web.Response:

@@ -71,13 +71,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
+def wait_until_ready(process: subprocess.Popen, url: str, timeout: float, ssl_context: Any = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"hfbridge serve exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(url + "/ready", timeout=2) as response:
+            with urllib.request.urlopen(url + "/ready", timeout=2, context=ssl_context) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -86,17 +86,19 @@ def wait_until_ready(process: subprocess.Popen, url: str, timeout: float) -> Non
     raise TimeoutError(f"hfbridge serve was not ready within {timeout} s")
 
 
-def start_server(args: list[str], log_path, env: dict | None = None, ready_timeout: float = 120):
-    """Start `hfbridge serve ARGS` on a free loopback port; returns (process, base URL)."""
+def start_server(args: list[str], log_path, env: dict | None = None, ready_timeout: float = 120,
+                 ssl_context: Any = None):
+    """Start `hfbridge serve ARGS` on a free loopback port; returns (process, base URL). With `ssl_context`
+    (a client context trusting the server's certificate) the URL is https."""
     port = free_port()
     with open(log_path, "w") as log:  # the child keeps its own handle
         process = subprocess.Popen(
             [sys.executable, "-m", "hfbridge", "serve", *args, "--host", "127.0.0.1", "--port", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if ssl_context is not None else 'http'}://127.0.0.1:{port}"
     try:
-        wait_until_ready(process, url, ready_timeout)
+        wait_until_ready(process, url, ready_timeout, ssl_context)
     except BaseException:
         stop_server(process)
         raise RuntimeError(f"server failed to start; its log:\n{open(log_path).read()}") from None

@@ -95,3 +95,31 @@ async def test_idle_engine_thread_does_not_spin(engine):
     await asyncio.sleep(0.5)
     cpu = time.process_time() - cpu_before
     assert cpu < 0.1 * (time.perf_counter() - wall_before), f"{cpu:.3f} s of CPU while idle"
+
+
+async def test_add_requests_is_one_command_and_all_or_nothing(engine):
+    """A request's prompts reach the engine together: its first step already holds all of them (one step for
+    64 short prompts, not 64), and a refused prompt takes back the ones added before it."""
+    seen = []
+    real_step = engine.engine.step
+
+    def step():
+        seen.append(engine.engine.get_num_unfinished_requests())
+        return real_step()
+
+    engine.engine.step = step
+    streams = await engine.add_requests([(f"b{i}", {"prompt_token_ids": [5, 6, 7, i + 1]}, delta_params(max_tokens=1),
+                                          True) for i in range(64)])
+    for stream in streams:
+        async for _ in stream:
+            pass
+    assert seen[0] == 64, seen[:5]
+    with pytest.raises(ValidationError):
+        await engine.add_requests([("ok", "hello", delta_params(max_tokens=1), True),
+                                   ("bad", "", delta_params(max_tokens=1), True)])
+    for _ in range(100):
+        if not engine.engine.has_unfinished_requests():
+            break
+        await asyncio.sleep(0.01)
+    assert not engine.engine.has_unfinished_requests()
+    assert engine.engine.kv_cache_manager.usage() == 0
