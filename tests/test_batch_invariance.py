@@ -79,7 +79,9 @@ def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, model_impl)
     shared = [prefix + p for p in prompts]
     expected = generate_batch(tiny_llama[1], shared, model_impl, enable_prefix_caching=False)[1]
 
-    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64, model_impl=model_impl)
+    llm = LLM(
+        model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64, model_impl=model_impl
+    )
     engine = llm.llm_engine
     first = llm.generate({"prompt_token_ids": shared[0]}, GREEDY, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in shared[1:]], GREEDY, use_tqdm=False)
