@@ -38,8 +38,8 @@ def resolve_model_class(model_config: ModelConfig, tensor_parallel_size: int = 1
         if native is not None and reason is None:
             return ModelClass("native", native)
         if reason is not None and model_config.model_impl == "native":
-            raise ValueError(f"model_impl='native' cannot run {native.__name__}: {reason}. Use model_impl='transformers' "
-                             "(or 'auto') to run it through Transformers.")
+            raise ValueError(f"model_impl='native' cannot run {native.__name__}: {reason}. "
+                             "Use model_impl='transformers' (or 'auto') to run it through Transformers.")
         if reason is not None:
             logger.info("Running %s through Transformers, not natively: %s", native.__name__, reason)
     if model_config.model_impl == "native":
