@@ -3,6 +3,10 @@ Transformers' own continuous batching (generate_batch), on one random model of S
 
     python benchmarks/throughput.py                    # 64 prompts x 128 in, 128 out (minutes on 2 CPU cores)
     python benchmarks/throughput.py --num-prompts 8 --output-len 16   # a quick look
+    python benchmarks/throughput.py --model-impl native transformers --skip generate generate_batch
+
+--model-impl runs hfbridge once per implementation (native Llama vs the Transformers model path); for each it also
+prints single-stream ms/token and the matmul calls per decode step (torch.profiler counts).
 
 Same workload everywhere: greedy, no EOS (every request produces exactly output-len tokens), float32.
 Not a test: it prints tokens/s and the ratios, and how many requests agree token for token with generate().
@@ -32,18 +36,55 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(3, vocab, (num, length), generator=g).tolist()
 
 
-def run_hfbridge(folder: str, prompts, output_len: int, args) -> tuple[float, list[list[int]]]:
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the GEMM calls; aten::linear is counted apart
+
+
+def run_hfbridge(folder: str, prompts, output_len: int, args, model_impl: str) -> tuple[float, list[list[int]]]:
     from hfbridge import LLM, SamplingParams
 
     llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=len(prompts[0]) + output_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              model_impl=model_impl)
+    print(f"hfbridge model_impl={model_impl}: {llm.apply_model(lambda m: type(m).__name__)[0]}")
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    single_ms_per_token = single_stream(llm, prompts[0], args.single_stream_len)
+    per_step = matmuls_per_decode_step(llm, prompts[0])
+    print(f"  single stream: {single_ms_per_token:.1f} ms/token; per decode step: "
+          + ", ".join(f"{k} {v:g}" for k, v in per_step.items()))
     del llm
     return elapsed, [o.outputs[0].token_ids for o in outs]
+
+
+def single_stream(llm, prompt: list[int], output_len: int) -> float:
+    """ms per generated token for one request alone (prefill included, as a user waits for it)."""
+    from hfbridge import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    start = time.perf_counter()
+    llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    return (time.perf_counter() - start) * 1000 / output_len
+
+
+def matmuls_per_decode_step(llm, prompt: list[int], decode_steps: int = 4) -> dict[str, float]:
+    """Op counts of (prefill + decode_steps decode steps) minus (prefill alone), per decode step, one request."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from hfbridge import SamplingParams
+
+    def counts(max_tokens: int) -> dict[str, int]:
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+        by_name = {e.key: e.count for e in prof.key_averages()}
+        return {"matmuls (mm/addmm/bmm)": sum(by_name.get(op, 0) for op in MATMUL_OPS),
+                "aten::linear": by_name.get("aten::linear", 0)}
+
+    prefill, more = counts(1), counts(1 + decode_steps)
+    return {k: (more[k] - prefill[k]) / decode_steps for k in prefill}
 
 
 def run_generate(model, prompts, output_len: int) -> tuple[float, list[list[int]]]:
@@ -76,6 +117,9 @@ def main() -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "generate_batch"])
+    parser.add_argument("--model-impl", nargs="+", default=["auto"], choices=["auto", "native", "transformers"],
+                        help="hfbridge model implementation(s) to run, one row each")
+    parser.add_argument("--single-stream-len", type=int, default=32, help="tokens for the single-stream ms/token")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -88,7 +132,9 @@ def main() -> None:
     results: dict[str, tuple[float, list[list[int]]]] = {}
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
-        results["hfbridge"] = run_hfbridge(folder, prompts, args.output_len, args)
+        for impl in args.model_impl:
+            name = "hfbridge" if args.model_impl == ["auto"] else f"hfbridge ({impl})"
+            results[name] = run_hfbridge(folder, prompts, args.output_len, args, impl)
     gc.collect()
     if "generate" not in args.skip:
         model.set_attn_implementation("sdpa")
@@ -96,14 +142,15 @@ def main() -> None:
     if "generate_batch" not in args.skip:
         results["transformers generate_batch()"] = run_generate_batch(model, prompts, args.output_len, args)
 
-    base = results["hfbridge"][0]
-    print(f"\n{'engine':<32}{'seconds':>10}{'tokens/s':>12}{'hfbridge tok/s / this':>24}")
+    first = next(iter(results))  # the first hfbridge row is the base of the ratios
+    base = results[first][0]
+    print(f"\n{'engine':<32}{'seconds':>10}{'tokens/s':>12}{first + ' tok/s / this':>36}")
     for name, (elapsed, _) in results.items():
-        ratio = "" if name == "hfbridge" else f"{elapsed / base:.2f}x"
-        print(f"{name:<32}{elapsed:>10.1f}{num_tokens / elapsed:>12.1f}{ratio:>24}")
-    ours = results["hfbridge"][1]
+        ratio = "" if name == first else f"{elapsed / base:.2f}x"
+        print(f"{name:<32}{elapsed:>10.1f}{num_tokens / elapsed:>12.1f}{ratio:>36}")
+    ours = results[first][1]
     for name, (_, tokens) in results.items():
-        if name != "hfbridge":
+        if name != first:
             same = sum(a == b for a, b in zip(ours, tokens))
             print(f"requests identical to {name}: {same}/{len(ours)}")
 

@@ -15,8 +15,14 @@ NATIVE_MODELS: dict[str, tuple[str, str]] = {
     "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
 }
 
+# model_type -> architecture, for configs that record no architectures (a GGUF file's)
+NATIVE_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                      "qwen3": "Qwen3ForCausalLM"}
 
-def find_native_model(architectures: list[str]) -> type | None:
+
+def find_native_model(architectures: list[str], model_type: str | None = None) -> type | None:
+    if not architectures and model_type in NATIVE_MODEL_TYPES:
+        architectures = [NATIVE_MODEL_TYPES[model_type]]
     for arch in architectures:
         if arch in NATIVE_MODELS:
             module_name, class_name = NATIVE_MODELS[arch]

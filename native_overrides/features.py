@@ -12,12 +12,11 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def rope_parameters(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or {}
-    return params
+    return getattr(config, "rope_parameters", None) or {}
 
 
 def unsupported_reason(config) -> str | None:
-    for check in (_rope, _activation, _layer_types, _tensor_parallel_pretraining):
+    for check in (_rope, _activation, _layer_types):
         reason = check(config)
         if reason is not None:
             return reason
@@ -44,7 +43,3 @@ def _layer_types(config) -> str | None:
     unknown = sorted(set(getattr(config, "layer_types", None) or []) - set(SUPPORTED_LAYER_TYPES))
     return f"layer_types {unknown} are not implemented natively" if unknown else None
 
-
-def _tensor_parallel_pretraining(config) -> str | None:
-    tp = getattr(config, "pretraining_tp", 1) or 1
-    return None if tp == 1 else f"pretraining_tp={tp} (sliced matmuls of old Llama checkpoints) is not implemented"

@@ -48,8 +48,8 @@ def load_stacked_weights(
         filled[target] = filled.get(target, 0) + dest.shape[0]
     missing = [n for n, p in params.items() if filled.get(n, 0) < p.shape[0]]
     if missing:
-        raise ValueError(f"The checkpoint has no (or only part of the) weights for {len(missing)} native model "
-                         f"tensors (e.g. {missing[:5]}); it does not match the config")
+        raise ValueError(f"The checkpoint has no weights for {len(missing)} native model tensors (or only some of "
+                         f"their rows) (e.g. {missing[:5]}); it does not match the config")
     return set(filled)
 
 

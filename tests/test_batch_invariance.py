@@ -1,5 +1,6 @@
 """A batch gives the same greedy tokens as its requests run one at a time, also when a tiny token budget
-forces chunked prefill, a tiny KV cache forces preemption, and shared prefixes come from the prefix cache."""
+forces chunked prefill, a tiny KV cache forces preemption, and shared prefixes come from the prefix cache; on the native
+and the Transformers model paths alike."""
 import pytest
 from greedy import assert_greedy_match, hf_greedy
 from tiny_models import build_tokenizer
@@ -24,15 +25,23 @@ def prompts():
     return [tok(t).input_ids for t in texts]
 
 
+@pytest.fixture(scope="module", params=["native", "transformers"])
+def model_impl(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def alone(tiny_llama, prompts):
+def alone(tiny_llama, prompts, model_impl):
     """Each prompt on its own, default engine settings."""
-    llm = LLM(model=str(tiny_llama[1]), max_model_len=64)
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, model_impl=model_impl)
+    assert llm.apply_model(lambda m: type(m).__name__) == [
+        "LlamaForCausalLM" if model_impl == "native" else "TransformersForCausalLM"
+    ]
     return [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
 
-def generate_batch(folder, prompts, **engine_kwargs):
-    llm = LLM(model=str(folder), max_model_len=64, **engine_kwargs)
+def generate_batch(folder, prompts, model_impl, **engine_kwargs):
+    llm = LLM(model=str(folder), max_model_len=64, model_impl=model_impl, **engine_kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
     return llm, [o.outputs[0].token_ids for o in outs]
 
@@ -44,14 +53,15 @@ def test_alone_equals_transformers(tiny_llama, prompts, alone):
         assert_greedy_match(ours, tokens, logits)
 
 
-def test_batch_equals_alone(tiny_llama, prompts, alone):
-    _, batch = generate_batch(tiny_llama[1], prompts)
+def test_batch_equals_alone(tiny_llama, prompts, alone, model_impl):
+    _, batch = generate_batch(tiny_llama[1], prompts, model_impl)
     assert batch == alone
 
 
-def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone):
+def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone, model_impl):
     llm, batch = generate_batch(
-        tiny_llama[1], prompts, block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4
+        tiny_llama[1], prompts, model_impl,
+        block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4,
     )
     engine = llm.llm_engine
     assert batch == alone
@@ -59,17 +69,19 @@ def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts
     assert engine.kv_cache_manager.num_free_blocks == 16  # nothing leaked
 
 
-def test_chunked_prefill_alone_equals_unchunked(tiny_llama, prompts, alone):
-    _, batch = generate_batch(tiny_llama[1], prompts, block_size=4, max_num_batched_tokens=5)
+def test_chunked_prefill_alone_equals_unchunked(tiny_llama, prompts, alone, model_impl):
+    _, batch = generate_batch(tiny_llama[1], prompts, model_impl, block_size=4, max_num_batched_tokens=5)
     assert batch == alone
 
 
-def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone):
+def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, model_impl):
     prefix = build_tokenizer()("Serving language models needs a paged key-value cache and a scheduler.").input_ids
     shared = [prefix + p for p in prompts]
-    expected = generate_batch(tiny_llama[1], shared, enable_prefix_caching=False)[1]
+    expected = generate_batch(tiny_llama[1], shared, model_impl, enable_prefix_caching=False)[1]
 
-    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64)
+    llm = LLM(
+        model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64, model_impl=model_impl
+    )
     engine = llm.llm_engine
     first = llm.generate({"prompt_token_ids": shared[0]}, GREEDY, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in shared[1:]], GREEDY, use_tqdm=False)

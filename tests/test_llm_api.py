@@ -88,7 +88,7 @@ def test_unseeded_sampling_follows_the_engine_seed(tiny_llama):
 
 
 def test_apply_model_and_tokenizer(llm):
-    assert llm.apply_model(lambda m: type(m).__name__) == ["TransformersForCausalLM"]
+    assert llm.apply_model(lambda m: type(m).__name__) == ["LlamaForCausalLM"]  # model_impl="auto": native
     assert llm.get_tokenizer().eos_token == "<|im_end|>"
 
 
@@ -115,8 +115,7 @@ def test_engine_arguments_are_checked(tiny_llama):
         LLM(model=folder, max_model_len=1000)
     with pytest.raises(ValueError, match="dtype='float8'"):
         LLM(model=folder, dtype="float8")
-    with pytest.raises(ValueError, match="model_impl='native' but no native implementation is registered"):
-        LLM(model=folder, model_impl="native")
+    # model_impl='native' for an architecture without a native class: tests/test_native_selection.py
     with pytest.raises(ValueError, match="model_impl='vllm' is not supported"):
         LLM(model=folder, model_impl="vllm")
     with pytest.raises(ValueError, match="block_size=12 must be a power of two"):

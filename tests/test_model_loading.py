@@ -53,7 +53,8 @@ def test_missing_weights_are_reported(tiny_llama, tmp_path):
 
 def test_hf_overrides_dict_and_callable(tiny_llama):
     folder = str(tiny_llama[1])
-    llm = LLM(model=folder, hf_overrides={"max_position_embeddings": 96, "rope_parameters": {"rope_theta": 5000.0}})
+    llm = LLM(model=folder, hf_overrides={"max_position_embeddings": 96, "rope_parameters": {"rope_theta": 5000.0}},
+              model_impl="transformers")  # the check below reads the Transformers model's rotary module
     config = llm.llm_engine.model_config.hf_config
     assert llm.llm_engine.config.scheduler_config.max_model_len == 96
     assert config.rope_parameters["rope_theta"] == 5000.0 and config.rope_parameters["rope_type"] == "default"
@@ -155,7 +156,7 @@ def test_models_built_in_parallel_threads_both_load(tiny_llama, monkeypatch):
 
     def load():
         try:
-            results.append(generate(tiny_llama[1]))
+            results.append(generate(tiny_llama[1], model_impl="transformers"))  # the meta build under test
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 

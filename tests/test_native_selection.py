@@ -30,7 +30,9 @@ def test_auto_picks_transformers_for_other_architectures(tmp_path):
 
 
 UNSUPPORTED = {
-    "dynamic_rope": (dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "rope_type='dynamic'"),
+    "dynamic_rope": (
+        dict(rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "rope_type='dynamic'"
+    ),
     "gelu_mlp": (dict(hidden_act="gelu"), "hidden_act='gelu'"),
 }
 

@@ -73,7 +73,8 @@ def load_native(model_class: ModelClass, model_config: ModelConfig, device: torc
     if model_config.gguf_file is None:
         weights = iter_checkpoint(model_config.model_path)
     else:  # Transformers' GGUF reader names tensors after its own model, which the native names follow
-        weights = _weights(model_config, build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config))
+        twin = build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config)
+        weights = _weights(model_config, twin)
     model.load_weights(weights)
     return model
 

@@ -33,15 +33,15 @@ def resolve_model_class(model_config: ModelConfig, tensor_parallel_size: int = 1
     error saying why; transformers: always Transformers."""
     architectures = model_config.architectures
     if model_config.model_impl in ("auto", "native") and model_config.runner == "generate":
-        native = find_native_model(architectures)
+        native = find_native_model(architectures, getattr(model_config.hf_config, "model_type", None))
         reason = _native_refusal(model_config, tensor_parallel_size) if native is not None else None
         if native is not None and reason is None:
             return ModelClass("native", native)
         if reason is not None and model_config.model_impl == "native":
-            raise ValueError(f"model_impl='native' cannot run {architectures}: {reason}. Use model_impl='transformers' "
-                             "(or 'auto') to run it through Transformers.")
+            raise ValueError(f"model_impl='native' cannot run {native.__name__}: {reason}. "
+                             "Use model_impl='transformers' (or 'auto') to run it through Transformers.")
         if reason is not None:
-            logger.info("Running %s through Transformers, not natively: %s", architectures[0], reason)
+            logger.info("Running %s through Transformers, not natively: %s", native.__name__, reason)
     if model_config.model_impl == "native":
         raise ValueError(
             f"model_impl='native' but no native implementation is registered for {architectures}; "
