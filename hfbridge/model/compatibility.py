@@ -76,6 +76,8 @@ def _shrink_in_place(config, overrides: dict) -> None:
     for key, value in SHRINK_IF_SET.items():
         if getattr(config, key, None):
             _try_set(config, key, min(value, config.__dict__.get(key) or value))
+    if "qk_rope_head_dim" in config.__dict__ and "head_dim" in config.__dict__:  # MLA: rotary width is head_dim
+        _try_set(config, "head_dim", config.qk_rope_head_dim)
     if keep is not None:
         _try_set(config, "num_hidden_layers", len(keep))
         for key, value in list(config.__dict__.items()):
@@ -128,12 +130,23 @@ def _tiny_reference(cls: type, config, prompts: list[list[int]]):
     for plan in _SHRINK_PLANS:
         try:
             tiny = shrink_config(config) if plan is None else _shrink_only(config, plan)
+            _check_size(cls, tiny)
             torch.manual_seed(0)
             model = cls._from_config(tiny, attn_implementation="eager", dtype=torch.float32).eval()
             return model, [_reference_logits(model, p + [p[-1]]) for p in prompts]
         except Exception as exc:  # noqa: BLE001 - try the next, less aggressive plan
             error = exc
     raise error
+
+
+MAX_PROBE_PARAMS = 20_000_000  # ~80 MB in float32, well under a second to build: larger copies are not probed
+
+
+def _check_size(cls: type, config) -> None:
+    with torch.device("meta"):
+        count = sum(p.numel() for p in cls._from_config(copy.deepcopy(config)).parameters())
+    if count > MAX_PROBE_PARAMS:
+        raise ValueError(f"the tiny copy would still have {count:,} parameters")
 
 
 def _shrink_only(config, fields: dict):
