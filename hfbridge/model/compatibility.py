@@ -46,12 +46,6 @@ KNOWN_FEATURES = {
     "MiniMaxForCausalLM": "lightning (linear) attention layers outside the attention interface",
     "GraniteSWAForCausalLM": "an attention mask built by its own mask function",
     "GraniteMoeSWAForCausalLM": "an attention mask built by its own mask function",
-    "RobertaForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
-    "RobertaPreLayerNormForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
-    "XLMRobertaForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
-    "XLMRobertaXLForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
-    "CamembertForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
-    "Data2VecTextForCausalLM": "learned position embeddings offset by padding_idx + 1 and computed from input_ids (the RoBERTa family)",
     "Lfm3ForCausalLM": "short-convolution mixer layers that keep their own state outside the attention interface",
     "HYV4ForCausalLM": "an attention mask its layers index directly (the 'vllm' entry gives none)",
 }
