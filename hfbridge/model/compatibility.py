@@ -51,6 +51,14 @@ KNOWN_FEATURES = {
 }
 
 
+# Static refusals for the pooling runner (its packed requests have no probe): model_type -> (test, feature).
+POOLING_REFUSALS = {
+    "mobilebert": (lambda c: bool(getattr(c, "trigram_input", False)),
+                   "trigram input embeddings (each token's embedding reads its neighbours, which would cross "
+                   "from one packed request into the next)"),
+}
+
+
 class UnsupportedModelError(ValueError):
     """The model cannot run on hfbridge: the message names the feature and what the user can do."""
 
@@ -196,6 +204,13 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
 def check_compatible(cls: type, config, runner: str, needs_lm_head: bool) -> ProbeResult:
     """Raise UnsupportedModelError when a causal LM's tiny copy diverges; pooling models and base models with
     hfbridge's own head are not probed (their attention has no cache, or the head is ours)."""
+    text_config = config.get_text_config()
+    refusal_rule = POOLING_REFUSALS.get(getattr(text_config, "model_type", None))
+    if runner == "pooling" and refusal_rule is not None and refusal_rule[0](text_config):
+        raise UnsupportedModelError(
+            f"{cls.__name__} cannot run on hfbridge's pooling runner: {refusal_rule[1]}. Not supported with "
+            "model_impl='transformers': run it with Transformers or Sentence-Transformers directly."
+        )
     if runner != "generate" or needs_lm_head:
         return ProbeResult(True, detail="not probed")
     from hfbridge.model.transformers_model import TransformersForCausalLM
