@@ -45,7 +45,7 @@ class FlashAttnBackend:
         metadata: AttentionMetadata,
         layer: LayerOptions,
     ) -> torch.Tensor:  # [T, H, D]
-        reason = self._unsupported(query, kv_cache, metadata)
+        reason = self._unsupported(query, kv_cache, metadata, layer)
         if reason is not None:
             if reason not in self._logged_reasons:
                 self._logged_reasons.add(reason)
@@ -78,7 +78,11 @@ class FlashAttnBackend:
         )
 
     @staticmethod
-    def _unsupported(query: torch.Tensor, kv_cache: torch.Tensor | None, metadata: AttentionMetadata) -> str | None:
+    def _unsupported(
+        query: torch.Tensor, kv_cache: torch.Tensor | None, metadata: AttentionMetadata, layer: LayerOptions
+    ) -> str | None:
+        if layer.sinks is not None:
+            return "flash-attn 2 takes no attention sinks (GPT-OSS's s_aux); layers with sinks"
         if query.dtype not in (torch.float16, torch.bfloat16):
             return f"flash-attn supports fp16/bf16 only, not {query.dtype}"
         if query.shape[-1] > MAX_HEAD_DIM:

@@ -99,10 +99,12 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kr, stride_kh, stride_vr, stride_vh,  # per row (slot or token) and per kv head
     stride_bt, scale, softcap, sliding_window,
+    sinks_ptr,  # [H] float32 attention-sink logits (read only when USE_SINKS)
     NUM_QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     PAGED: tl.constexpr, IS_CAUSAL: tl.constexpr, USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr,
     SKIP_DECODES: tl.constexpr, COMPUTE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_SINKS: tl.constexpr = False,
 ):
     # grid (B, cdiv(max_query_len, BLOCK_M), H): BLOCK_M query tokens of one head of one request.
     req, tile, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -137,6 +139,9 @@ def _prefill_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
+    if USE_SINKS:  # the sink is one more score with no value: start the online softmax from it (log2 domain)
+        m_i = tl.zeros([BLOCK_M], tl.float32) + tl.load(sinks_ptr + head) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + req * stride_bt
     for kv_start in range(kv_begin, kv_end, BLOCK_N):
@@ -166,10 +171,11 @@ def _decode_kernel(
     query_start_loc_ptr, seq_lens_ptr, block_tables_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kr, stride_kh, stride_vr, stride_vh,
     stride_bt, scale, softcap, sliding_window,
+    sinks_ptr,  # [H] float32 attention-sink logits (read only when USE_SINKS)
     NUM_HEADS: tl.constexpr, NUM_QUERIES_PER_KV: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFTCAP: tl.constexpr, COMPUTE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_SINKS: tl.constexpr = False,
 ):
     # grid (B, Hkv, NUM_SPLITS): the G query heads sharing one kv head (read once for all of them), over one
     # contiguous share of the context's key tiles.
@@ -196,6 +202,11 @@ def _decode_kernel(
                 mask=head_valid[:, None] & dim_valid[None, :], other=0.0).to(COMPUTE_DTYPE)  # [BLOCK_G, BLOCK_D]
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
+    if USE_SINKS:
+        if split == 0:  # the sink joins the softmax once: split 0 carries it into the merge
+            sink = tl.load(sinks_ptr + heads, mask=head_valid, other=0.0) * 1.4426950408889634
+            m_i = tl.where(head_valid, sink, m_i)
+            l_i = tl.where(head_valid, 1.0, l_i)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + req * stride_bt
     for kv_start in range(split_begin, split_end, BLOCK_N):
@@ -281,6 +292,13 @@ def _layer_args(layer) -> tuple[float, float, int, bool, bool]:
             use_window)
 
 
+def _sinks(layer, query: torch.Tensor) -> torch.Tensor:
+    """[H] float32 sink logits, or any tensor as an unread placeholder."""
+    if layer.sinks is None:
+        return query
+    return layer.sinks.detach().to(device=query.device, dtype=torch.float32).contiguous()
+
+
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache [2, N, bs, Hkv, D] contiguous; key/value [T, Hkv, D]; slot_mapping [T] int64 (-1 = skip)."""
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -320,11 +338,12 @@ def prefill_attention(
         query, key, value, out, metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key.stride(row_dim), key.stride(-2), value.stride(row_dim), value.stride(-2),
-        metadata.block_tables.stride(0), scale, softcap, window,
+        metadata.block_tables.stride(0), scale, softcap, window, _sinks(layer, query),
         NUM_QUERIES_PER_KV=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_SIZE=key.shape[1] if paged else 1,
         PAGED=paged, IS_CAUSAL=layer.is_causal, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap,
-        SKIP_DECODES=skip_decodes, COMPUTE_DTYPE=compute_dtype, DOT_PRECISION=precision, **opts,
+        SKIP_DECODES=skip_decodes, COMPUTE_DTYPE=compute_dtype, DOT_PRECISION=precision,
+        USE_SINKS=layer.sinks is not None, **opts,
     )
 
 
@@ -370,11 +389,11 @@ def decode_attention(
         metadata.query_start_loc, metadata.seq_lens, metadata.block_tables,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        metadata.block_tables.stride(0), scale, softcap, window,
+        metadata.block_tables.stride(0), scale, softcap, window, _sinks(layer, query),
         NUM_HEADS=num_heads, NUM_QUERIES_PER_KV=group, HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim),
         BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_SIZE=block_size,
         NUM_SPLITS=num_splits, USE_WINDOW=use_window, USE_SOFTCAP=use_softcap, COMPUTE_DTYPE=compute_dtype,
-        DOT_PRECISION=precision, **opts,
+        DOT_PRECISION=precision, USE_SINKS=layer.sinks is not None, **opts,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(num_requests, num_heads)](

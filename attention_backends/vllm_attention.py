@@ -33,6 +33,9 @@ def vllm_attention_forward(
         is_causal=bool(kwargs.get("is_causal", getattr(module, "is_causal", True))),
         sinks=kwargs.get("s_aux"),
     )
+    value_dim = value.shape[-1]
+    if value_dim < head_dim:  # MLA (DeepSeek): V heads narrower than Q/K; zero columns add nothing to the output
+        value = torch.nn.functional.pad(value, (0, head_dim - value_dim))
     out = ctx.backend.forward(
         query[0].transpose(0, 1),
         key[0].transpose(0, 1),
@@ -41,7 +44,7 @@ def vllm_attention_forward(
         ctx.metadata,
         layer,
     )
-    return out[None], None  # [1, T, H, D]
+    return out[None, ..., :value_dim], None  # [1, T, H, Dv]
 
 
 def register_vllm_attention() -> None:

@@ -24,7 +24,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
+from transformers.models.auto.modeling_auto import (  # noqa: E402
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    MODEL_MAPPING_NAMES,
+)
 
 TIE_TOLERANCE = 1e-4
 MAX_NEW = 6
@@ -78,8 +82,15 @@ def _model_type(arch: str) -> str:
     raise KeyError(arch)
 
 
-def _shrink(config, overrides: dict) -> None:
-    for key, value in {**SHRINK, **overrides}.items():
+def _set(config, key, value) -> None:
+    try:
+        setattr(config, key, value)
+    except (AttributeError, TypeError, ValueError):
+        pass
+
+
+def _shrink(config, overrides: dict, plan: dict = SHRINK) -> None:
+    for key, value in {**plan, **overrides}.items():
         if key == "layer_types":
             continue
         if key in config.__dict__ or key in overrides:
@@ -87,15 +98,25 @@ def _shrink(config, overrides: dict) -> None:
                 setattr(config, key, value)
             except (AttributeError, TypeError, ValueError):
                 pass
+    if "qk_rope_head_dim" in config.__dict__ and "head_dim" in config.__dict__:  # MLA: rotary width is head_dim
+        _set(config, "head_dim", config.qk_rope_head_dim)
     for key in ("text_config", "decoder", "llm_config"):
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "to_dict") and sub is not config:
-            _shrink(sub, overrides)
+            _shrink(sub, overrides, plan)
 
 
-def tiny_config(arch: str):
+# Tried in order until Transformers builds and runs the model: every shape shrunk, then only depth, vocabulary and
+# experts (widths stay consistent), then only depth.
+MINIMAL = {key: SHRINK[key] for key in (
+    "vocab_size", "num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_experts", "num_local_experts",
+    "n_routed_experts", "num_experts_per_tok", "max_position_embeddings", "sliding_window")}
+PLANS = (SHRINK, MINIMAL, {"num_hidden_layers": 2, "vocab_size": 512})
+
+
+def tiny_config(arch: str, plan: dict = SHRINK):
     config = CONFIG_MAPPING[_model_type(arch)]()
-    _shrink(config, PER_ARCH.get(arch, {}))
+    _shrink(config, PER_ARCH.get(arch, {}), plan)
     data = config.to_dict()
     # Per-layer lists sized for the default depth: let the rebuilt config derive them again.
     for key in ("layer_types", "mlp_layer_types", "block_types", "attention_types_list"):
@@ -108,8 +129,13 @@ def tiny_config(arch: str):
     return type(config).from_dict(data)
 
 
-def build_tiny_model(arch: str, folder: Path) -> torch.nn.Module:
-    config = tiny_config(arch)
+def build_tiny_model(arch: str, folder: Path, plan: dict = SHRINK) -> torch.nn.Module:
+    config = tiny_config(arch, plan)
+    cls = getattr(transformers, arch)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in cls(config).parameters())
+    if count > 30_000_000:
+        raise ValueError(f"the shrunk config still has {count:,} parameters")
     torch.manual_seed(0)
     model = getattr(transformers, arch)(config).eval()
     with torch.no_grad():  # random init can leave some weights at zero or huge: keep logits well separated
@@ -156,6 +182,17 @@ def _hfbridge_greedy(folder: Path, extra: dict | None = None) -> list[list[int]]
     return [o.outputs[0].token_ids for o in outs]
 
 
+def _build_with_some_plan(arch: str, folder: Path):
+    errors = []
+    for plan in PLANS:
+        try:
+            model = build_tiny_model(arch, folder, plan)
+            return model, [hf_greedy(model, list(p), MAX_NEW) for p in PROMPTS]
+        except Exception as exc:  # noqa: BLE001 - the next plan shrinks less
+            errors.append(exc)
+    raise errors[0]  # Transformers' error on the fully shrunk config
+
+
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:300]
 
@@ -168,8 +205,7 @@ def run_arch(arch: str) -> Result:
     with tempfile.TemporaryDirectory(prefix=f"cov_{arch}_") as tmp:
         folder = Path(tmp)
         try:
-            model = build_tiny_model(arch, folder)
-            expected = [hf_greedy(model, list(p), MAX_NEW) for p in PROMPTS]
+            model, expected = _build_with_some_plan(arch, folder)
         except Exception as exc:  # noqa: BLE001 - Transformers' own failure is the reason
             return Result(arch, "hf_unbuildable", _one_line(exc), time.perf_counter() - start)
         try:
@@ -203,25 +239,106 @@ def _against_forward(model, prompt, ours: list[int], verdict: tuple[str, str]) -
     return "equal", "equals Transformers' forward() without cache; its generate() with cache differs from it"
 
 
-def render_table(results: list[Result]) -> str:
+ENCODER_TOLERANCE = 1e-4  # max |hidden state difference| in float32
+
+
+def flagged_encoders() -> list[str]:
+    """Base-model classes of masked-LM (encoder) model types that set `_supports_attention_backend`."""
+    names = set()
+    for model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        name = MODEL_MAPPING_NAMES.get(model_type)
+        cls = getattr(transformers, name, None) if isinstance(name, str) else None
+        if isinstance(cls, type) and getattr(cls, "_supports_attention_backend", False):
+            names.add(name)
+    return sorted(names)
+
+
+def _encoder_model_type(arch: str) -> str:
+    return next(t for t in MODEL_FOR_MASKED_LM_MAPPING_NAMES if MODEL_MAPPING_NAMES.get(t) == arch)
+
+
+def run_encoder(arch: str) -> Result:
+    """Token embeddings of the pooling runner (pooling_type ALL, no normalisation) vs the model's own last
+    hidden state, three prompts of different lengths in one batch."""
+    from hfbridge import LLM
+    from hfbridge.config import PoolerConfig
+    from hfbridge.model.compatibility import UnsupportedModelError
+
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"cov_{arch}_") as tmp:
+        try:
+            config = CONFIG_MAPPING[_encoder_model_type(arch)]()
+            _shrink(config, {})
+            data = {**config.to_dict(), "pad_token_id": 0}
+            data.pop("layer_types", None)
+            config = type(config).from_dict(data)
+            torch.manual_seed(0)
+            model = getattr(transformers, arch)(config).eval()
+            model.save_pretrained(tmp)
+            with torch.no_grad():
+                expected = [model(torch.tensor([p])).last_hidden_state[0].float() for p in PROMPTS]
+        except Exception as exc:  # noqa: BLE001
+            return Result(arch, "hf_unbuildable", _one_line(exc), time.perf_counter() - start)
+        try:
+            llm = LLM(model=tmp, runner="pooling", convert="embed", skip_tokenizer_init=True, dtype="float32",
+                      model_impl="transformers", trust_remote_code=True,
+                      pooler_config=PoolerConfig(pooling_type="ALL", use_activation=False))
+            outs = llm.encode([{"prompt_token_ids": list(p)} for p in PROMPTS], pooling_task="token_embed",
+                              use_tqdm=False)
+        except UnsupportedModelError as exc:
+            return Result(arch, "refused", " ".join(str(exc).split()), time.perf_counter() - start)
+        except Exception as exc:  # noqa: BLE001
+            return Result(arch, "error", _one_line(exc), time.perf_counter() - start)
+    # relative to the largest hidden value (MobileBERT's NoNorm layers reach the hundreds)
+    diff = max(((o.outputs.data.float() - e).abs().max() / e.abs().max().clamp(min=1)).item()
+               for o, e in zip(outs, expected))
+    verdict = "equal" if diff <= ENCODER_TOLERANCE else "mismatch"
+    return Result(arch, verdict, f"max relative hidden-state difference {diff:.2g}", time.perf_counter() - start)
+
+
+def _rows(results: list[Result]) -> list[str]:
+    lines = ["| architecture | verdict | reason | seconds |", "|---|---|---|---|"]
+    for r in sorted(results, key=lambda r: r.arch):
+        lines.append(f"| {r.arch} | {r.verdict} | {r.reason.replace('|', '/')} | {r.seconds:.1f} |")
+    return lines
+
+
+def _totals(results: list[Result]) -> str:
     counts = {v: sum(r.verdict == v for r in results) for v in
               ("equal", "near_tie", "refused", "mismatch", "error", "hf_unbuildable")}
+    return "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(results)})"
+
+
+def render_table(results: list[Result], encoders: list[Result] = ()) -> str:
     lines = [
         "# Architecture coverage",
         "",
         f"Generated by `python benchmarks/coverage.py` with Transformers {transformers.__version__}: every causal-LM "
         "class that sets `_supports_attention_backend`, built tiny with random weights, greedy through hfbridge "
         "(`model_impl=\"transformers\"`, three prompts of different lengths in one batch) vs Transformers' "
-        "`generate()`. Seconds are CPU time on a shared machine.",
+        "`generate()` with EOS masked. `near_tie`: the first difference is where Transformers' own top-2 logits are "
+        "within 1e-4. `refused`: hfbridge stops before loading weights and says why. `hf_unbuildable`: Transformers "
+        "itself could not build or run the tiny config (its error shown). Seconds: wall time on a shared 2-core "
+        "CPU machine. `hfbridge check MODEL` says the same for one model without loading its weights.",
         "",
-        "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(results)})",
+        "## Causal LMs (generate runner)",
         "",
-        "| architecture | verdict | reason | seconds |",
-        "|---|---|---|---|",
+        _totals(results),
+        "",
+        *_rows(results),
     ]
-    for r in sorted(results, key=lambda r: r.arch):
-        reason = r.reason.replace("|", "\\|")
-        lines.append(f"| {r.arch} | {r.verdict} | {reason} | {r.seconds:.1f} |")
+    if encoders:
+        lines += [
+            "",
+            "## Encoders (pooling runner)",
+            "",
+            "Base models of the masked-LM model types that set the flag: token embeddings (pooling_type ALL, no "
+            f"normalisation) vs the model's own last hidden state, within {ENCODER_TOLERANCE:g} of its largest value.",
+            "",
+            _totals(encoders),
+            "",
+            *_rows(encoders),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,18 +352,21 @@ def parse_table(text: str) -> dict[str, tuple[str, str]]:
     return rows
 
 
+def _report(r: Result) -> Result:
+    print(f"{r.arch:45s} {r.verdict:15s} {r.seconds:5.1f}s {r.reason[:150]}", file=sys.stderr, flush=True)
+    return r
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("archs", nargs="*", help="architectures to run (default: all flagged; writes docs/coverage.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     archs = args.archs or flagged_architectures()
-    results = []
-    for arch in archs:
-        results.append(run_arch(arch))
-        r = results[-1]
-        print(f"{r.arch:45s} {r.verdict:15s} {r.seconds:5.1f}s {r.reason[:150]}", file=sys.stderr, flush=True)
-    table = render_table(results)
+    encoders = [a for a in archs if a in flagged_encoders()] if args.archs else flagged_encoders()
+    results = [_report(run_arch(a)) for a in archs if a not in encoders]
+    encoder_results = [_report(run_encoder(a)) for a in encoders]
+    table = render_table(results, encoder_results)
     if args.archs:
         print(table)
     else:

@@ -46,6 +46,16 @@ KNOWN_FEATURES = {
     "MiniMaxForCausalLM": "lightning (linear) attention layers outside the attention interface",
     "GraniteSWAForCausalLM": "an attention mask built by its own mask function",
     "GraniteMoeSWAForCausalLM": "an attention mask built by its own mask function",
+    "Lfm3ForCausalLM": "short-convolution mixer layers that keep their own state outside the attention interface",
+    "HYV4ForCausalLM": "an attention mask its layers index directly (the 'vllm' entry gives none)",
+}
+
+
+# Static refusals for the pooling runner (its packed requests have no probe): model_type -> (test, feature).
+POOLING_REFUSALS = {
+    "mobilebert": (lambda c: bool(getattr(c, "trigram_input", False)),
+                   "trigram input embeddings (each token's embedding reads its neighbours, which would cross "
+                   "from one packed request into the next)"),
 }
 
 
@@ -76,6 +86,8 @@ def _shrink_in_place(config, overrides: dict) -> None:
     for key, value in SHRINK_IF_SET.items():
         if getattr(config, key, None):
             _try_set(config, key, min(value, config.__dict__.get(key) or value))
+    if "qk_rope_head_dim" in config.__dict__ and "head_dim" in config.__dict__:  # MLA: rotary width is head_dim
+        _try_set(config, "head_dim", config.qk_rope_head_dim)
     if keep is not None:
         _try_set(config, "num_hidden_layers", len(keep))
         for key, value in list(config.__dict__.items()):
@@ -128,12 +140,23 @@ def _tiny_reference(cls: type, config, prompts: list[list[int]]):
     for plan in _SHRINK_PLANS:
         try:
             tiny = shrink_config(config) if plan is None else _shrink_only(config, plan)
+            _check_size(cls, tiny)
             torch.manual_seed(0)
             model = cls._from_config(tiny, attn_implementation="eager", dtype=torch.float32).eval()
             return model, [_reference_logits(model, p + [p[-1]]) for p in prompts]
         except Exception as exc:  # noqa: BLE001 - try the next, less aggressive plan
             error = exc
     raise error
+
+
+MAX_PROBE_PARAMS = 20_000_000  # ~80 MB in float32, well under a second to build: larger copies are not probed
+
+
+def _check_size(cls: type, config) -> None:
+    with torch.device("meta"):
+        count = sum(p.numel() for p in cls._from_config(copy.deepcopy(config)).parameters())
+    if count > MAX_PROBE_PARAMS:
+        raise ValueError(f"the tiny copy would still have {count:,} parameters")
 
 
 def _shrink_only(config, fields: dict):
@@ -181,6 +204,13 @@ def _reference_logits(model, ids: list[int]) -> torch.Tensor:
 def check_compatible(cls: type, config, runner: str, needs_lm_head: bool) -> ProbeResult:
     """Raise UnsupportedModelError when a causal LM's tiny copy diverges; pooling models and base models with
     hfbridge's own head are not probed (their attention has no cache, or the head is ours)."""
+    text_config = config.get_text_config()
+    refusal_rule = POOLING_REFUSALS.get(getattr(text_config, "model_type", None))
+    if runner == "pooling" and refusal_rule is not None and refusal_rule[0](text_config):
+        raise UnsupportedModelError(
+            f"{cls.__name__} cannot run on hfbridge's pooling runner: {refusal_rule[1]}. Not supported with "
+            "model_impl='transformers': run it with Transformers or Sentence-Transformers directly."
+        )
     if runner != "generate" or needs_lm_head:
         return ProbeResult(True, detail="not probed")
     from hfbridge.model.transformers_model import TransformersForCausalLM

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from hfbridge.pooling.pooling_model import _PADDING_OFFSET_POSITIONS  # one list of RoBERTa-convention model types
+
 
 class TransformersForCausalLM(nn.Module):
     """Holds a Transformers causal LM whose attention runs through the "vllm" entry.
@@ -16,6 +18,10 @@ class TransformersForCausalLM(nn.Module):
     def __init__(self, hf_model: nn.Module):
         super().__init__()
         self.model = hf_model
+        # RoBERTa-family decoders (is_decoder=True) learn positions from padding_idx + 1 on, as their encoders do.
+        text_config = hf_model.config.get_text_config()
+        offset_types = _PADDING_OFFSET_POSITIONS
+        self.position_offset = int(text_config.pad_token_id or 0) + 1 if text_config.model_type in offset_types else 0
 
     @property
     def config(self):
@@ -30,6 +36,7 @@ class TransformersForCausalLM(nn.Module):
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
         # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
+        positions = positions + self.position_offset if self.position_offset else positions
         out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
         logits = out.logits[0]
         if logits.shape[0] != logits_indices.shape[0]:
