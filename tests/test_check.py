@@ -24,8 +24,15 @@ def llama_folder(tmp_path_factory):
     return make_tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("check") / "llama")[1]
 
 
+def test_llama_runs_natively_under_auto(llama_folder):
+    code, out = run_check(str(llama_folder))
+    assert code == 0, out
+    assert "native (hfbridge registers its own implementation of this architecture)" in out
+    assert "compatibility   ok (native)" in out
+
+
 def test_supported_model_can_run(llama_folder):
-    code, out = run_check(str(llama_folder), "--probe")
+    code, out = run_check(str(llama_folder), "--model-impl", "transformers", "--probe")
     assert code == 0, out
     assert "Transformers (LlamaForCausalLM sets _supports_attention_backend)" in out
     assert "compatibility   ok (probe: max logit difference" in out
