@@ -90,6 +90,16 @@ def _set(config, key, value) -> None:
 
 
 def _shrink(config, overrides: dict, plan: dict = SHRINK) -> None:
+    from hfbridge.model.compatibility import _layers_to_keep
+
+    layers = config.__dict__.get("num_hidden_layers")
+    keep = _layers_to_keep(config.__dict__.get("layer_types")) if isinstance(layers, int) and layers > 2 else None
+    if keep is not None and "num_hidden_layers" in {**plan, **overrides}:
+        for key, value in list(config.__dict__.items()):  # per-layer lists and tables follow the kept layers
+            if isinstance(value, list) and len(value) == layers and key != "architectures":
+                _set(config, key, [value[i] for i in keep])
+            elif isinstance(value, dict) and key.startswith("per_layer") and all(isinstance(k, int) for k in value):
+                _set(config, key, {k: v for k, v in value.items() if k < len(keep)})
     for key, value in {**plan, **overrides}.items():
         if key == "layer_types":
             continue
@@ -119,7 +129,7 @@ def tiny_config(arch: str, plan: dict = SHRINK):
     _shrink(config, PER_ARCH.get(arch, {}), plan)
     data = config.to_dict()
     # Per-layer lists sized for the default depth: let the rebuilt config derive them again.
-    for key in ("layer_types", "mlp_layer_types", "block_types", "attention_types_list"):
+    for key in ("mlp_layer_types", "block_types", "attention_types_list"):
         if isinstance(data.get(key), list) and key not in PER_ARCH.get(arch, {}):
             data.pop(key)
     data.update({"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False})

@@ -2,6 +2,7 @@
 hfbridge vs Transformers' own generate() (benchmarks/coverage.py); none may mismatch or error, and the committed
 docs/coverage.md must say what a fresh run says (regenerate it with `python benchmarks/coverage.py`)."""
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("coverage_harness", ROOT / "benchmarks" / "coverage.py")
 harness = importlib.util.module_from_spec(_spec)
+sys.modules["coverage_harness"] = harness  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(harness)
 
 SLICE = {

@@ -11,7 +11,7 @@ from torch import nn
 
 # Model types whose learned positions start after the padding index (RoBERTa's convention).
 _PADDING_OFFSET_POSITIONS = {
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod",
+    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "xmod", "esm",
 }
 
 
