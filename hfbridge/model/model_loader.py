@@ -17,6 +17,8 @@ from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
+from hfbridge.parallel.state import get_tp_group
+from hfbridge.parallel.tp_plan import shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,9 +72,17 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     start = time.perf_counter()
     model_class = resolve_model_class(model_config)
     if model_class.impl == "native":
+        if get_tp_group().size > 1:
+            raise ValueError(
+                f"The native {model_class.cls.__name__} has no tensor-parallel sharding; use "
+                "model_impl='transformers' with tensor_parallel_size > 1"
+            )
         model = model_class.cls.from_config(model_config, device)
     else:
         hf_model = build_on_meta(model_class, model_config)
+        tp = get_tp_group()
+        if tp.size > 1:  # shard on meta, so each rank reads only its slices
+            shard_model(hf_model, model_config.hf_text_config, tp)
         load_checkpoint_into(hf_model, model_config, device)
         model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
     logger.info(

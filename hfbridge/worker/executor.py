@@ -12,6 +12,7 @@ from hfbridge.attention_backends import get_attention_backend
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
+from hfbridge.parallel.state import get_tp_group, init_from_torchrun_env
 from hfbridge.pooling.pooler import build_pooler
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
@@ -37,6 +38,9 @@ class InProcessExecutor:
 
     def __init__(self, config: EngineConfig):
         self.config = config
+        if config.parallel_config.distributed_executor_backend == "external_launcher":
+            # Every torchrun rank runs this whole engine: same schedule, same gathered logits, same samples.
+            init_from_torchrun_env(config.parallel_config.tensor_parallel_size, config.device)
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
         if config.model_config.runner == "pooling":
@@ -47,11 +51,14 @@ class InProcessExecutor:
     def _generation_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> ModelRunner:
         config, device = self.config, self.config.device
         block_size = config.cache_config.block_size
-        self.num_blocks = determine_num_blocks(layers, config.cache_config, config.scheduler_config, device)
+        # Ranks size their caches from their own free memory; all must agree on one block count.
+        self.num_blocks = get_tp_group().min_int(
+            determine_num_blocks(layers, config.cache_config, config.scheduler_config, device)
+        )
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
         logger.info(
-            "KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
-            self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
+            "Rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
+            get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
         )
         generator = torch.Generator(device).manual_seed(config.model_config.seed)
         backend = get_attention_backend(config.attention_backend, device)
