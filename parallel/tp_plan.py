@@ -94,5 +94,10 @@ def shard_model(model: nn.Module, text_config: Any, tp: TPGroup) -> dict[str, st
         if style is not None and name:
             STYLES[style](module, ctx, name)
             applied[name] = style
+    if not applied:
+        raise TPPlanError(
+            f"The tp plan of {type(model).__name__} names no module it has (e.g. {next(iter(plan))!r}); "
+            f"tensor_parallel_size={tp.size} would shard nothing; fix the names with {FIX}"
+        )
     logger.info("Tensor parallel rank %d/%d: %d modules sharded by the plan", tp.rank, tp.size, len(applied))
     return applied

@@ -17,7 +17,7 @@ from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
-from hfbridge.parallel.state import get_tp_group
+from hfbridge.parallel.state import TPGroup, get_tp_group
 from hfbridge.parallel.tp_plan import shard_model
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,15 @@ def _weights(model_config: ModelConfig, model: nn.Module):
     path = str(Path(model_config.model_path) / model_config.gguf_file)
     tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
     return ((name, (lambda t=t: t)) for name, t in tensors.items())
+
+
+def check_tp_plan(model_config: ModelConfig, tp: int) -> None:
+    """Apply the plan to a throw-away meta model as rank 0 would: every refusal (no plan, unknown style, heads
+    not divisible) surfaces here, in the driver, before any worker starts or any weight is read."""
+    model_class = resolve_model_class(model_config)
+    if tp == 1 or model_class.impl == "native":
+        return
+    shard_model(build_on_meta(model_class, model_config), model_config.hf_text_config, TPGroup(0, tp))
 
 
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:

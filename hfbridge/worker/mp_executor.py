@@ -21,6 +21,7 @@ import torch
 
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from hfbridge.model.model_loader import check_tp_plan
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.model_runner import sample_step
 from hfbridge.worker.step_inputs import prepare_inputs
@@ -77,6 +78,7 @@ class MultiprocExecutor:
         self.config = config
         self.world_size = config.parallel_config.world_size
         self.timeout_s = float(os.environ.get("HFBRIDGE_WORKER_TIMEOUT", "600"))
+        check_tp_plan(config.model_config, config.parallel_config.tensor_parallel_size)  # refuse before spawning
         _pickle_remote_code_by_value()
         config_bytes = cloudpickle.dumps(config)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
