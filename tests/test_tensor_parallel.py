@@ -9,6 +9,7 @@ import gc
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -191,6 +192,12 @@ def test_remote_code_model_with_its_own_plan(tmp_path, prompts):
 
 # ---- external_launcher under torchrun ----------------------------------------------------------------------------
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_external_launcher_under_torchrun(tmp_path, llama, prompts):
     model, _, reference, _, _ = llama
     folder = save_model(model, tmp_path / "model")
@@ -198,7 +205,7 @@ def test_external_launcher_under_torchrun(tmp_path, llama, prompts):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     subprocess.run(
-        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", "0",
+        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
          str(script), str(folder), json.dumps(prompts), str(tmp_path)],
         env=env, check=True, timeout=180, cwd=tmp_path,
     )

@@ -175,5 +175,11 @@ class LLMEngine:
     def apply_model(self, func) -> list[Any]:
         return self.executor.apply_model(func)
 
+    def check_health(self) -> None:
+        """Raises when the executor lost a worker (multi-process executors); a no-op in one process."""
+        check = getattr(self.executor, "check_health", None)
+        if check is not None:
+            check()
+
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -6,9 +6,7 @@ group and shards), then serves the driver's requests over its pipe: ("execute", 
 every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import threading
 import time
 import traceback
@@ -23,11 +21,8 @@ from hfbridge.worker.model_runner import ModelRunner
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """No orphans: the kernel kills us with the parent (Linux); elsewhere a watchdog thread notices."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    """No orphans: a watchdog thread exits this worker once its parent process is gone (even a SIGKILLed one).
+    Not PR_SET_PDEATHSIG: that fires when the parent *thread* ends, and engines are built in loader threads."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
