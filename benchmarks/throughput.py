@@ -3,6 +3,7 @@ Transformers' own continuous batching (generate_batch), on one random model of S
 
     python benchmarks/throughput.py                    # 64 prompts x 128 in, 128 out (minutes on 2 CPU cores)
     python benchmarks/throughput.py --num-prompts 8 --output-len 16   # a quick look
+    python benchmarks/throughput.py --tp 2 --skip generate generate_batch   # tp=2 rows next to tp=1, peak RSS per rank
 
 Same workload everywhere: greedy, no EOS (every request produces exactly output-len tokens), float32.
 Not a test: it prints tokens/s and the ratios, and how many requests agree token for token with generate().
@@ -32,16 +33,24 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(3, vocab, (num, length), generator=g).tolist()
 
 
-def run_hfbridge(folder: str, prompts, output_len: int, args) -> tuple[float, list[list[int]]]:
+def _peak_rss_mib(model) -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_hfbridge(folder: str, prompts, output_len: int, args, **parallel) -> tuple[float, list[list[int]]]:
     from hfbridge import LLM, SamplingParams
 
     llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=len(prompts[0]) + output_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, **parallel)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    if parallel:  # workers in their own processes: their peak RSS is the model shard + KV cache + runtime
+        print(f"peak RSS per rank ({parallel}): {[round(r) for r in llm.apply_model(_peak_rss_mib)]} MiB")
     del llm
     return elapsed, [o.outputs[0].token_ids for o in outs]
 
@@ -75,6 +84,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="also run tensor_parallel_size=N (mp workers), and tp=1 in one mp worker for RSS")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "generate_batch"])
     args = parser.parse_args()
 
@@ -89,6 +100,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         results["hfbridge"] = run_hfbridge(folder, prompts, args.output_len, args)
+        if args.tp > 1:
+            for tp in (1, args.tp):
+                results[f"hfbridge tp={tp} (mp workers)"] = run_hfbridge(
+                    folder, prompts, args.output_len, args, tensor_parallel_size=tp, distributed_executor_backend="mp"
+                )
     gc.collect()
     if "generate" not in args.skip:
         model.set_attn_implementation("sdpa")

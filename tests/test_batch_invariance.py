@@ -49,9 +49,11 @@ def test_batch_equals_alone(tiny_llama, prompts, alone):
     assert batch == alone
 
 
-def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone, tp):
     llm, batch = generate_batch(
-        tiny_llama[1], prompts, block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4
+        tiny_llama[1], prompts, block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4,
+        tensor_parallel_size=tp,
     )
     engine = llm.llm_engine
     assert batch == alone
@@ -64,12 +66,14 @@ def test_chunked_prefill_alone_equals_unchunked(tiny_llama, prompts, alone):
     assert batch == alone
 
 
-def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, tp):
     prefix = build_tokenizer()("Serving language models needs a paged key-value cache and a scheduler.").input_ids
     shared = [prefix + p for p in prompts]
-    expected = generate_batch(tiny_llama[1], shared, enable_prefix_caching=False)[1]
+    expected = generate_batch(tiny_llama[1], shared, enable_prefix_caching=False)[1]  # one process: the oracle
 
-    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64)
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64,
+              tensor_parallel_size=tp)
     engine = llm.llm_engine
     first = llm.generate({"prompt_token_ids": shared[0]}, GREEDY, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in shared[1:]], GREEDY, use_tqdm=False)
