@@ -90,7 +90,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    shape = dict(SMOLLM2_135M)
+    if args.tp > 1:  # 9 heads / 3 KV heads split over no tp > 1: same width, 8 heads of 72, 2 KV heads
+        shape.update(num_attention_heads=8, num_key_value_heads=2, head_dim=72)
+        print(f"--tp {args.tp}: the model has 8 attention heads (2 KV heads) instead of 9 (3), so they split")
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     prompts = make_prompts(args.num_prompts, args.input_len, SMOLLM2_135M["vocab_size"])
     num_tokens = args.num_prompts * args.output_len
     print(f"workload: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, "

@@ -48,6 +48,10 @@ def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, t
                                 env={"OMP_NUM_THREADS": "1"})
     try:
         assert answers(url) == expected
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
+            metrics = response.read().decode()
+        assert any(line.startswith("hfbridge:parallel_world_size{") and line.endswith(" 2")
+                   for line in metrics.splitlines()), metrics
         workers = workers_of(process.pid)
         assert len(workers) == 2
         workers[1].kill()

@@ -1,7 +1,9 @@
 """Executors own the model and its KV cache; the engine talks only to them."""
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,10 +39,13 @@ class InProcessExecutor:
     KV cache, then build the runner for the config's runner kind."""
 
     def __init__(self, config: EngineConfig):
-        self.config = config
         if config.parallel_config.distributed_executor_backend == "external_launcher":
             # Every torchrun rank runs this whole engine: same schedule, same gathered logits, same samples.
+            if config.device.type == "cuda":  # one device per rank of this node
+                config = dataclasses.replace(config, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+                torch.cuda.set_device(config.device)
             init_from_torchrun_env(config.parallel_config.tensor_parallel_size, config.device)
+        self.config = config
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
         if config.model_config.runner == "pooling":

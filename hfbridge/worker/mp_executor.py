@@ -103,7 +103,7 @@ class MultiprocExecutor:
             raise
         logger.info("Started %d tensor-parallel workers (mp, %d torch threads each)", self.world_size, threads)
         self.is_generation = config.model_config.runner == "generate"
-        self.sampler = Sampler(torch.Generator("cpu").manual_seed(config.model_config.seed))
+        self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
 
     def _recv(self, rank: int) -> Any:
         conn = self.conns[rank]
@@ -145,8 +145,10 @@ class MultiprocExecutor:
         reply = self._recv(0)
         if not self.is_generation:
             return reply
-        step = prepare_inputs(scheduler_output.scheduled, self.config.cache_config.block_size, torch.device("cpu"))
-        return sample_step(self.sampler, reply, step)
+        # Sample where one process would (the engine made the requests' generators for config.device).
+        device = self.config.device
+        step = prepare_inputs(scheduler_output.scheduled, self.config.cache_config.block_size, device)
+        return sample_step(self.sampler, reply.to(device), step)
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         self._send_all(("apply", cloudpickle.dumps(func)))

@@ -6,6 +6,7 @@ group and shards), then serves the driver's requests over its pipe: ("execute", 
 every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -46,6 +47,10 @@ def worker_main(rank: int, world_size: int, init_method: str, config_bytes: byte
     torch.set_num_threads(threads)
     try:
         config = cloudpickle.loads(config_bytes)
+        if config.device.type == "cuda":  # one device per rank
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            config = dataclasses.replace(config, device=device)
         init_distributed(rank, world_size, config.parallel_config.tensor_parallel_size, init_method, config.device)
         executor = InProcessExecutor(config)
         conn.send(("ok", executor.num_blocks))
