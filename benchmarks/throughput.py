@@ -43,7 +43,11 @@ def run_hfbridge(folder: str, prompts, output_len: int, args, **parallel) -> tup
     from hfbridge import LLM, SamplingParams
 
     llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=len(prompts[0]) + output_len,
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, **parallel)
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              # With --tp, a fixed KV cache (just what the workload needs): otherwise every rank fills the same
+              # byte budget and peak RSS shows the cache, not the model shard.
+              num_gpu_blocks_override=len(prompts) * -(-(len(prompts[0]) + output_len) // 16) if parallel else None,
+              **parallel)
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import threading
 import time
 import traceback
@@ -44,6 +45,8 @@ def _error(exc: BaseException) -> tuple[str, Any]:
 def worker_main(rank: int, world_size: int, init_method: str, config_bytes: bytes, conn, threads: int,
                 parent_pid: int) -> None:
     _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the driver decides (it stops us), workers do not die mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         config = cloudpickle.loads(config_bytes)
