@@ -50,8 +50,8 @@ def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, t
         assert answers(url) == expected
         with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
             metrics = response.read().decode()
-        assert any(line.startswith("hfbridge:parallel_world_size{") and line.endswith(" 2")
-                   for line in metrics.splitlines()), metrics
+        assert [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                if line.startswith("hfbridge:parallel_world_size{")] == [2.0], metrics
         workers = workers_of(process.pid)
         assert len(workers) == 2
         workers[1].kill()
