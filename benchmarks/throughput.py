@@ -34,9 +34,10 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
 
 
 def _peak_rss_mib(model) -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS since it started (VmHWM; ru_maxrss would carry the spawning parent's peak)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
 
 
 def run_hfbridge(folder: str, prompts, output_len: int, args, **parallel) -> tuple[float, list[list[int]]]:
