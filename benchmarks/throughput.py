@@ -4,6 +4,7 @@ Transformers' own continuous batching (generate_batch), on one random model of S
     python benchmarks/throughput.py                    # 64 prompts x 128 in, 128 out (minutes on 2 CPU cores)
     python benchmarks/throughput.py --num-prompts 8 --output-len 16   # a quick look
     python benchmarks/throughput.py --model-impl native transformers --skip generate generate_batch
+    python benchmarks/throughput.py --tp 2 --skip generate generate_batch   # tp=2 rows next to tp=1, peak RSS per rank
 
 --model-impl runs hfbridge once per implementation (native Llama vs the Transformers model path); for each it also
 prints single-stream ms/token and the matmul calls per decode step (torch.profiler counts).
@@ -39,22 +40,37 @@ def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")  # the GEMM calls; aten::linear is counted apart
 
 
-def run_hfbridge(folder: str, prompts, output_len: int, args, model_impl: str) -> tuple[float, list[list[int]]]:
+def _peak_rss_mib(model) -> float:
+    """This process's peak RSS since it started (VmHWM; ru_maxrss would carry the spawning parent's peak)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+
+def run_hfbridge(folder: str, prompts, output_len: int, args, model_impl: str = "auto",
+                 **parallel) -> tuple[float, list[list[int]]]:
     from hfbridge import LLM, SamplingParams
 
     llm = LLM(model=folder, skip_tokenizer_init=True, max_model_len=len(prompts[0]) + output_len,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              model_impl=model_impl)
-    print(f"hfbridge model_impl={model_impl}: {llm.apply_model(lambda m: type(m).__name__)[0]}")
+              model_impl=model_impl,
+              # With --tp, a fixed KV cache (just what the workload needs): otherwise every rank fills the same
+              # byte budget and peak RSS shows the cache, not the model shard.
+              num_gpu_blocks_override=len(prompts) * -(-(len(prompts[0]) + output_len) // 16) if parallel else None,
+              **parallel)
+    print(f"hfbridge model_impl={model_impl} {parallel or ''}: {llm.apply_model(lambda m: type(m).__name__)[0]}")
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    single_ms_per_token = single_stream(llm, prompts[0], args.single_stream_len)
-    per_step = matmuls_per_decode_step(llm, prompts[0])
-    print(f"  single stream: {single_ms_per_token:.1f} ms/token; per decode step: "
-          + ", ".join(f"{k} {v:g}" for k, v in per_step.items()))
+    if parallel:  # workers in their own processes: their peak RSS is the model shard + KV cache + runtime
+        print(f"peak RSS per rank ({parallel}): {[round(r) for r in llm.apply_model(_peak_rss_mib)]} MiB")
+    else:
+        single_ms_per_token = single_stream(llm, prompts[0], args.single_stream_len)
+        per_step = matmuls_per_decode_step(llm, prompts[0])
+        print(f"  single stream: {single_ms_per_token:.1f} ms/token; per decode step: "
+              + ", ".join(f"{k} {v:g}" for k, v in per_step.items()))
     del llm
     return elapsed, [o.outputs[0].token_ids for o in outs]
 
@@ -116,6 +132,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="also run tensor_parallel_size=N (mp workers), and tp=1 in one mp worker for RSS")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "generate_batch"])
     parser.add_argument("--model-impl", nargs="+", default=["auto"], choices=["auto", "native", "transformers"],
                         help="hfbridge model implementation(s) to run, one row each")
@@ -123,7 +141,11 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    shape = dict(SMOLLM2_135M)
+    if args.tp > 1:  # 9 heads / 3 KV heads split over no tp > 1: same width, 8 heads of 72, 2 KV heads
+        shape.update(num_attention_heads=8, num_key_value_heads=2, head_dim=72)
+        print(f"--tp {args.tp}: the model has 8 attention heads (2 KV heads) instead of 9 (3), so they split")
+    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
     prompts = make_prompts(args.num_prompts, args.input_len, SMOLLM2_135M["vocab_size"])
     num_tokens = args.num_prompts * args.output_len
     print(f"workload: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, "
@@ -135,6 +157,11 @@ def main() -> None:
         for impl in args.model_impl:
             name = "hfbridge" if args.model_impl == ["auto"] else f"hfbridge ({impl})"
             results[name] = run_hfbridge(folder, prompts, args.output_len, args, impl)
+        if args.tp > 1:
+            for tp in (1, args.tp):
+                results[f"hfbridge tp={tp} (mp workers)"] = run_hfbridge(
+                    folder, prompts, args.output_len, args, tensor_parallel_size=tp, distributed_executor_backend="mp"
+                )
     gc.collect()
     if "generate" not in args.skip:
         model.set_attn_implementation("sdpa")

@@ -77,6 +77,23 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
 
 
+DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher", "ray")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How many ranks and who starts them (vLLM's names). Rank layout: world = tp x pp, the TP groups inside each
+    pipeline stage (rank = stage * tp + tp_rank); only pp = 1 is built today."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"  # uni | mp | external_launcher | ray
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
@@ -84,3 +101,4 @@ class EngineConfig:
     scheduler_config: SchedulerConfig
     device: torch.device
     attention_backend: str = "torch"  # resolved by name: torch | triton | flash_attn
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)

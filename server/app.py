@@ -161,8 +161,18 @@ async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSL
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([stopper, state.loader], return_when=asyncio.FIRST_COMPLETED)
         if state.load_error is None:
-            await stopper
+            await _until_stopped_or_dead(stopper, state)
         logger.info("Shutting down")
     finally:
         await runner.cleanup()
-    return 1 if state.load_error is not None else 0
+    engine_died = state.engine is not None and state.engine.dead_error is not None
+    return 1 if state.load_error is not None or engine_died else 0
+
+
+async def _until_stopped_or_dead(stopper: asyncio.Task, state: ServingState) -> None:
+    """Wait for SIGINT/SIGTERM; a dead engine (e.g. a lost tensor-parallel worker) stops the server too."""
+    while not stopper.done():
+        if state.engine is not None and state.engine.dead_error is not None:
+            logger.error("The engine stopped (%s); exiting", state.engine.dead_error)
+            return
+        await asyncio.wait([stopper], timeout=0.5)

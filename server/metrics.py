@@ -96,6 +96,9 @@ def render(metrics: ServerMetrics, engine: Any | None) -> str:
                 kv.stats.queried_tokens)
         _sample(out, "vllm:prefix_cache_hits_total", "counter", "Tokens found in the prefix cache.", labels,
                 kv.stats.hit_tokens)
+        parallel = engine.config.parallel_config
+        _sample(out, "hfbridge:parallel_world_size", "gauge", "Ranks serving the model (tp x pp).",
+                {**labels, "tensor_parallel_size": str(parallel.tensor_parallel_size)}, parallel.world_size)
     out.append("# HELP vllm:request_success_total Finished requests, by finish reason.")
     out.append("# TYPE vllm:request_success_total counter")
     for reason in sorted(set(metrics.finished) | {"stop", "length", "abort", "error"}):

@@ -58,10 +58,11 @@ def test_batch_equals_alone(tiny_llama, prompts, alone, model_impl):
     assert batch == alone
 
 
-def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone, model_impl):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone, model_impl, tp):
     llm, batch = generate_batch(
         tiny_llama[1], prompts, model_impl,
-        block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4,
+        block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4, tensor_parallel_size=tp,
     )
     engine = llm.llm_engine
     assert batch == alone
@@ -74,14 +75,14 @@ def test_chunked_prefill_alone_equals_unchunked(tiny_llama, prompts, alone, mode
     assert batch == alone
 
 
-def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, model_impl):
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, model_impl, tp):
     prefix = build_tokenizer()("Serving language models needs a paged key-value cache and a scheduler.").input_ids
     shared = [prefix + p for p in prompts]
-    expected = generate_batch(tiny_llama[1], shared, model_impl, enable_prefix_caching=False)[1]
+    expected = generate_batch(tiny_llama[1], shared, model_impl, enable_prefix_caching=False)[1]  # one process
 
-    llm = LLM(
-        model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64, model_impl=model_impl
-    )
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4, num_gpu_blocks_override=64,
+              model_impl=model_impl, tensor_parallel_size=tp)
     engine = llm.llm_engine
     first = llm.generate({"prompt_token_ids": shared[0]}, GREEDY, use_tqdm=False)
     rest = llm.generate([{"prompt_token_ids": p} for p in shared[1:]], GREEDY, use_tqdm=False)

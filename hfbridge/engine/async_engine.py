@@ -193,7 +193,9 @@ class AsyncLLMEngine:
             while True:
                 with self._cond:
                     while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
-                        self._cond.wait()
+                        # Idle: wake each second to check the workers (a dead rank turns /ready 503 at once).
+                        if not self._cond.wait(timeout=1.0):
+                            self.engine.check_health()
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, []

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 
 from hfbridge.attention_backends.registry import resolve_backend_name
-from hfbridge.config import CacheConfig, EngineConfig, ModelConfig, PoolerConfig, SchedulerConfig
+from hfbridge.config import (
+    DISTRIBUTED_EXECUTOR_BACKENDS,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    PoolerConfig,
+    SchedulerConfig,
+)
 from hfbridge.model.model_source import resolve_model_source
 from hfbridge.pooling.task_resolution import read_sentence_transformers_config, resolve_runner
 
@@ -103,9 +111,10 @@ class EngineArgs:
     enable_chunked_prefill: bool | None = None
     # attention
     attention_backend: str | None = None
-    # parallel (one process only for now)
+    # parallel: tensor parallel over torch.distributed (pipeline parallel not built yet)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni at tp 1, else mp
     ignored: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -121,18 +130,39 @@ class EngineArgs:
         return cls(**kwargs, ignored=ignored)
 
     def create_engine_config(self) -> EngineConfig:
-        if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
-                f"{self.pipeline_parallel_size}: hfbridge runs on one device for now; use 1"
-            )
+        parallel_config = self._parallel_config()
         device = _resolve_device(self.device)
         attention_backend = resolve_backend_name(self.attention_backend, device)  # fail before loading anything
         model_config = self._model_config(device)
         pooling = model_config.runner == "pooling"
         cache_config = self._cache_config(pooling)
         scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
-        return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend)
+        return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend, parallel_config)
+
+    def _parallel_config(self) -> ParallelConfig:
+        tp, pp, backend = int(self.tensor_parallel_size), int(self.pipeline_parallel_size), self.distributed_executor_backend
+        if tp < 1:
+            raise ValueError(f"tensor_parallel_size={tp} must be at least 1")
+        if pp != 1:
+            raise ValueError(f"pipeline_parallel_size={pp}: pipeline parallelism is not built yet; use 1")
+        if backend is None:
+            backend = "uni" if tp == 1 else "mp"
+        if backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend={backend!r} is not one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}"
+            )
+        if backend == "ray":
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    "distributed_executor_backend='ray' needs Ray: pip install 'hfbridge[ray]'; or use 'mp' "
+                    "(one machine) or 'external_launcher' (torchrun)"
+                ) from None
+            raise ValueError("distributed_executor_backend='ray' is not built yet; use 'mp' or 'external_launcher'")
+        if backend == "uni" and tp > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one process; tensor_parallel_size={tp} needs 'mp'")
+        return ParallelConfig(tp, pp, backend)
 
     def _model_config(self, device: torch.device) -> ModelConfig:
         from hfbridge.model.hf_config import (

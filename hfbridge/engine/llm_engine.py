@@ -11,7 +11,8 @@ import torch
 
 from hfbridge.config import EngineConfig
 from hfbridge.engine.engine_args import EngineArgs
-from hfbridge.worker.executor import Executor, InProcessExecutor
+from hfbridge.worker.executor import Executor
+from hfbridge.worker.executor_registry import build_executor
 from hfbridge.engine.input_processor import process_prompt
 from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.engine.output_processor import OutputProcessor
@@ -50,7 +51,13 @@ class LLMEngine:
         self.config = config
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
-        self.executor = executor or InProcessExecutor(config)
+        self.executor = executor or build_executor(config)
+        parallel = config.parallel_config
+        if parallel.world_size > 1:
+            logger.info(
+                "Tensor parallel: world size %d (tp=%d, %s)", parallel.world_size, parallel.tensor_parallel_size,
+                parallel.distributed_executor_backend,
+            )
         self.kv_cache_manager = KVCacheManager(
             self.executor.num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
         )
@@ -219,6 +226,12 @@ class LLMEngine:
 
     def apply_model(self, func) -> list[Any]:
         return self.executor.apply_model(func)
+
+    def check_health(self) -> None:
+        """Raises when the executor lost a worker (multi-process executors); a no-op in one process."""
+        check = getattr(self.executor, "check_health", None)
+        if check is not None:
+            check()
 
     def shutdown(self) -> None:
         self.executor.shutdown()

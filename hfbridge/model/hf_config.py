@@ -49,8 +49,16 @@ def apply_overrides(target: Any, overrides: dict[str, Any]) -> None:
     """Deep merge: nested dicts update sub-configs and dict attributes key by key; anything else is replaced."""
     for key, value in overrides.items():
         current = getattr(target, key, None) if not isinstance(target, dict) else target.get(key)
-        if isinstance(value, dict) and isinstance(current, (PretrainedConfig, dict)):
+        if isinstance(value, dict) and isinstance(current, PretrainedConfig):
             apply_overrides(current, value)
+        elif isinstance(value, dict) and isinstance(current, dict):
+            # A copy: dict attributes such as base_model_tp_plan are often class-level, shared by every config.
+            merged = dict(current)
+            apply_overrides(merged, value)
+            if isinstance(target, dict):
+                target[key] = merged
+            else:
+                setattr(target, key, merged)
         elif isinstance(target, dict):
             target[key] = value
         else:

@@ -18,6 +18,8 @@ from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
+from hfbridge.parallel.state import TPGroup, get_tp_group
+from hfbridge.parallel.tp_plan import shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -85,15 +87,28 @@ def _transformers_twin(model_class: ModelClass) -> type:
     return getattr(transformers, model_class.cls.__name__)
 
 
+def check_tp_plan(model_config: ModelConfig, tp: int) -> None:
+    """Apply the plan to a throw-away meta model as rank 0 would: every refusal (no plan, unknown style, heads
+    not divisible) surfaces here, in the driver, before any worker starts or any weight is read."""
+    model_class = resolve_model_class(model_config, tensor_parallel_size=tp)
+    if tp == 1 or model_class.impl == "native":
+        return
+    shard_model(build_on_meta(model_class, model_config), model_config.hf_text_config, TPGroup(0, tp))
+
+
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The wrapped model for the config's runner: a causal LM, an embedding or a classification model."""
     start = time.perf_counter()
-    model_class = resolve_model_class(model_config)
+    # Native models have no tensor-parallel layers yet: under tp > 1 the resolver falls back to Transformers.
+    model_class = resolve_model_class(model_config, tensor_parallel_size=get_tp_group().size)
     if model_class.impl == "native":
         model = load_native(model_class, model_config, device)
     else:
         check_compatible(model_class.cls, model_config.hf_config, model_config.runner, model_class.needs_lm_head)
         hf_model = build_on_meta(model_class, model_config)
+        tp = get_tp_group()
+        if tp.size > 1:  # shard on meta, so each rank reads only its slices
+            shard_model(hf_model, model_config.hf_text_config, tp)
         load_checkpoint_into(hf_model, model_config, device)
         model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
     logger.info(

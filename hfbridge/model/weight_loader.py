@@ -47,11 +47,31 @@ def iter_checkpoint(folder: str) -> Iterator[tuple[str, LazyTensor]]:
             # its (memory-mapped) file open until it is dropped.
             f = safe_open(str(path), framework="pt", device="cpu")
             for name in f.keys():
-                yield name, (lambda f=f, name=name: f.get_tensor(name))
+                yield name, _SafetensorsTensor(f, name)
         else:  # pickled checkpoints only through the weights-only unpickler
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():
                 yield name, (lambda t=tensor: t)
+
+
+class _SafetensorsTensor:
+    """A lazy checkpoint tensor: called, the whole tensor; `get_slice()`, a handle that reads only the indexed
+    part (tensor-parallel ranks read just their shard)."""
+
+    def __init__(self, f, name: str):
+        self.f, self.name = f, name
+
+    def __call__(self) -> torch.Tensor:
+        return self.f.get_tensor(self.name)
+
+    def get_slice(self):
+        return self.f.get_slice(self.name)
+
+
+def _read(load: LazyTensor, current: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, or only this rank's shard when the parameter carries a ShardSpec (tensor parallel)."""
+    spec = getattr(current, "shard_spec", None)
+    return load() if spec is None else spec.read(load)
 
 
 def _conversions(model: torch.nn.Module) -> list:
@@ -93,7 +113,7 @@ def load_weights(
         elif pattern is not None:
             pending.setdefault(target, []).append((name, pattern, load))
         else:
-            _assign(model, target, load(), targets[target], device)
+            _assign(model, target, _read(load, targets[target]), targets[target], device)
             loaded.add(target)
     for first_target, pieces in pending.items():
         # Fused pieces stack in expert order: checkpoints list names as strings ("experts.10" before "experts.2").
@@ -103,6 +123,8 @@ def load_weights(
             converter.add_tensor(first_target, name, pattern, load)
         for target, tensor in converter.convert(first_target, model=model, config=getattr(model, "config", None)).items():
             tensor = tensor[0] if isinstance(tensor, list) else tensor
+            spec = getattr(targets[target], "shard_spec", None)
+            tensor = tensor if spec is None else spec.take(tensor)  # fused tensors exist whole only after converting
             _assign(model, target, tensor, targets[target], device)
             loaded.add(target)
     if unexpected:

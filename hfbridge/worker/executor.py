@@ -1,8 +1,10 @@
 """Executors own the model and its KV cache; the engine talks only to them."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -13,6 +15,7 @@ from hfbridge.attention_backends import get_attention_backend
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
+from hfbridge.parallel.state import get_tp_group, init_from_torchrun_env
 from hfbridge.pooling.pooler import build_pooler
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
@@ -38,6 +41,12 @@ class InProcessExecutor:
     KV cache, then build the runner for the config's runner kind."""
 
     def __init__(self, config: EngineConfig):
+        if config.parallel_config.distributed_executor_backend == "external_launcher":
+            # Every torchrun rank runs this whole engine: same schedule, same gathered logits, same samples.
+            if config.device.type == "cuda":  # one device per rank of this node
+                config = dataclasses.replace(config, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+                torch.cuda.set_device(config.device)
+            init_from_torchrun_env(config.parallel_config.tensor_parallel_size, config.device)
         self.config = config
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
@@ -53,11 +62,14 @@ class InProcessExecutor:
         profile = None
         if device.type == "cuda":  # CPU budgets come from kv_cache_memory_bytes / free RAM, not a profile
             profile = functools.partial(run_profile_step, model, config.scheduler_config, sampler, device)
-        self.num_blocks = determine_num_blocks(layers, config.cache_config, config.scheduler_config, device, profile)
+        # Ranks size their caches from their own free memory; all must agree on one block count.
+        self.num_blocks = get_tp_group().min_int(
+            determine_num_blocks(layers, config.cache_config, config.scheduler_config, device, profile)
+        )
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
         logger.info(
-            "KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
-            self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
+            "Rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
+            get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)

@@ -38,32 +38,40 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        logits, step = self.compute_logits(scheduler_output)
+        return sample_step(self.sampler, logits, step)
+
+    @torch.inference_mode()
+    def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
+        """The forward alone (tensor-parallel workers run it; the driver samples): logits [N, V] float32."""
         step = self.prepare_inputs(scheduler_output.scheduled)
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
             logits = self.model(step.input_ids, step.positions, step.logits_indices)  # [N, V]
-        return self._sample(logits, step)
+        return logits, step
 
-    def _sample(self, logits: torch.Tensor, step: StepInputs) -> ModelRunnerOutput:
-        output = ModelRunnerOutput()
-        num_prompt_rows = logits.shape[0] - len(step.sample_requests)
-        if step.prompt_logprob_rows:
-            logprobs = torch.log_softmax(logits[:num_prompt_rows], dim=-1)
-            for request_id, (first, start, targets, k) in step.prompt_logprob_rows.items():
-                num_top = logits.shape[-1] if k == -1 else k
-                rows = logprobs[first : first + len(targets)]
-                output.prompt_logprobs[request_id] = (start, gather_logprobs(rows, targets, [num_top] * len(targets)))
-        if step.sample_requests:
-            rows = [
-                SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
-                            s.request.generator)
-                for s in step.sample_requests
-            ]
-            tokens, logprobs = self.sampler(logits[num_prompt_rows:], rows)
-            for s, token, lp in zip(step.sample_requests, tokens, logprobs):
-                output.sampled_token_ids[s.request.request_id] = token
-                if lp is not None:
-                    output.logprobs[s.request.request_id] = lp
-        return output
+
+@torch.inference_mode()
+def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepInputs) -> ModelRunnerOutput:
+    output = ModelRunnerOutput()
+    num_prompt_rows = logits.shape[0] - len(step.sample_requests)
+    if step.prompt_logprob_rows:
+        logprobs = torch.log_softmax(logits[:num_prompt_rows], dim=-1)
+        for request_id, (first, start, targets, k) in step.prompt_logprob_rows.items():
+            num_top = logits.shape[-1] if k == -1 else k
+            rows = logprobs[first : first + len(targets)]
+            output.prompt_logprobs[request_id] = (start, gather_logprobs(rows, targets, [num_top] * len(targets)))
+    if step.sample_requests:
+        rows = [
+            SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
+                        s.request.generator)
+            for s in step.sample_requests
+        ]
+        tokens, logprobs = sampler(logits[num_prompt_rows:], rows)
+        for s, token, lp in zip(step.sample_requests, tokens, logprobs):
+            output.sampled_token_ids[s.request.request_id] = token
+            if lp is not None:
+                output.logprobs[s.request.request_id] = lp
+    return output
 
 
 class PoolingModelRunner:

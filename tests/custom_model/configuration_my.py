@@ -5,10 +5,12 @@ from transformers import PretrainedConfig
 class MyConfig(PretrainedConfig):
     model_type = "my_tiny_lm"
     base_model_tp_plan = {
-        "layers.*.q_proj": "colwise",
-        "layers.*.k_proj": "colwise",
-        "layers.*.v_proj": "colwise",
-        "layers.*.o_proj": "rowwise",
+        "layers.*.attn.q_proj": "colwise",
+        "layers.*.attn.k_proj": "colwise",
+        "layers.*.attn.v_proj": "colwise",
+        "layers.*.attn.o_proj": "rowwise",
+        "layers.*.mlp.0": "colwise",
+        "layers.*.mlp.2": "rowwise",
     }
     base_model_pp_plan = {
         "embed_tokens": (["input_ids"], ["inputs_embeds"]),

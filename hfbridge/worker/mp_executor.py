@@ -1,0 +1,169 @@
+"""`mp`: one spawned worker process per tensor-parallel rank on this machine; the engine's process is the driver.
+
+Each step the driver sends the scheduler output to every worker (pickled, Requests included), the workers run
+the sharded forward together over torch.distributed, rank 0 sends the gathered logits back once, and the driver
+samples (so seeded generators live in one place, as with one process). Waits watch every worker's process: a
+dead worker raises WorkerDiedError at once instead of hanging, and the rest are stopped."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import socket
+import sys
+import weakref
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from typing import Any
+
+import cloudpickle
+import torch
+
+from hfbridge.config import EngineConfig
+from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from hfbridge.model.model_loader import check_tp_plan
+from hfbridge.sample.sampler import Sampler
+from hfbridge.worker.model_runner import sample_step
+from hfbridge.worker.step_inputs import prepare_inputs
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDiedError(RuntimeError):
+    """A tensor-parallel worker exited or failed; the engine cannot continue."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_threads(world_size: int) -> int:
+    """Torch threads per worker: HFBRIDGE_WORKER_THREADS, else OMP_NUM_THREADS, else the cores split evenly."""
+    for name in ("HFBRIDGE_WORKER_THREADS", "OMP_NUM_THREADS"):
+        if os.environ.get(name, "").isdigit() and int(os.environ[name]) > 0:
+            return int(os.environ[name])
+    return max(1, (os.cpu_count() or 1) // world_size)
+
+
+def _pickle_remote_code_by_value() -> None:
+    """Remote-code classes (transformers_modules.*) are not importable in a fresh process: ship them by value."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("transformers_modules.") and module is not None and hasattr(module, "__file__"):
+            try:
+                cloudpickle.register_pickle_by_value(module)
+            except ValueError:
+                pass
+
+
+def _stop(processes: list, conns: list) -> None:
+    for conn in conns:
+        try:
+            conn.send(("shutdown", None))
+        except (OSError, ValueError):
+            pass
+    for process in processes:
+        process.join(timeout=5)
+    for process in processes:
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+    for conn in conns:
+        conn.close()
+
+
+class MultiprocExecutor:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.world_size = config.parallel_config.world_size
+        self.timeout_s = float(os.environ.get("HFBRIDGE_WORKER_TIMEOUT", "600"))
+        check_tp_plan(config.model_config, config.parallel_config.tensor_parallel_size)  # refuse before spawning
+        _pickle_remote_code_by_value()
+        config_bytes = cloudpickle.dumps(config)
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        context = multiprocessing.get_context("spawn")  # never fork: CUDA and threads do not survive it
+        threads = worker_threads(self.world_size)
+        self.processes, self.conns = [], []
+        for rank in range(self.world_size):
+            parent_conn, child_conn = context.Pipe()
+            process = context.Process(
+                target=_worker_entry, name=f"hfbridge-tp-worker-{rank}", daemon=True,
+                args=(rank, self.world_size, init_method, config_bytes, child_conn, threads, os.getpid()),
+            )
+            process.start()
+            child_conn.close()
+            self.processes.append(process)
+            self.conns.append(parent_conn)
+        self._finalizer = weakref.finalize(self, _stop, self.processes, self.conns)
+        try:
+            self.num_blocks = [self._recv(rank) for rank in range(self.world_size)][0]
+        except BaseException:
+            self.shutdown()
+            raise
+        logger.info("Started %d tensor-parallel workers (mp, %d torch threads each)", self.world_size, threads)
+        self.is_generation = config.model_config.runner == "generate"
+        self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
+
+    def _recv(self, rank: int) -> Any:
+        conn = self.conns[rank]
+        sentinels = {p.sentinel: r for r, p in enumerate(self.processes)}
+        ready = wait([conn, *sentinels], timeout=self.timeout_s)
+        if conn in ready:
+            try:
+                status, payload = conn.recv()
+            except (EOFError, OSError):
+                status, payload = "error", (WorkerDiedError(f"tensor-parallel worker {rank} closed its pipe"), "")
+            if status == "ok":
+                return payload
+            exc, trace = payload
+            self.shutdown()
+            raise exc from WorkerDiedError(f"tensor-parallel worker {rank} failed:\n{trace}")
+        self.shutdown()
+        if not ready:
+            raise WorkerDiedError(
+                f"tensor-parallel worker {rank} did not answer within {self.timeout_s:.0f}s "
+                "(HFBRIDGE_WORKER_TIMEOUT); the workers were stopped"
+            )
+        dead = sentinels[ready[0]]
+        raise WorkerDiedError(
+            f"tensor-parallel worker {dead} exited (code {self.processes[dead].exitcode}); the engine stopped"
+        )
+
+    def _send_all(self, message: tuple) -> None:
+        if not self._finalizer.alive:
+            raise WorkerDiedError("the tensor-parallel workers were shut down")
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send(message)
+            except (OSError, ValueError) as exc:
+                self.shutdown()
+                raise WorkerDiedError(f"tensor-parallel worker {rank} is gone: {exc}") from exc
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._send_all(("execute", scheduler_output))
+        reply = self._recv(0)
+        if not self.is_generation:
+            return reply
+        # Sample where one process would (the engine made the requests' generators for config.device).
+        device = self.config.device
+        step = prepare_inputs(scheduler_output.scheduled, self.config.cache_config.block_size, device)
+        return sample_step(self.sampler, reply.to(device), step)
+
+    def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
+        self._send_all(("apply", cloudpickle.dumps(func)))
+        return [self._recv(rank) for rank in range(self.world_size)]
+
+    def check_health(self) -> None:
+        for rank, process in enumerate(self.processes):
+            if not process.is_alive():
+                raise WorkerDiedError(f"tensor-parallel worker {rank} exited (code {process.exitcode})")
+
+    def shutdown(self) -> None:
+        self._finalizer()
+
+
+def _worker_entry(*args) -> None:
+    from hfbridge.worker.mp_worker import worker_main
+
+    worker_main(*args)

@@ -1,0 +1,91 @@
+"""The body of one tensor-parallel worker process (spawned by MultiprocExecutor).
+
+It joins the torch.distributed world, loads its shard through the ordinary InProcessExecutor (which sees the TP
+group and shards), then serves the driver's requests over its pipe: ("execute", SchedulerOutput) runs the forward
+(rank 0 returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
+every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+import traceback
+from typing import Any
+
+import cloudpickle
+import torch
+
+from hfbridge.parallel.state import destroy_distributed, init_distributed
+from hfbridge.worker.executor import InProcessExecutor
+from hfbridge.worker.model_runner import ModelRunner
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """No orphans: a watchdog thread exits this worker once its parent process is gone (even a SIGKILLed one).
+    Not PR_SET_PDEATHSIG: that fires when the parent *thread* ends, and engines are built in loader threads."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="hfbridge-parent-watch").start()
+
+
+def _error(exc: BaseException) -> tuple[str, Any]:
+    try:
+        cloudpickle.dumps(exc)
+        return "error", (exc, traceback.format_exc())
+    except Exception:
+        return "error", (RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc())
+
+
+def worker_main(rank: int, world_size: int, init_method: str, config_bytes: bytes, conn, threads: int,
+                parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    # Ctrl-C reaches the whole process group: the driver decides (it stops us), workers do not die mid-collective.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(threads)
+    try:
+        config = cloudpickle.loads(config_bytes)
+        if config.device.type == "cuda":  # one device per rank
+            device = torch.device("cuda", rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            config = dataclasses.replace(config, device=device)
+        init_distributed(rank, world_size, config.parallel_config.tensor_parallel_size, init_method, config.device)
+        executor = InProcessExecutor(config)
+        conn.send(("ok", executor.num_blocks))
+    except BaseException as exc:  # noqa: BLE001 - every failure goes to the driver, which raises it
+        conn.send(_error(exc))
+        return
+    _serve(rank, executor, conn)
+    executor.shutdown()
+    destroy_distributed()
+
+
+def _serve(rank: int, executor: InProcessExecutor, conn) -> None:
+    runner = executor.runner
+    while True:
+        try:
+            kind, payload = conn.recv()
+        except (EOFError, OSError):  # the driver is gone
+            return
+        if kind == "shutdown":
+            return
+        try:
+            if kind == "execute":
+                if isinstance(runner, ModelRunner):
+                    reply = runner.compute_logits(payload)[0]  # [N, V], gathered: identical on every rank
+                else:
+                    reply = runner.execute(payload)
+                if rank == 0:
+                    conn.send(("ok", reply))
+            elif kind == "apply":
+                conn.send(("ok", cloudpickle.loads(payload)(runner.model)))
+            else:
+                raise ValueError(f"unknown worker command {kind!r}")
+        except BaseException as exc:  # noqa: BLE001
+            conn.send(_error(exc))
+            return
