@@ -40,6 +40,12 @@ def alone(tiny_llama, prompts, model_impl):
     return [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
 
 
+def _under_tp(model_impl: str, tp: int) -> str:
+    """The native models have no tensor-parallel layers: at tp > 1 the native case runs `auto`, which falls back to
+    the Transformers path (model_impl="native" would be refused)."""
+    return "auto" if tp > 1 and model_impl == "native" else model_impl
+
+
 def generate_batch(folder, prompts, model_impl, **engine_kwargs):
     llm = LLM(model=str(folder), max_model_len=64, model_impl=model_impl, **engine_kwargs)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
@@ -60,6 +66,7 @@ def test_batch_equals_alone(tiny_llama, prompts, alone, model_impl):
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_tiny_budget_and_cache_force_chunking_and_preemption(tiny_llama, prompts, alone, model_impl, tp):
+    model_impl = _under_tp(model_impl, tp)
     llm, batch = generate_batch(
         tiny_llama[1], prompts, model_impl,
         block_size=4, num_gpu_blocks_override=16, max_num_batched_tokens=8, max_num_seqs=4, tensor_parallel_size=tp,
@@ -77,6 +84,7 @@ def test_chunked_prefill_alone_equals_unchunked(tiny_llama, prompts, alone, mode
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_shared_prefix_served_from_cache(tiny_llama, prompts, alone, model_impl, tp):
+    model_impl = _under_tp(model_impl, tp)
     prefix = build_tokenizer()("Serving language models needs a paged key-value cache and a scheduler.").input_ids
     shared = [prefix + p for p in prompts]
     expected = generate_batch(tiny_llama[1], shared, model_impl, enable_prefix_caching=False)[1]  # one process

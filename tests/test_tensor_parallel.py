@@ -122,7 +122,8 @@ def test_unknown_backend_and_ray_are_refused():
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory, prompts):
     model, folder = make_tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("tp_llama"))
-    llm1, reference = run(folder, prompts)
+    # tp=1 on the Transformers path (auto would pick the native Llama): the same modules, so bytes compare by name
+    llm1, reference = run(folder, prompts, model_impl="transformers")
     llm2, outputs = run(folder, prompts, tensor_parallel_size=2)
     yield model, llm1, reference, llm2, outputs
     llm2.llm_engine.shutdown()
