@@ -119,7 +119,7 @@ def _parallel_plans(report: CheckReport, hf_config) -> None:
     else:
         report.add("tp plan", "none (the model defines no base_model_tp_plan)")
     pp = _plan(text, "base_model_pp_plan") or _plan(hf_config, "base_model_pp_plan")
-    report.add("pp plan", f"{len(pp)} stages' modules: {', '.join(pp)}" if pp else "none")
+    report.add("pp plan", f"{len(pp)} modules: {', '.join(pp)} (none supported yet: pp size 1)" if pp else "none")
     report.add("parallelism", "hfbridge runs on one device for now (tensor/pipeline parallel size 1)")
 
 
