@@ -67,11 +67,11 @@ def test_remote_code_needs_the_flag(tmp_path):
 
 
 def test_unsupported_tp_style_is_named(llama_folder):
-    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.mlp.experts": "grouped_gemm"}
+    plan = {"layers.*.self_attn.q_proj": "colwise", "layers.*.mlp": "packed_rowwise"}
     code, out = run_check(str(llama_folder), "--hf-overrides", json.dumps({"base_model_tp_plan": plan}))
     assert code == 0, out  # runs on one device; sharding it is what is not supported
-    assert "grouped_gemm (not supported yet)" in out and "colwise (supported)" in out
-    assert "not supported yet: grouped_gemm" in out
+    assert "packed_rowwise (not supported: fused rowwise expert tensors are not built)" in out
+    assert "colwise (supported)" in out and "tensor_parallel_size > 1 refused: packed_rowwise" in out
 
 
 def test_python_dash_m_entry(tmp_path):

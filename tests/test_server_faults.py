@@ -377,3 +377,31 @@ async def test_default_body_limit_follows_the_context(aiohttp_client, tiny_llama
     assert response.status == 413 and "--max-request-body-bytes" in (await response.json())["error"]["message"]
     response = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 1})
     assert response.status == 200
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+async def test_a_large_n_request_starves_nobody_and_its_abort_frees_everything(aiohttp_client, tiny_llama):
+    """vLLM-style fairness: another client's small request completes while a request with n=1000 runs; cutting the
+    large one aborts all its samples at once (linear abort), frees every KV block and gives its memory back."""
+    c = await aiohttp_client(make_app(tiny_llama[1]))
+    await wait_ready(c)
+    engine = engine_of(c)
+    rss_before = _rss_bytes()
+    large = await c.post("/v1/completions", json={"prompt": "Once upon a time", "n": 1000, "max_tokens": 40,
+                                                  "ignore_eos": True, "stream": True, "temperature": 1.0})
+    assert large.status == 200
+    await large.content.readline()  # the large request is running
+    start = time.monotonic()
+    small = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 4, "ignore_eos": True})
+    waited = time.monotonic() - start
+    assert small.status == 200 and (await small.json())["choices"][0]["finish_reason"] == "length"
+    assert waited < 20, f"a 4-token request waited {waited:.1f} s behind n=1000"
+    assert engine.get_num_unfinished_requests() > 0  # the large request was still running meanwhile
+    large.close()
+    await wait_idle(c, timeout=20)
+    assert engine.kv_cache_manager.num_free_blocks == engine.executor.num_blocks
+    assert _rss_bytes() - rss_before < 256 << 20

@@ -14,10 +14,8 @@ from typing import Any
 import click
 
 from hfbridge.entrypoints.cli_args import JsonDict
+from hfbridge.parallel.styles import REFUSED, STYLES
 
-# The tensor-parallel styles hfbridge will shard (Transformers' tp_plan values); every other style is refused
-# when tensor parallelism lands. TP does not exist yet: this table is the one place that says what will.
-SUPPORTED_TP_STYLES = frozenset({"colwise", "rowwise", "replicate"})
 _TASKS = {"generate": ["generate"], "embed": ["embed", "token_embed"], "classify": ["classify", "score"]}
 
 
@@ -112,15 +110,19 @@ def _parallel_plans(report: CheckReport, hf_config) -> None:
     tp = _plan(text, "base_model_tp_plan") or _plan(hf_config, "base_model_tp_plan")
     if tp:
         styles = sorted(set(map(str, tp.values())))
-        unsupported = [s for s in styles if s not in SUPPORTED_TP_STYLES]
-        marks = ", ".join(f"{s} ({'supported' if s in SUPPORTED_TP_STYLES else 'not supported yet'})" for s in styles)
-        verdict = f"not supported yet: {', '.join(unsupported)}" if unsupported else "all styles supported"
+        # The same style table tensor_parallel_size > 1 shards with (hfbridge.parallel.styles).
+        unsupported = [s for s in styles if s not in STYLES]
+        marks = ", ".join(
+            f"{s} ({'supported' if s in STYLES else 'not supported: ' + REFUSED.get(s, 'unknown style')})"
+            for s in styles
+        )
+        verdict = f"tensor_parallel_size > 1 refused: {', '.join(unsupported)}" if unsupported else "all styles supported"
         report.add("tp plan", f"{len(tp)} entries; styles: {marks}; {verdict}")
     else:
         report.add("tp plan", "none (the model defines no base_model_tp_plan)")
     pp = _plan(text, "base_model_pp_plan") or _plan(hf_config, "base_model_pp_plan")
     report.add("pp plan", f"{len(pp)} modules: {', '.join(pp)} (none supported yet: pp size 1)" if pp else "none")
-    report.add("parallelism", "hfbridge runs on one device for now (tensor/pipeline parallel size 1)")
+    report.add("parallelism", "tensor parallel from the tp plan; pipeline parallel not built yet (pp size 1)")
 
 
 def _sizes(report: CheckReport, model_config) -> None:
