@@ -88,28 +88,7 @@ class AsyncLLMEngine:
 
         Iterate the stream for its outputs; call `abort` if you stop listening before it finished.
         """
-        if not self.is_running:
-            raise EngineDeadError("the engine is not running") from self.dead_error
-        stream = RequestStream(request_id)
-        accepted: asyncio.Future[None] = self._loop.create_future()
-
-        def add() -> None:
-            try:
-                self.engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens)
-            except Exception as e:  # noqa: BLE001 - handed to the caller, who maps it to an HTTP status
-                self._call_soon(_settle, accepted, e)
-                return
-            self._streams[request_id] = stream
-            self._call_soon(_settle, accepted, None)
-
-        if not self._submit(add):
-            raise EngineDeadError("the engine is shutting down")
-        try:
-            await accepted
-        except asyncio.CancelledError:
-            # The caller went away while the engine was adding: the abort queued behind the add undoes it.
-            self.abort(request_id)
-            raise
+        (stream,) = await self.add_requests([(request_id, prompt, params, add_special_tokens)])
         return stream
 
     async def add_requests(self, requests: list[tuple[str, Any, SamplingParams | Any, bool]]) -> list[RequestStream]:
