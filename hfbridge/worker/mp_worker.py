@@ -42,6 +42,28 @@ def _error(exc: BaseException) -> tuple[str, Any]:
         return "error", (RuntimeError(f"{type(exc).__name__}: {exc}"), traceback.format_exc())
 
 
+def start_rank(rank: int, world_size: int, init_method: str, config) -> InProcessExecutor:
+    """Join the world and load this rank's shard (shared by the mp and ray executors)."""
+    if config.device.type == "cuda":  # one device per rank
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        config = dataclasses.replace(config, device=device)
+    init_distributed(rank, world_size, config.parallel_config.tensor_parallel_size, init_method, config.device)
+    return InProcessExecutor(config)
+
+
+def run_command(rank: int, runner, kind: str, payload: Any) -> tuple[bool, Any]:
+    """One driver command on this rank -> (reply?, value). Only rank 0 replies to "execute" (the result is the
+    same on every rank); every rank replies to "apply"."""
+    if kind == "execute":
+        if isinstance(runner, ModelRunner):
+            return rank == 0, runner.compute_logits(payload)[0]  # [N, V], gathered: identical on every rank
+        return rank == 0, runner.execute(payload)
+    if kind == "apply":
+        return True, cloudpickle.loads(payload)(runner.model)
+    raise ValueError(f"unknown worker command {kind!r}")
+
+
 def worker_main(rank: int, world_size: int, init_method: str, config_bytes: bytes, conn, threads: int,
                 parent_pid: int) -> None:
     _die_with_parent(parent_pid)
@@ -49,13 +71,7 @@ def worker_main(rank: int, world_size: int, init_method: str, config_bytes: byte
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
-        config = cloudpickle.loads(config_bytes)
-        if config.device.type == "cuda":  # one device per rank
-            device = torch.device("cuda", rank % torch.cuda.device_count())
-            torch.cuda.set_device(device)
-            config = dataclasses.replace(config, device=device)
-        init_distributed(rank, world_size, config.parallel_config.tensor_parallel_size, init_method, config.device)
-        executor = InProcessExecutor(config)
+        executor = start_rank(rank, world_size, init_method, cloudpickle.loads(config_bytes))
         conn.send(("ok", executor.num_blocks))
     except BaseException as exc:  # noqa: BLE001 - every failure goes to the driver, which raises it
         conn.send(_error(exc))
@@ -75,17 +91,9 @@ def _serve(rank: int, executor: InProcessExecutor, conn) -> None:
         if kind == "shutdown":
             return
         try:
-            if kind == "execute":
-                if isinstance(runner, ModelRunner):
-                    reply = runner.compute_logits(payload)[0]  # [N, V], gathered: identical on every rank
-                else:
-                    reply = runner.execute(payload)
-                if rank == 0:
-                    conn.send(("ok", reply))
-            elif kind == "apply":
-                conn.send(("ok", cloudpickle.loads(payload)(runner.model)))
-            else:
-                raise ValueError(f"unknown worker command {kind!r}")
+            reply, value = run_command(rank, runner, kind, payload)
+            if reply:
+                conn.send(("ok", value))
         except BaseException as exc:  # noqa: BLE001
             conn.send(_error(exc))
             return
