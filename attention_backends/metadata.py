@@ -1,7 +1,9 @@
 """Per-step attention metadata: what every backend needs to find a token's place in the paged cache."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,6 +24,13 @@ class AttentionMetadata:
     # Host copies of query_start_loc / seq_lens: Python loops in the reference backend read them without a sync.
     query_start_loc_cpu: tuple[int, ...] = ()
     seq_lens_cpu: tuple[int, ...] = ()
+    # Values every layer of the step derives alike (e.g. the decode gather's slot indices): built once per step.
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def memo(self, key: Any, build: Callable[[], Any]) -> Any:
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
 
     @property
     def num_requests(self) -> int:

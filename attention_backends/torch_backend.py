@@ -30,19 +30,21 @@ def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -
     return blocks[0], blocks[1]
 
 
-def gather_padded_kv(
-    kv_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contexts of B requests padded to max_len: [B, max_len, Hkv, D]. Padding repeats each request's position 0,
-    a slot it has written, so no unwritten (possibly NaN) cache memory is ever read; attend() masks it."""
-    block_size, num_kv_heads, head_dim = kv_cache.shape[2:]
-    positions = torch.arange(max_len, device=kv_cache.device)[None, :]  # [1, L]
+def padded_slots(block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int, block_size: int) -> torch.Tensor:
+    """Cache slots of B requests' contexts padded to max_len: [B * max_len]. Padding repeats each request's
+    position 0, a slot it has written, so no unwritten (possibly NaN) cache memory is ever read; attend() masks it."""
+    positions = torch.arange(max_len, device=block_tables.device)[None, :]  # [1, L]
     positions = torch.where(positions < seq_lens[:, None], positions, 0)  # [B, L]
     blocks = block_tables.long().gather(1, positions // block_size)
-    slots = (blocks * block_size + positions % block_size).flatten()
+    return (blocks * block_size + positions % block_size).flatten()
+
+
+def gather_slots(kv_cache: torch.Tensor, slots: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_cache [2, N, bs, Hkv, D], slots [B * L] -> key, value [B, L, Hkv, D]."""
+    num_kv_heads, head_dim = kv_cache.shape[3:]
     keys = kv_cache[0].view(-1, num_kv_heads, head_dim).index_select(0, slots)
     values = kv_cache[1].view(-1, num_kv_heads, head_dim).index_select(0, slots)
-    shape = (len(seq_lens), max_len, num_kv_heads, head_dim)
+    shape = (batch, -1, num_kv_heads, head_dim)
     return keys.view(shape), values.view(shape)
 
 
@@ -120,6 +122,8 @@ class TorchReferenceBackend:
             if kv_cache is None:  # no cache: the request's context is exactly its new tokens
                 assert seq_len == num_new, "a request without KV cache must be scheduled whole"
                 k, v = key[None, start:end], value[None, start:end]
+            elif seq_len == num_new:  # nothing cached before this chunk: the context is the new tokens, as stored
+                k, v = key[None, start:end].to(kv_cache.dtype), value[None, start:end].to(kv_cache.dtype)
             else:
                 k, v = gather_kv(kv_cache, metadata.block_tables[b : b + 1], seq_len)
             positions = torch.arange(seq_len - num_new, seq_len, device=query.device)[None]
@@ -129,10 +133,19 @@ class TorchReferenceBackend:
 
     @staticmethod
     def _decode_batch(query, kv_cache, metadata, layer, decodes, out) -> None:
-        rows = torch.tensor(decodes, device=query.device)
-        token_idx = metadata.query_start_loc[rows].long()  # one query token per decode request
-        lens = metadata.seq_lens[rows].long()
-        max_len = max(metadata.seq_lens_cpu[b] for b in decodes)
-        k, v = gather_padded_kv(kv_cache, metadata.block_tables[rows], lens, max_len)
+        # The same for every layer of the step: built by the first layer, reused by the others.
+        token_idx, lens, slots = metadata.memo(("decode", kv_cache.shape[2]), lambda: _decode_plan(metadata, decodes,
+                                                                                                    kv_cache.shape[2]))
+        k, v = gather_slots(kv_cache, slots, lens.shape[0])
         result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
         out[token_idx] = result[:, 0].to(out.dtype)
+
+
+def _decode_plan(metadata: AttentionMetadata, decodes: list[int], block_size: int):
+    """token_idx [B] (the one query token of each decode request), lens [B], slots [B * max_len] (see
+    padded_slots)."""
+    rows = torch.tensor(decodes, device=metadata.seq_lens.device)
+    lens = metadata.seq_lens[rows].long()
+    max_len = max(metadata.seq_lens_cpu[b] for b in decodes)
+    slots = padded_slots(metadata.block_tables[rows], lens, max_len, block_size)
+    return metadata.query_start_loc[rows].long(), lens, slots

@@ -59,6 +59,16 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def _changes_logits(row: SamplingRow) -> bool:
+    """Whether _process would touch this row's logits at all."""
+    p = row.params
+    return bool(
+        p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias
+        or (len(row.output_token_ids) < p.min_tokens and p.min_tokens_stop_ids)
+        or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+    )
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for rows without a seed; seeded from the engine's `seed`
@@ -70,7 +80,8 @@ class Sampler:
         vocab_size = logits.shape[-1]
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
-        logits = self._process(logits.clone(), rows)
+        if any(_changes_logits(r) for r in rows):  # else (plain greedy / temperature rows): no copy, no loop
+            logits = self._process(logits.clone(), rows)
 
         tokens = logits.argmax(dim=-1)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
