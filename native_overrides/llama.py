@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
 from hfbridge.native_overrides.weights import load_stacked_weights
 
@@ -146,6 +147,7 @@ class NativeCausalLM(nn.Module):
                 self.lm_head = nn.Linear(self.options.hidden_size, self.options.vocab_size, bias=False, dtype=dtype)
         self.max_positions = max_positions
         self.rotary: RotaryTable | None = None
+        self._head: HeadProjection | None = None
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
@@ -168,7 +170,9 @@ class NativeCausalLM(nn.Module):
         hidden = self.model(input_ids[0], positions[0], self.rotary)  # [T, hidden]
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
-        return nn.functional.linear(hidden[logits_indices], self.head_weight).float()
+        if self._head is None or not self._head.is_current(self.head_weight):
+            self._head = HeadProjection(self.head_weight)
+        return self._head(hidden[logits_indices]).float()
 
     def load_weights(self, weights) -> set[str]:
         """weights: (checkpoint name, lazy tensor) pairs; returns the parameter names filled."""
