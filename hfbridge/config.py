@@ -50,6 +50,7 @@ class ModelConfig:
     runner: str = "generate"  # generate | pooling
     convert: str = "none"  # none | embed | classify: how a pooling runner reads the model
     pooler_config: PoolerConfig | None = None  # resolved for pooling runners
+    enforce_eager: bool = False  # True: never torch.compile (see native_overrides/compiled_regions.py)
 
     @property
     def hf_text_config(self) -> PretrainedConfig:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
 from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
 from hfbridge.native_overrides.weights import load_stacked_weights
@@ -75,8 +76,8 @@ class Attention(nn.Module):
             layer_idx=layer_idx, scaling=opts.head_dim**-0.5, sliding_window=opts.sliding_windows[layer_idx]
         )
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable) -> torch.Tensor:
-        # hidden [T, hidden] -> qkv [T, q + 2 kv] -> q [T, H, D], k/v [T, Hkv, D]
+    def project(self, hidden: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable):
+        # hidden [T, hidden] -> qkv [T, q + 2 kv] -> q [T, H, D], k/v [T, Hkv, D], rotary applied
         q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
@@ -84,8 +85,7 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over each head, before rotary
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, positions)
-        out = backend_attention(q, k, v.contiguous(), self.options)  # [T, H, D]
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return q, k, v.contiguous()
 
 
 class MLP(nn.Module):
@@ -107,14 +107,27 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
         self.post_attention_layernorm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
 
-    def forward(self, hidden, residual, positions, rotary):
+    def forward(self, hidden, residual, positions, rotary, regions: Regions):
+        """The attention call runs eagerly between two attention-free regions, which may be compiled."""
+        q, k, v, residual = regions.before_attention(self, hidden, residual, positions, rotary)
+        out = backend_attention(q, k, v, self.self_attn.options)  # [T, H, D]
+        return regions.after_attention(self, out, residual)
+
+    def before_attention(self, hidden, residual, positions, rotary):
         if residual is None:
             residual, hidden = hidden, self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, positions, rotary)
+        q, k, v = self.self_attn.project(hidden, positions, rotary)
+        return q, k, v, residual
+
+    def after_attention(self, out, residual):
+        hidden = self.self_attn.o_proj(out.reshape(out.shape[0], -1))
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+
+EAGER_REGIONS = Regions(DecoderLayer.before_attention, DecoderLayer.after_attention)
 
 
 class DecoderModel(nn.Module):
@@ -124,10 +137,11 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(opts, i, dtype) for i in range(opts.num_layers))
         self.norm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, rotary: RotaryTable,
+                regions: Regions = EAGER_REGIONS) -> torch.Tensor:
         hidden, residual = self.embed_tokens(input_ids), None  # [T, hidden]
         for layer in self.layers:
-            hidden, residual = layer(hidden, residual, positions, rotary)
+            hidden, residual = layer(hidden, residual, positions, rotary, regions)
         return self.norm(hidden, residual)[0]
 
 
@@ -148,6 +162,7 @@ class NativeCausalLM(nn.Module):
         self.max_positions = max_positions
         self.rotary: RotaryTable | None = None
         self._head: HeadProjection | None = None
+        self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
@@ -167,12 +182,29 @@ class NativeCausalLM(nn.Module):
         positions: torch.Tensor,  # [1, T]
         logits_indices: torch.Tensor | None = None,  # [N]
     ) -> torch.Tensor:  # [N, V] float32
-        hidden = self.model(input_ids[0], positions[0], self.rotary)  # [T, hidden]
+        regions = self.compiled.for_tokens(input_ids.shape[1]) if self.compiled is not None else EAGER_REGIONS
+        hidden = self.model(input_ids[0], positions[0], self.rotary, regions)  # [T, hidden]
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
         if self._head is None or not self._head.is_current(self.head_weight):
             self._head = HeadProjection(self.head_weight)
         return self._head(hidden[logits_indices]).float()
+
+    def compile_regions(self, background: bool = True) -> CompiledRegions:
+        """torch.compile the decoder layers' attention-free regions (see compiled_regions.py); eager until ready."""
+        self.compiled = CompiledRegions(EAGER_REGIONS, self._warm_up_inputs)
+        self.compiled.start(background)
+        return self.compiled
+
+    def _warm_up_inputs(self, num_tokens: int):
+        """Inputs of layer 0 (no residual yet) and layer 1 for a step of num_tokens tokens."""
+        opts, weight = self.options, self.model.embed_tokens.weight
+        hidden = torch.zeros(num_tokens, opts.hidden_size, dtype=weight.dtype, device=weight.device)
+        positions = torch.arange(num_tokens, device=weight.device)
+        attn_out = torch.zeros(num_tokens, opts.num_heads, opts.head_dim, dtype=weight.dtype, device=weight.device)
+        layers = self.model.layers
+        return [(layers[0], hidden, None, positions, self.rotary, attn_out),
+                (layers[min(1, len(layers) - 1)], hidden, hidden.clone(), positions, self.rotary, attn_out)]
 
     def load_weights(self, weights) -> set[str]:
         """weights: (checkpoint name, lazy tensor) pairs; returns the parameter names filled."""

@@ -6,6 +6,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# enforce_eager's default for the suite: compiling every tiny model would cost minutes of CI; the compiled path is
+# checked against eager and Transformers in test_compiled_regions.py
+os.environ.setdefault("HFBRIDGE_ENFORCE_EAGER", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -72,12 +72,12 @@ def test_unset_flags_keep_engine_defaults(captured):
 
 def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
     with caplog.at_level(logging.WARNING):
-        result = run(["serve", "/models/x", "--enforce-eager", "--swap-space", "4", "--kv_cache_dtype=auto",
+        result = run(["serve", "/models/x", "--disable-log-stats", "--swap-space", "4", "--kv_cache_dtype=auto",
                       "--disable-log-requests", "--lora-modules", "a=b", "c=d", "--max-num-seqs", "4", "-O3",
                       "--no-enable-sleep-mode"])
     assert result.exit_code == 0, result.output
     assert captured["engine_args"].max_num_seqs == 4
-    for flag in ("--enforce-eager", "--swap-space", "--kv-cache-dtype", "--disable-log-requests", "--lora-modules",
+    for flag in ("--disable-log-stats", "--swap-space", "--kv-cache-dtype", "--disable-log-requests", "--lora-modules",
                  "--compilation-config", "--no-enable-sleep-mode"):
         assert f"Ignoring {flag}" in caplog.text
 

@@ -123,9 +123,9 @@ def test_engine_arguments_are_checked(tiny_llama):
 
 
 def test_vllm_only_arguments_are_accepted_with_a_warning(tiny_llama, caplog):
-    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, enforce_eager=True, swap_space=4)
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, cpu_offload_gb=0, swap_space=4)
     assert llm.llm_engine is not None
-    assert "enforce_eager" in caplog.text and "swap_space" in caplog.text
+    assert "cpu_offload_gb" in caplog.text and "swap_space" in caplog.text
 
 
 def test_prompt_longer_than_the_context_is_refused(llm):

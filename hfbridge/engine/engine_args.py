@@ -44,7 +44,6 @@ _MAX_LEN_KEYS = (
 # vLLM arguments that mean nothing here: accepted with a one-line warning, never an error.
 IGNORED_ARGS = frozenset(
     {
-        "enforce_eager",
         "swap_space",
         "cpu_offload_gb",
         "compilation_config",
@@ -111,6 +110,10 @@ class EngineArgs:
     enable_chunked_prefill: bool | None = None
     # attention
     attention_backend: str | None = None
+    # compilation: False (vLLM's default) lets native decoders torch.compile in the background; the environment
+    # variable HFBRIDGE_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every tiny model
+    # would cost minutes; tests that compile say so)
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("HFBRIDGE_ENFORCE_EAGER", "0") == "1")
     # parallel: tensor parallel over torch.distributed (pipeline parallel not built yet)
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -226,6 +229,7 @@ class EngineArgs:
             runner=runner.runner,
             convert=runner.convert,
             pooler_config=runner.pooler_config,
+            enforce_eager=bool(self.enforce_eager),
         )
 
     def _cache_config(self, pooling: bool) -> CacheConfig:

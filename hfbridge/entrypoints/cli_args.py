@@ -20,7 +20,7 @@ LIST_FLAGS = frozenset({"--api-key", "--served-model-name"})
 # vLLM flags with no effect in hfbridge: name -> how many values follow (0 for switches, -1 for nargs="+").
 IGNORED_FLAGS: dict[str, int] = {
     **dict.fromkeys(
-        ["--enforce-eager", "--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
+        ["--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
          "--disable-custom-all-reduce", "--enable-auto-tool-choice", "--enable-prompt-tokens-details",
          "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-sleep-mode",
          "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
@@ -229,6 +229,8 @@ ENGINE_OPTIONS = [
     click.option("--distributed-executor-backend", type=click.Choice(["mp", "external_launcher", "ray", "uni"]),
                  help="Who starts the ranks: mp (spawned here), external_launcher (torchrun). [default: mp if tp > 1]"),
     click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int, help="Pipeline stages (1)."),
+    click.option("--enforce-eager/--no-enforce-eager", default=None,
+                 help="Never torch.compile the model (native decoders compile in the background by default)."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                  show_default=True),
 ]

@@ -1,0 +1,55 @@
+"""enforce_eager=False (vLLM's default) torch.compiles the native decoder's attention-free regions in the background.
+Greedy output must be identical with and without enforce_eager, and equal Transformers' own generate(); once
+compiled, serving never compiles again (no new graphs while generating).
+
+The rest of the suite runs eagerly (HFBRIDGE_ENFORCE_EAGER=1 in conftest.py: compiling every tiny model would
+cost minutes); this file is where the compiled path meets the oracle."""
+import pytest
+import torch
+import torch._dynamo.utils
+from greedy import assert_greedy_match, hf_greedy
+from test_native_models import build, prompts
+from tiny_models import save_model
+
+from hfbridge import LLM, SamplingParams
+
+MAX_NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    """Qwen3: every region's piece is exercised (q/k RMSNorm, rotary, fused qkv and gate_up)."""
+    model = build("Qwen3ForCausalLM", seed=3)
+    return model, save_model(model, tmp_path_factory.mktemp("compiled") / "qwen3")
+
+
+def _llm(folder, enforce_eager: bool) -> LLM:
+    return LLM(model=str(folder), model_impl="native", block_size=4, max_model_len=128, dtype="float32",
+               enforce_eager=enforce_eager)
+
+
+def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
+    model, folder = tiny_qwen3
+    batch = prompts()  # 3 prompts: batched prefill and decode steps (T >= 2) take the compiled regions
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5, ignore_eos=True)
+
+    eager = _llm(folder, enforce_eager=True)
+    assert eager.apply_model(lambda m: m.compiled)[0] is None
+    eager_outs = eager.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    del eager
+
+    compiled = _llm(folder, enforce_eager=False)
+    assert compiled.apply_model(lambda m: m.compiled.wait(timeout=900))[0], "compilation failed or timed out"
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_outs = compiled.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph"
+
+    for prompt, e, c in zip(batch, eager_outs, compiled_outs):
+        e, c = e.outputs[0], c.outputs[0]
+        assert c.token_ids == e.token_ids
+        for e_step, c_step in zip(e.logprobs, c.logprobs):
+            assert set(c_step) == set(e_step)
+            for token_id, lp in c_step.items():
+                assert lp.logprob == pytest.approx(e_step[token_id].logprob, abs=1e-4)
+        tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
+        assert_greedy_match(c.token_ids, tokens, logits)
