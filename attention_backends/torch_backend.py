@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
+from hfbridge.attention_backends.paged_decode import CompiledDecode
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -96,6 +97,14 @@ def attend(
 
 class TorchReferenceBackend:
     name = "torch"
+    compiled_decode: CompiledDecode | None = None  # see enable_compiled_decode
+
+    def enable_compiled_decode(self, head_shapes: list[tuple[int, int, int, torch.dtype]], device: torch.device,
+                               background: bool = True) -> CompiledDecode:
+        """Decode steps of plain attention layers read the paged cache in place once compiled (paged_decode.py)."""
+        self.compiled_decode = CompiledDecode(head_shapes, device)
+        self.compiled_decode.start(background)
+        return self.compiled_decode
 
     def forward(
         self,
@@ -131,11 +140,15 @@ class TorchReferenceBackend:
             out[start:end] = attend(query[None, start:end], k, v, positions, lens, layer)[0].to(out.dtype)
         return out
 
-    @staticmethod
-    def _decode_batch(query, kv_cache, metadata, layer, decodes, out) -> None:
+    def _decode_batch(self, query, kv_cache, metadata, layer, decodes, out) -> None:
         # The same for every layer of the step: built by the first layer, reused by the others.
         token_idx, lens, slots = metadata.memo(("decode", kv_cache.shape[2]), lambda: _decode_plan(metadata, decodes,
                                                                                                     kv_cache.shape[2]))
+        if self.compiled_decode is not None and self.compiled_decode.serves(layer):
+            result = self.compiled_decode.fn(query[token_idx], kv_cache, slots.view(len(lens), -1), lens,
+                                             layer.scaling)
+            out[token_idx] = result.to(out.dtype)
+            return
         k, v = gather_slots(kv_cache, slots, lens.shape[0])
         result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
         out[token_idx] = result[:, 0].to(out.dtype)

@@ -1,4 +1,5 @@
-"""enforce_eager=False (vLLM's default) torch.compiles the native decoder's attention-free regions in the background.
+"""enforce_eager=False (vLLM's default) torch.compiles, in the background, the native decoder's attention-free regions
+and the decode attention that reads the paged cache in place.
 Greedy output must be identical with and without enforce_eager, and equal Transformers' own generate(); once
 compiled, serving never compiles again (no new graphs while generating).
 
@@ -30,7 +31,9 @@ def _llm(folder, enforce_eager: bool) -> LLM:
 
 def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
     model, folder = tiny_qwen3
-    batch = prompts()  # 3 prompts: batched prefill and decode steps (T >= 2) take the compiled regions
+    # 3 prompts: batched prefill and decode steps (T >= 2) take the compiled regions, decode steps the compiled
+    # decode attention
+    batch = prompts()
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5, ignore_eos=True)
 
     eager = _llm(folder, enforce_eager=True)
@@ -40,6 +43,8 @@ def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
 
     compiled = _llm(folder, enforce_eager=False)
     assert compiled.apply_model(lambda m: m.compiled.wait(timeout=900))[0], "compilation failed or timed out"
+    decode = compiled.llm_engine.executor.runner.backend.compiled_decode
+    assert decode.wait(timeout=900), f"decode attention did not compile: {decode.error}"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled_outs = compiled.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph"

@@ -169,6 +169,8 @@ def generate(ctx: click.Context, model: str | None, prompt: str | None, chat: bo
     default_level = ctx.get_parameter_source("log_level") is click.core.ParameterSource.DEFAULT
     _setup_logging("warning" if default_level else options["log_level"])
     engine_args = engine_args_from(ctx, model, options)
+    if options.get("enforce_eager") is None:  # one answer, then exit: compiling would only delay the exit
+        engine_args.enforce_eager = True
     _check_default_model(engine_args.model)
     if prompt is None:
         prompt = sys.stdin.read()

@@ -73,6 +73,10 @@ class InProcessExecutor:
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
+        if not config.model_config.enforce_eager and hasattr(backend, "enable_compiled_decode"):
+            shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
+            if shapes:
+                backend.enable_compiled_decode(shapes, device)
         return ModelRunner(model, kv_caches, backend, block_size, device, sampler)
 
     def _pooling_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> PoolingModelRunner:
@@ -92,4 +96,19 @@ class InProcessExecutor:
         return [func(self.runner.model)]
 
     def shutdown(self) -> None:
+        for compiling in (getattr(self.runner.model, "compiled", None), getattr(self.runner.backend, "compiled_decode", None)):
+            if compiling is not None:
+                compiling.stop()
         self.runner.kv_caches.clear()
+
+
+def _decode_head_shapes(text_config, layers: dict[int, LayerSpec]) -> list[tuple[int, int, int, torch.dtype]]:
+    """Distinct (query heads, KV heads, head dim, dtype) of the cached layers, for the compiled decode's warm-up;
+    empty when the config does not say how many query heads share a KV head."""
+    heads = getattr(text_config, "num_attention_heads", None)
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    if not isinstance(heads, int) or not isinstance(kv_heads, int) or heads % kv_heads:
+        return []
+    group = heads // kv_heads
+    return sorted({(s.num_kv_heads * group, s.num_kv_heads, s.head_dim, s.dtype) for s in layers.values()},
+                  key=str)

@@ -1,0 +1,59 @@
+"""torch.compile on a background thread: the eager code serves until the compiled code is warm.
+
+Compiling costs tens of seconds on a small CPU (seconds when Inductor's on-disk cache holds the graphs from an
+earlier start), which must count neither against start-up nor against a request's latency. `BackgroundCompile`
+runs a warm-up (calls of the compiled functions on inputs shaped like the real ones, under inference mode like
+every real step, since the mode is part of what a graph is guarded on) and says when it is done.
+
+The thread is not a daemon: a process must not exit while Inductor runs (torch aborts the interpreter then), so
+exit waits for the graph being compiled; `stop()` (the executor's shutdown calls it) skips the graphs not begun."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
+
+
+class BackgroundCompile:
+    def __init__(self, what: str, warm_up: Callable[[], None]):
+        """warm_up: calls the compiled functions; it should check `stopping` between calls."""
+        self.what = what
+        self.warm_up = warm_up
+        self.stopping = threading.Event()
+        self.ready = threading.Event()  # set when the compiled code is in use
+        self.done = threading.Event()  # set when compilation ended, ready or failed
+        self.error: BaseException | None = None
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            threading.Thread(target=self._run, name=f"hfbridge-compile-{self.what}").start()
+        else:
+            self._run()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until compilation ended; True when the compiled code is in use."""
+        self.done.wait(timeout)
+        return self.ready.is_set()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.warm_up()
+            if self.stopping.is_set():
+                return
+        except Exception as exc:  # noqa: BLE001 - a failed compile leaves the code eager, never broken
+            self.error = exc
+            if not threading.main_thread().is_alive():  # the process is exiting: Inductor refuses new work
+                return
+            logger.warning("torch.compile of %s failed; it runs eagerly: %s", self.what, exc)
+        else:
+            logger.info("Compiled %s in %.1fs", self.what, time.perf_counter() - start)
+            self.ready.set()
+        finally:
+            self.done.set()
