@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch._dynamo.utils
 from greedy import assert_greedy_match, hf_greedy
+import transformers
 from test_native_models import build, prompts
+from test_native_smollm2 import smollm2  # noqa: F401 - the fixture
 from tiny_models import save_model
 
 from hfbridge import LLM, SamplingParams
@@ -29,11 +31,9 @@ def _llm(folder, enforce_eager: bool) -> LLM:
                enforce_eager=enforce_eager)
 
 
-def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
-    model, folder = tiny_qwen3
-    # 3 prompts: batched prefill and decode steps (T >= 2) take the compiled regions, decode steps the compiled
-    # decode attention
-    batch = prompts()
+def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[list[int]]) -> None:
+    # Several prompts: batched prefill and decode steps (T >= 2) take the compiled regions, decode steps the
+    # compiled decode attention.
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5, ignore_eos=True)
 
     eager = _llm(folder, enforce_eager=True)
@@ -58,3 +58,17 @@ def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
                 assert lp.logprob == pytest.approx(e_step[token_id].logprob, abs=1e-4)
         tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
         assert_greedy_match(c.token_ids, tokens, logits)
+
+
+def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):
+    model, folder = tiny_qwen3
+    _check_compiled_equals_eager_and_transformers(model, folder, prompts())
+
+
+@pytest.mark.slow
+def test_smollm2_compiled_equals_transformers(smollm2):
+    """The packaged default model, the one `hfbridge serve` compiles by default."""
+    model, folder, _, _ = smollm2
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village by the sea,"]
+    _check_compiled_equals_eager_and_transformers(model, folder, [tokenizer(t).input_ids for t in texts])
