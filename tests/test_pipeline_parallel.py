@@ -233,29 +233,35 @@ def test_llm_refuses_before_loading(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    model = build_model("LlamaForCausalLM")
+    """A 3-layer Llama: its even split is 2 + 1 layers."""
+    torch.manual_seed(0)
+    config = CONFIGS["LlamaForCausalLM"]().__class__(**{**CONFIGS["LlamaForCausalLM"]().to_dict(), "num_hidden_layers": 3})
+    model = transformers.LlamaForCausalLM(config).eval()
     return model, save_model(model, tmp_path_factory.mktemp("pp_llama"))
 
 
-def test_llama_pp2_matches_transformers(llama, prompts):
+def test_llama_pp2_uneven_partition_matches_transformers(llama, prompts, monkeypatch):
     model, folder = llama
+    monkeypatch.setenv(PARTITION_ENV, "1,2")  # the even split would be 2,1; spawned workers inherit it
     llm, outputs = run(folder, prompts, pipeline_parallel_size=2)
     assert_matches_model(model, prompts, outputs)
-    assert layer_kinds(llm) == [["LlamaDecoderLayer", "MissingLayer"], ["MissingLayer", "LlamaDecoderLayer"]]
-    assert llm.apply_model(cache_layers) == [[0], [1]]  # each stage's KV cache covers its own layer only
+    assert layer_kinds(llm) == [["LlamaDecoderLayer", "MissingLayer", "MissingLayer"],
+                                ["MissingLayer", "LlamaDecoderLayer", "LlamaDecoderLayer"]]
+    assert llm.apply_model(cache_layers) == [[0], [1, 2]]  # each stage's KV cache covers its own layers only
     assert llm.apply_model(head_parameters) == [[], ["model.lm_head.weight"]]  # the head lives on the last stage
     assert_workers_gone(llm)
 
 
-def test_llama_tp2_x_pp2_matches_transformers(llama, prompts):
+def test_llama_tp2_x_pp2_matches_transformers(llama, prompts, monkeypatch):
     model, folder = llama
+    monkeypatch.delenv(PARTITION_ENV, raising=False)
     llm, outputs = run(folder, prompts, pipeline_parallel_size=2, tensor_parallel_size=2)
     assert_matches_model(model, prompts, outputs)
-    # ranks 0, 1 are stage 0's TP group, ranks 2, 3 stage 1's: each holds half of its layer's q_proj
+    # ranks 0, 1 are stage 0's TP group (layers 0-1), ranks 2, 3 stage 1's (layer 2): each holds half a q_proj
     shapes = llm.apply_model(lambda m: [tuple(layer.self_attn.q_proj.weight.shape)
                                         for layer in m.model.base_model.layers if not isinstance(layer, MissingLayer)])
-    assert shapes == [[(32, 64)]] * 4
-    assert layer_kinds(llm) == [["LlamaDecoderLayer", "MissingLayer"]] * 2 + [["MissingLayer", "LlamaDecoderLayer"]] * 2
+    assert shapes == [[(32, 64)] * 2] * 2 + [[(32, 64)]] * 2
+    assert llm.apply_model(cache_layers) == [[0, 1]] * 2 + [[2]] * 2
     assert_workers_gone(llm)
 
 
@@ -278,17 +284,4 @@ def test_remote_code_model_with_its_own_plan_pp2(tmp_path, prompts):
     llm, outputs = run(tmp_path / "my_model", prompts, trust_remote_code=True, pipeline_parallel_size=2)
     assert_matches_model(model, prompts, outputs)
     assert layer_kinds(llm) == [["MyLayer", "MissingLayer"], ["MissingLayer", "MyLayer"]]
-    assert_workers_gone(llm)
-
-
-def test_uneven_partition_from_the_environment(tmp_path, prompts, monkeypatch):
-    torch.manual_seed(0)
-    config = CONFIGS["LlamaForCausalLM"]().__class__(**{**CONFIGS["LlamaForCausalLM"]().to_dict(), "num_hidden_layers": 3})
-    model = transformers.LlamaForCausalLM(config).eval()
-    monkeypatch.setenv(PARTITION_ENV, "1,2")  # the even split would be 2,1
-    llm, outputs = run(save_model(model, tmp_path / "llama3"), prompts, pipeline_parallel_size=2)
-    assert_matches_model(model, prompts, outputs)
-    assert layer_kinds(llm) == [["LlamaDecoderLayer", "MissingLayer", "MissingLayer"],
-                                ["MissingLayer", "LlamaDecoderLayer", "LlamaDecoderLayer"]]
-    assert llm.apply_model(cache_layers) == [[0], [1, 2]]
     assert_workers_gone(llm)
