@@ -110,29 +110,37 @@ class MultiprocExecutor:
         self.is_generation = config.model_config.runner == "generate"
         self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
 
-    def _recv(self, rank: int) -> Any:
-        conn = self.conns[rank]
+    def _recv(self, rank: int, errors_from_all: bool = False) -> Any:
+        """Rank `rank`'s reply. errors_from_all ("execute": only the output rank replies): a message from any
+        other rank is its error (a failing first stage leaves the last blocked on its hand-off), raised at once."""
         sentinels = {p.sentinel: r for r, p in enumerate(self.processes)}
-        ready = wait([conn, *sentinels], timeout=self.timeout_s)
-        if conn in ready:
+        watched = list(range(self.world_size)) if errors_from_all else [rank]
+        ready = wait([*(self.conns[r] for r in watched), *sentinels], timeout=self.timeout_s)
+        replied = sorted((r for r in watched if self.conns[r] in ready), key=lambda r: r != rank)
+        if replied:
+            sender = replied[0]
             try:
-                status, payload = conn.recv()
-            except (EOFError, OSError):
-                status, payload = "error", (WorkerDiedError(f"tensor-parallel worker {rank} closed its pipe"), "")
-            if status == "ok":
+                status, payload = self.conns[sender].recv()
+            except (EOFError, OSError):  # its process is gone (killed): its pipe closed with it
+                self.processes[sender].join(timeout=5)
+                self._raise_died(sender)
+            if status == "ok" and sender == rank:
                 return payload
-            exc, trace = payload
+            exc, trace = payload if status != "ok" else (WorkerDiedError(f"worker {sender} replied out of turn"), "")
             self.shutdown()
-            raise exc from WorkerDiedError(f"tensor-parallel worker {rank} failed:\n{trace}")
+            raise exc from WorkerDiedError(f"tensor-parallel worker {sender} failed:\n{trace}")
         self.shutdown()
         if not ready:
             raise WorkerDiedError(
                 f"tensor-parallel worker {rank} did not answer within {self.timeout_s:.0f}s "
                 "(HFBRIDGE_WORKER_TIMEOUT); the workers were stopped"
             )
-        dead = sentinels[ready[0]]
+        self._raise_died(sentinels[ready[0]])
+
+    def _raise_died(self, rank: int) -> None:
+        self.shutdown()
         raise WorkerDiedError(
-            f"tensor-parallel worker {dead} exited (code {self.processes[dead].exitcode}); the engine stopped"
+            f"tensor-parallel worker {rank} exited (code {self.processes[rank].exitcode}); the engine stopped"
         )
 
     def _send_all(self, message: tuple) -> None:
@@ -147,7 +155,7 @@ class MultiprocExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._send_all(("execute", scheduler_output))
-        reply = self._recv(self.output_rank)
+        reply = self._recv(self.output_rank, errors_from_all=True)
         if not self.is_generation:
             return reply
         # Sample where one process would (the engine made the requests' generators for config.device).
