@@ -6,6 +6,13 @@ any worker starts; workers never outlive the engine. Each pp=2 engine spawns 2 w
 from __future__ import annotations
 
 import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -13,6 +20,7 @@ import torch
 import transformers
 from greedy import assert_greedy_match
 from test_custom_model import write_remote_code_model
+from test_tensor_parallel import free_port
 from tiny_models import CONFIGS, build_model, build_tokenizer, save_model
 from torch import nn
 
@@ -263,6 +271,31 @@ def test_llama_tp2_x_pp2_matches_transformers(llama, prompts, monkeypatch):
     assert shapes == [[(32, 64)] * 2] * 2 + [[(32, 64)]] * 2
     assert llm.apply_model(cache_layers) == [[0, 1]] * 2 + [[2]] * 2
     assert_workers_gone(llm)
+
+
+def test_external_launcher_under_torchrun(llama, prompts, tmp_path):
+    """Two torchrun ranks, one stage each: both produce the model's own tokens (every rank samples the last
+    stage's broadcast logits)."""
+    model, folder = llama
+    script = Path(__file__).parent / "pp_launcher_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    env.pop(PARTITION_ENV, None)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+         str(script), str(folder), json.dumps(prompts), str(tmp_path)],
+        env=env, check=True, timeout=180, cwd=tmp_path,
+    )
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        outputs = [
+            SimpleNamespace(outputs=[SimpleNamespace(
+                token_ids=g["ids"],
+                logprobs=[{int(t): SimpleNamespace(logprob=v) for t, v in step.items()} for step in g["logprobs"]],
+            )])
+            for g in got
+        ]
+        assert_matches_model(model, prompts, outputs)
 
 
 def test_gemma2_tied_embeddings_pp2_matches_transformers(tmp_path, prompts):
