@@ -87,7 +87,9 @@ class StageSplit:
 
 def pp_plan_of(base_model: nn.Module) -> dict[str, Any]:
     """The base model's plan in forward order: its own `_pp_plan`, else its config's `base_model_pp_plan`."""
-    plan = getattr(base_model, "_pp_plan", None) or getattr(getattr(base_model, "config", None), "base_model_pp_plan", None)
+    plan = getattr(base_model, "_pp_plan", None)
+    if not plan:
+        plan = getattr(getattr(base_model, "config", None), "base_model_pp_plan", None)
     return dict(plan or {})
 
 

@@ -243,7 +243,7 @@ def test_llm_refuses_before_loading(tmp_path, monkeypatch):
 def llama(tmp_path_factory):
     """A 3-layer Llama: its even split is 2 + 1 layers."""
     torch.manual_seed(0)
-    config = CONFIGS["LlamaForCausalLM"]().__class__(**{**CONFIGS["LlamaForCausalLM"]().to_dict(), "num_hidden_layers": 3})
+    config = transformers.LlamaConfig(**{**CONFIGS["LlamaForCausalLM"]().to_dict(), "num_hidden_layers": 3})
     model = transformers.LlamaForCausalLM(config).eval()
     return model, save_model(model, tmp_path_factory.mktemp("pp_llama"))
 

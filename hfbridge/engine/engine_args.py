@@ -114,7 +114,7 @@ class EngineArgs:
     # parallel over torch.distributed: world = tp x pp ranks
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni for one rank, else mp
+    distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni if 1 rank, else mp
     ignored: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

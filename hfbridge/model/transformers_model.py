@@ -38,7 +38,9 @@ class TransformersForCausalLM(nn.Module):
             logits_indices = input_ids.new_zeros(0)
         # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
         positions = positions + self.position_offset if self.position_offset else positions
-        inputs = {"input_ids": input_ids} if inputs_embeds is None else {"input_ids": None, "inputs_embeds": inputs_embeds}
+        inputs = {"input_ids": input_ids}
+        if inputs_embeds is not None:  # a later pipeline stage: the previous stage's hidden states
+            inputs = {"input_ids": None, "inputs_embeds": inputs_embeds}
         out = self.model(**inputs, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
         logits = out.logits[0]
         if logits.shape[0] != logits_indices.shape[0]:

@@ -71,7 +71,8 @@ class InProcessExecutor:
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
         logger.info(
             "Stage %d, TP rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
-            get_pp_group().stage, get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
+            get_pp_group().stage, get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size,
+            len(kv_caches), self.num_blocks * block_size,
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
