@@ -93,6 +93,16 @@ def head_parameters(model) -> list[str]:
     return sorted(name for name, _ in model.named_parameters() if "lm_head" in name)
 
 
+def break_first_stage(model) -> None:
+    layers = model.model.base_model.layers
+    if not isinstance(layers[0], MissingLayer):  # stage 0 only: the last stage then waits on its hand-off
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("boom on the first stage")
+
+        layers[0].forward = boom
+
+
 def assert_workers_gone(llm) -> None:
     pids = [p.pid for p in llm.llm_engine.executor.processes]
     llm.llm_engine.shutdown()
@@ -317,4 +327,8 @@ def test_remote_code_model_with_its_own_plan_pp2(tmp_path, prompts):
     llm, outputs = run(tmp_path / "my_model", prompts, trust_remote_code=True, pipeline_parallel_size=2)
     assert_matches_model(model, prompts, outputs)
     assert layer_kinds(llm) == [["MyLayer", "MissingLayer"], ["MissingLayer", "MyLayer"]]
+    # a failing first stage: its own error reaches the caller at once (the last stage is blocked, not failing)
+    llm.apply_model(break_first_stage)
+    with pytest.raises(Exception, match="boom on the first stage"):
+        llm.generate({"prompt_token_ids": prompts[0]}, GREEDY, use_tqdm=False)
     assert_workers_gone(llm)
