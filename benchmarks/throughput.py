@@ -134,6 +134,8 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--tp", type=int, default=1,
                         help="also run tensor_parallel_size=N (mp workers), and tp=1 in one mp worker for RSS")
+    parser.add_argument("--pipeline-parallel-size", "--pp", type=int, default=1,
+                        help="also run pipeline_parallel_size=N (mp workers) with tensor_parallel_size=--tp")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generate", "generate_batch"])
     parser.add_argument("--model-impl", nargs="+", default=["auto"], choices=["auto", "native", "transformers"],
                         help="hfbridge model implementation(s) to run, one row each")
@@ -162,6 +164,10 @@ def main() -> None:
                 results[f"hfbridge tp={tp} (mp workers)"] = run_hfbridge(
                     folder, prompts, args.output_len, args, tensor_parallel_size=tp, distributed_executor_backend="mp"
                 )
+        if args.pipeline_parallel_size > 1:
+            results[f"hfbridge tp={args.tp} pp={args.pipeline_parallel_size} (mp)"] = run_hfbridge(
+                folder, prompts, args.output_len, args, tensor_parallel_size=args.tp,
+                pipeline_parallel_size=args.pipeline_parallel_size, distributed_executor_backend="mp")
     gc.collect()
     if "generate" not in args.skip:
         model.set_attn_implementation("sdpa")

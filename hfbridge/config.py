@@ -84,7 +84,7 @@ DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher", "ray")
 @dataclass(frozen=True)
 class ParallelConfig:
     """How many ranks and who starts them (vLLM's names). Rank layout: world = tp x pp, the TP groups inside each
-    pipeline stage (rank = stage * tp + tp_rank); only pp = 1 is built today."""
+    pipeline stage (rank = stage * tp + tp_rank); the last stage's tp-rank 0 returns the logits (output_rank)."""
 
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -93,6 +93,11 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def output_rank(self) -> int:
+        """The global rank whose "execute" reply the driver reads: the last stage's tp-rank 0."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""This process's tensor-parallel group on torch.distributed.
+"""This process's place in the torch.distributed world: its tensor-parallel group and its pipeline stage.
 
-Rank layout (ready for pipeline stages): world = tp x pp, global rank = stage * tp + tp_rank, so each TP group
-is `tp` consecutive ranks inside one stage. Only pp = 1 exists today, so the TP group is the whole world."""
+Rank layout: world = tp x pp, global rank = stage * tp + tp_rank. Each TP group is the `tp` consecutive ranks of
+one stage (its own `new_group`); stage s's tp-rank r hands its hidden states to rank (s + 1) * tp + r, the same
+tp-rank of the next stage (every TP rank holds the whole hidden state after its all-reduce). The last stage's
+tp-rank 0, global rank (pp - 1) * tp, is the one that returns logits to the driver."""
 from __future__ import annotations
 
 import datetime
@@ -33,31 +35,90 @@ class TPGroup:
         return torch.cat(parts, dim=-1)
 
     def min_int(self, value: int) -> int:
-        """The smallest of every rank's value (ranks must agree on e.g. the KV cache's block count)."""
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
-        return int(t.item())
+        """The smallest of every rank's value in this group."""
+        return _min_int(value, self.size, self.group)
+
+
+@dataclass(frozen=True)
+class PPGroup:
+    """This rank's pipeline stage and its point-to-point neighbours (global ranks)."""
+
+    stage: int
+    size: int  # number of stages
+    tp_size: int = 1
+    tp_rank: int = 0
+    logits_to_every_rank: bool = False  # external_launcher: every rank samples, so every rank needs the logits
+
+    @property
+    def is_first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.stage == self.size - 1
+
+    @property
+    def rank(self) -> int:
+        return self.stage * self.tp_size + self.tp_rank
+
+    @property
+    def output_rank(self) -> int:
+        """The last stage's tp-rank 0: it returns the logits (or pooled outputs) to the driver."""
+        return (self.size - 1) * self.tp_size
+
+    def send_next(self, tensor: torch.Tensor) -> None:
+        dist.send(tensor.contiguous(), dst=self.rank + self.tp_size)
+
+    def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        out = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(out, src=self.rank - self.tp_size)
+        return out
+
+    def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last stage's tensor on every rank of the world (same shape and dtype everywhere)."""
+        tensor = tensor.contiguous()
+        dist.broadcast(tensor, src=self.output_rank)
+        return tensor
 
 
 _TP = TPGroup(0, 1)
+_PP = PPGroup(0, 1)
 
 
 def get_tp_group() -> TPGroup:
     return _TP
 
 
+def get_pp_group() -> PPGroup:
+    return _PP
+
+
+def world_min_int(value: int) -> int:
+    """The smallest of every rank's value in the world (all stages must agree on the KV cache's block count)."""
+    size = dist.get_world_size() if dist.is_initialized() else 1
+    return _min_int(value, size, None)
+
+
+def _min_int(value: int, size: int, group) -> int:
+    if size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def init_distributed(
     rank: int, world_size: int, tensor_parallel_size: int, init_method: str, device: torch.device,
-    timeout_s: float = 600.0,
+    timeout_s: float = 600.0, logits_to_every_rank: bool = False,
 ) -> TPGroup:
-    """Join the world (gloo on CPU, NCCL on CUDA) and form this rank's TP group."""
-    global _TP
-    if world_size != tensor_parallel_size:
-        raise ValueError(f"world size {world_size} != tensor_parallel_size {tensor_parallel_size}: only pp = 1 is built")
+    """Join the world (gloo on CPU, NCCL on CUDA), form the TP group of every stage and take this rank's."""
+    global _TP, _PP
+    tp = tensor_parallel_size
+    if tp < 1 or world_size % tp:
+        raise ValueError(f"world size {world_size} is not a multiple of tensor_parallel_size {tp} (world = tp x pp)")
+    pp = world_size // tp
     if world_size == 1:
-        _TP = TPGroup(0, 1)
+        _TP, _PP = TPGroup(0, 1), PPGroup(0, 1)
         return _TP
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
@@ -65,11 +126,18 @@ def init_distributed(
             backend, init_method=init_method, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    _TP = TPGroup(rank % tensor_parallel_size, tensor_parallel_size, dist.group.WORLD)
+    stage, tp_rank = divmod(rank, tp)
+    group = dist.group.WORLD if pp == 1 else None
+    if pp > 1 and tp > 1:  # every rank creates every stage's group, in the same order (new_group is collective)
+        for s in range(pp):
+            created = dist.new_group(list(range(s * tp, (s + 1) * tp)))
+            group = created if s == stage else group
+    _TP = TPGroup(tp_rank, tp, group if tp > 1 else None)
+    _PP = PPGroup(stage, pp, tp, tp_rank, logits_to_every_rank)
     return _TP
 
 
-def init_from_torchrun_env(tensor_parallel_size: int, device: torch.device) -> TPGroup:
+def init_from_torchrun_env(tensor_parallel_size: int, device: torch.device, pipeline_parallel_size: int = 1) -> TPGroup:
     """external_launcher: torchrun set RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT for every rank."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -78,15 +146,18 @@ def init_from_torchrun_env(tensor_parallel_size: int, device: torch.device) -> T
             "Start the script with `torchrun --nproc-per-node N script.py`, or use distributed_executor_backend='mp'"
         )
     world = int(os.environ["WORLD_SIZE"])
-    if world != tensor_parallel_size:
+    expected = tensor_parallel_size * pipeline_parallel_size
+    if world != expected:
         raise ValueError(
-            f"torchrun started WORLD_SIZE={world} ranks but tensor_parallel_size={tensor_parallel_size}; make them equal"
+            f"torchrun started WORLD_SIZE={world} ranks but tensor_parallel_size={tensor_parallel_size} x "
+            f"pipeline_parallel_size={pipeline_parallel_size} = {expected}; make them equal"
         )
-    return init_distributed(int(os.environ["RANK"]), world, tensor_parallel_size, "env://", device)
+    return init_distributed(int(os.environ["RANK"]), world, tensor_parallel_size, "env://", device,
+                            logits_to_every_rank=True)
 
 
 def destroy_distributed() -> None:
-    global _TP
-    _TP = TPGroup(0, 1)
+    global _TP, _PP
+    _TP, _PP = TPGroup(0, 1), PPGroup(0, 1)
     if dist.is_initialized():
         dist.destroy_process_group()

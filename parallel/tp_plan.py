@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from hfbridge.parallel.pp_plan import MissingLayer
 from hfbridge.parallel.state import TPGroup
 from hfbridge.parallel.styles import FIX, REFUSED, STYLES, ShardContext, TPPlanError, shard_parameter
 
@@ -91,7 +92,7 @@ def shard_model(model: nn.Module, text_config: Any, tp: TPGroup) -> dict[str, st
         applied[name] = style
     for name, module in list(model.named_modules()):
         style = next((s for p, s in patterns if p.match(name)), None)
-        if style is not None and name:
+        if style is not None and name and not isinstance(module, MissingLayer):  # another pipeline stage's
             STYLES[style](module, ctx, name)
             applied[name] = style
     if not applied:

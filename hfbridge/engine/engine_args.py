@@ -114,10 +114,10 @@ class EngineArgs:
     # variable HFBRIDGE_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every tiny model
     # would cost minutes; tests that compile say so)
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("HFBRIDGE_ENFORCE_EAGER", "0") == "1")
-    # parallel: tensor parallel over torch.distributed (pipeline parallel not built yet)
+    # parallel over torch.distributed: world = tp x pp ranks
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
-    distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni at tp 1, else mp
+    distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni if 1 rank, else mp
     ignored: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -138,6 +138,11 @@ class EngineArgs:
         attention_backend = resolve_backend_name(self.attention_backend, device)  # fail before loading anything
         model_config = self._model_config(device)
         pooling = model_config.runner == "pooling"
+        if pooling and parallel_config.pipeline_parallel_size > 1:
+            raise ValueError(
+                f"pipeline_parallel_size={parallel_config.pipeline_parallel_size} serves generation models; "
+                "pooling models run with pipeline_parallel_size=1 (tensor_parallel_size can still split them)"
+            )
         cache_config = self._cache_config(pooling)
         scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
         return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend, parallel_config)
@@ -146,10 +151,10 @@ class EngineArgs:
         tp, pp, backend = int(self.tensor_parallel_size), int(self.pipeline_parallel_size), self.distributed_executor_backend
         if tp < 1:
             raise ValueError(f"tensor_parallel_size={tp} must be at least 1")
-        if pp != 1:
-            raise ValueError(f"pipeline_parallel_size={pp}: pipeline parallelism is not built yet; use 1")
+        if pp < 1:
+            raise ValueError(f"pipeline_parallel_size={pp} must be at least 1")
         if backend is None:
-            backend = "uni" if tp == 1 else "mp"
+            backend = "uni" if tp * pp == 1 else "mp"
         if backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ValueError(
                 f"distributed_executor_backend={backend!r} is not one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}"
@@ -163,8 +168,11 @@ class EngineArgs:
                     "(one machine) or 'external_launcher' (torchrun)"
                 ) from None
             raise ValueError("distributed_executor_backend='ray' is not built yet; use 'mp' or 'external_launcher'")
-        if backend == "uni" and tp > 1:
-            raise ValueError(f"distributed_executor_backend='uni' runs one process; tensor_parallel_size={tp} needs 'mp'")
+        if backend == "uni" and tp * pp > 1:
+            raise ValueError(
+                f"distributed_executor_backend='uni' runs one process; tensor_parallel_size={tp} x "
+                f"pipeline_parallel_size={pp} needs 'mp'"
+            )
         return ParallelConfig(tp, pp, backend)
 
     def _model_config(self, device: torch.device) -> ModelConfig:

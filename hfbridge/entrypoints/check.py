@@ -121,8 +121,9 @@ def _parallel_plans(report: CheckReport, hf_config) -> None:
     else:
         report.add("tp plan", "none (the model defines no base_model_tp_plan)")
     pp = _plan(text, "base_model_pp_plan") or _plan(hf_config, "base_model_pp_plan")
-    report.add("pp plan", f"{len(pp)} modules: {', '.join(pp)} (none supported yet: pp size 1)" if pp else "none")
-    report.add("parallelism", "tensor parallel from the tp plan; pipeline parallel not built yet (pp size 1)")
+    report.add("pp plan", f"{len(pp)} modules: {', '.join(pp)} (its ModuleList is split across pipeline stages)" if pp
+               else 'none (pipeline_parallel_size > 1 needs hf_overrides={"base_model_pp_plan": {...}})')
+    report.add("parallelism", "tensor parallel from the tp plan; pipeline parallel from the pp plan")
 
 
 def _sizes(report: CheckReport, model_config) -> None:

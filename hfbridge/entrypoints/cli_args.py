@@ -227,8 +227,11 @@ ENGINE_OPTIONS = [
     click.option("--tensor-parallel-size", "-tp", "tensor_parallel_size", type=int,
                  help="Tensor-parallel ranks (devices, or CPU processes) per model. [default: 1]"),
     click.option("--distributed-executor-backend", type=click.Choice(["mp", "external_launcher", "ray", "uni"]),
-                 help="Who starts the ranks: mp (spawned here), external_launcher (torchrun). [default: mp if tp > 1]"),
-    click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int, help="Pipeline stages (1)."),
+                 help="Who starts the ranks: mp (spawned here), external_launcher (torchrun). "
+                      "[default: mp if tp x pp > 1]"),
+    click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int,
+                 help="Pipeline stages: the model's layers split across ranks (world = tp x pp; uneven splits with "
+                      "HFBRIDGE_PP_LAYER_PARTITION). [default: 1]"),
     click.option("--enforce-eager/--no-enforce-eager", default=None,
                  help="Never torch.compile the model (native decoders compile in the background by default)."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",

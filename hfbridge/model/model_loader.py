@@ -18,7 +18,10 @@ from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
-from hfbridge.parallel.state import TPGroup, get_tp_group
+from hfbridge.model.pipeline_stage import install_stage_forward
+from hfbridge.parallel.pp_plan import check_pp_plan as check_stage_plan
+from hfbridge.parallel.pp_plan import split_stages
+from hfbridge.parallel.state import PPGroup, TPGroup, get_pp_group, get_tp_group
 from hfbridge.parallel.tp_plan import shard_model
 
 logger = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ def load_checkpoint_into(model: nn.Module, model_config: ModelConfig, device: to
     else:
         weights, prefix, conversion_source = _weights(model_config, model), getattr(model, "base_model_prefix", ""), None
     load_weights(model, weights, device, prefix, conversion_source)
-    if hasattr(model, "tie_weights"):
+    if hasattr(model, "tie_weights") and get_pp_group().is_last:  # only the last stage holds the head
         model.tie_weights()
     missing = missing_parameters(model)
     if missing:
@@ -96,11 +99,33 @@ def check_tp_plan(model_config: ModelConfig, tp: int) -> None:
     shard_model(build_on_meta(model_class, model_config), model_config.hf_text_config, TPGroup(0, tp))
 
 
+def check_pp_plan(model_config: ModelConfig, pp: int) -> None:
+    """Split a throw-away meta model's plan as every stage would: no plan, not exactly one ModuleList, a bad
+    HFBRIDGE_PP_LAYER_PARTITION all surface in the driver, before any worker starts."""
+    if pp == 1:
+        return
+    model_class = resolve_model_class(model_config, tensor_parallel_size=pp)
+    hf_model = build_on_meta(model_class, model_config)
+    check_stage_plan(hf_model.base_model, _num_layers(model_config), pp)
+
+
+def _num_layers(model_config: ModelConfig) -> int | None:
+    return getattr(model_config.hf_text_config, "num_hidden_layers", None)
+
+
+def _split_stages(hf_model: nn.Module, model_config: ModelConfig, pp: PPGroup) -> None:
+    base = hf_model.base_model
+    heads = [(hf_model, name) for name, child in hf_model.named_children() if child is not base]  # the LM head
+    tied = bool(getattr(model_config.hf_text_config, "tie_word_embeddings", False))
+    split_stages(base, heads, _num_layers(model_config), pp, tied)
+
+
 def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     """The wrapped model for the config's runner: a causal LM, an embedding or a classification model."""
     start = time.perf_counter()
-    # Native models have no tensor-parallel layers yet: under tp > 1 the resolver falls back to Transformers.
-    model_class = resolve_model_class(model_config, tensor_parallel_size=get_tp_group().size)
+    pp = get_pp_group()
+    # Native models have no parallel layers yet: under tp x pp > 1 the resolver falls back to Transformers.
+    model_class = resolve_model_class(model_config, tensor_parallel_size=get_tp_group().size * pp.size)
     if model_class.impl == "native":
         model = load_native(model_class, model_config, device)
         if not model_config.enforce_eager and model_config.runner == "generate":
@@ -108,11 +133,15 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     else:
         check_compatible(model_class.cls, model_config.hf_config, model_config.runner, model_class.needs_lm_head)
         hf_model = build_on_meta(model_class, model_config)
+        if pp.size > 1:  # this stage's layers only, on meta: the others are never read
+            _split_stages(hf_model, model_config, pp)
         tp = get_tp_group()
         if tp.size > 1:  # shard on meta, so each rank reads only its slices
             shard_model(hf_model, model_config.hf_text_config, tp)
         load_checkpoint_into(hf_model, model_config, device)
         model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
+        if pp.size > 1:
+            install_stage_forward(model, pp, model_config.dtype)
     logger.info(
         "Loaded %s (%s, %s implementation of %s) in %.1fs", model_config.model, type(model).__name__,
         model_class.impl, model_class.cls.__name__, time.perf_counter() - start,

@@ -54,8 +54,8 @@ def resolve_model_class(model_config: ModelConfig, tensor_parallel_size: int = 1
 
 
 def _native_refusal(model_config: ModelConfig, tensor_parallel_size: int) -> str | None:
-    if tensor_parallel_size > 1:  # the native layers are not split across devices yet
-        return f"tensor_parallel_size={tensor_parallel_size} is not implemented by the native models yet"
+    if tensor_parallel_size > 1:  # the native layers are not split across devices yet (tp x pp ranks)
+        return f"{tensor_parallel_size} parallel ranks (tensor x pipeline) are not implemented by the native models yet"
     return unsupported_reason(model_config.hf_config)
 
 

@@ -32,12 +32,16 @@ class TransformersForCausalLM(nn.Module):
         input_ids: torch.Tensor,  # [1, T]
         positions: torch.Tensor,  # [1, T]
         logits_indices: torch.Tensor | None = None,  # [N] token indices whose next-token logits are needed
+        inputs_embeds: torch.Tensor | None = None,  # [1, T, H] a pipeline stage's input, in place of input_ids
     ) -> torch.Tensor:  # [N, V] float32
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
         # The model's own head computes logits (with its final softcap / logit scaling) only at logits_indices.
         positions = positions + self.position_offset if self.position_offset else positions
-        out = self.model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
+        inputs = {"input_ids": input_ids}
+        if inputs_embeds is not None:  # a later pipeline stage: the previous stage's hidden states
+            inputs = {"input_ids": None, "inputs_embeds": inputs_embeds}
+        out = self.model(**inputs, position_ids=positions, use_cache=False, logits_to_keep=logits_indices)
         logits = out.logits[0]
         if logits.shape[0] != logits_indices.shape[0]:
             # A head that ignores logits_to_keep (remote code) returns every token's row: keep the asked ones.

@@ -15,7 +15,7 @@ from hfbridge.attention_backends import get_attention_backend
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
-from hfbridge.parallel.state import get_tp_group, init_from_torchrun_env
+from hfbridge.parallel.state import get_pp_group, get_tp_group, init_from_torchrun_env, world_min_int
 from hfbridge.pooling.pooler import build_pooler
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
@@ -46,7 +46,8 @@ class InProcessExecutor:
             if config.device.type == "cuda":  # one device per rank of this node
                 config = dataclasses.replace(config, device=torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
                 torch.cuda.set_device(config.device)
-            init_from_torchrun_env(config.parallel_config.tensor_parallel_size, config.device)
+            parallel = config.parallel_config
+            init_from_torchrun_env(parallel.tensor_parallel_size, config.device, parallel.pipeline_parallel_size)
         self.config = config
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
@@ -62,14 +63,16 @@ class InProcessExecutor:
         profile = None
         if device.type == "cuda":  # CPU budgets come from kv_cache_memory_bytes / free RAM, not a profile
             profile = functools.partial(run_profile_step, model, config.scheduler_config, sampler, device)
-        # Ranks size their caches from their own free memory; all must agree on one block count.
-        self.num_blocks = get_tp_group().min_int(
+        # Ranks size their caches (of their own stage's layers) from their own free memory; all must agree on one
+        # block count, since one scheduler hands out the blocks of every stage.
+        self.num_blocks = world_min_int(
             determine_num_blocks(layers, config.cache_config, config.scheduler_config, device, profile)
         )
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
         logger.info(
-            "Rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
-            get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size, len(kv_caches), self.num_blocks * block_size,
+            "Stage %d, TP rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
+            get_pp_group().stage, get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size,
+            len(kv_caches), self.num_blocks * block_size,
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)

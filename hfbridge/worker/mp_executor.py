@@ -1,7 +1,8 @@
-"""`mp`: one spawned worker process per tensor-parallel rank on this machine; the engine's process is the driver.
+"""`mp`: one spawned worker process per rank (tp x pp) on this machine; the engine's process is the driver.
 
 Each step the driver sends the scheduler output to every worker (pickled, Requests included), the workers run
-the sharded forward together over torch.distributed, rank 0 sends the gathered logits back once, and the driver
+the sharded forward together over torch.distributed (stage after stage, hidden states handed on point-to-point),
+the output rank (the last stage's tp-rank 0) sends the gathered logits back once, and the driver
 samples (so seeded generators live in one place, as with one process). Waits watch every worker's process: a
 dead worker raises WorkerDiedError at once instead of hanging, and the rest are stopped."""
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from hfbridge.model.model_loader import check_tp_plan
+from hfbridge.model.model_loader import check_pp_plan, check_tp_plan
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.model_runner import sample_step
 from hfbridge.worker.step_inputs import prepare_inputs
@@ -78,7 +79,10 @@ class MultiprocExecutor:
         self.config = config
         self.world_size = config.parallel_config.world_size
         self.timeout_s = float(os.environ.get("HFBRIDGE_WORKER_TIMEOUT", "600"))
-        check_tp_plan(config.model_config, config.parallel_config.tensor_parallel_size)  # refuse before spawning
+        parallel = config.parallel_config
+        check_tp_plan(config.model_config, parallel.tensor_parallel_size)  # refuse before spawning
+        check_pp_plan(config.model_config, parallel.pipeline_parallel_size)
+        self.output_rank = parallel.output_rank
         _pickle_remote_code_by_value()
         config_bytes = cloudpickle.dumps(config)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
@@ -101,33 +105,42 @@ class MultiprocExecutor:
         except BaseException:
             self.shutdown()
             raise
-        logger.info("Started %d tensor-parallel workers (mp, %d torch threads each)", self.world_size, threads)
+        logger.info("Started %d workers (mp, tp=%d x pp=%d, %d torch threads each)", self.world_size,
+                    parallel.tensor_parallel_size, parallel.pipeline_parallel_size, threads)
         self.is_generation = config.model_config.runner == "generate"
         self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
 
-    def _recv(self, rank: int) -> Any:
-        conn = self.conns[rank]
+    def _recv(self, rank: int, errors_from_all: bool = False) -> Any:
+        """Rank `rank`'s reply. errors_from_all ("execute": only the output rank replies): a message from any
+        other rank is its error (a failing first stage leaves the last blocked on its hand-off), raised at once."""
         sentinels = {p.sentinel: r for r, p in enumerate(self.processes)}
-        ready = wait([conn, *sentinels], timeout=self.timeout_s)
-        if conn in ready:
+        watched = list(range(self.world_size)) if errors_from_all else [rank]
+        ready = wait([*(self.conns[r] for r in watched), *sentinels], timeout=self.timeout_s)
+        replied = sorted((r for r in watched if self.conns[r] in ready), key=lambda r: r != rank)
+        if replied:
+            sender = replied[0]
             try:
-                status, payload = conn.recv()
-            except (EOFError, OSError):
-                status, payload = "error", (WorkerDiedError(f"tensor-parallel worker {rank} closed its pipe"), "")
-            if status == "ok":
+                status, payload = self.conns[sender].recv()
+            except (EOFError, OSError):  # its process is gone (killed): its pipe closed with it
+                self.processes[sender].join(timeout=5)
+                self._raise_died(sender)
+            if status == "ok" and sender == rank:
                 return payload
-            exc, trace = payload
+            exc, trace = payload if status != "ok" else (WorkerDiedError(f"worker {sender} replied out of turn"), "")
             self.shutdown()
-            raise exc from WorkerDiedError(f"tensor-parallel worker {rank} failed:\n{trace}")
+            raise exc from WorkerDiedError(f"tensor-parallel worker {sender} failed:\n{trace}")
         self.shutdown()
         if not ready:
             raise WorkerDiedError(
                 f"tensor-parallel worker {rank} did not answer within {self.timeout_s:.0f}s "
                 "(HFBRIDGE_WORKER_TIMEOUT); the workers were stopped"
             )
-        dead = sentinels[ready[0]]
+        self._raise_died(sentinels[ready[0]])
+
+    def _raise_died(self, rank: int) -> None:
+        self.shutdown()
         raise WorkerDiedError(
-            f"tensor-parallel worker {dead} exited (code {self.processes[dead].exitcode}); the engine stopped"
+            f"tensor-parallel worker {rank} exited (code {self.processes[rank].exitcode}); the engine stopped"
         )
 
     def _send_all(self, message: tuple) -> None:
@@ -142,7 +155,7 @@ class MultiprocExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._send_all(("execute", scheduler_output))
-        reply = self._recv(0)
+        reply = self._recv(self.output_rank, errors_from_all=True)
         if not self.is_generation:
             return reply
         # Sample where one process would (the engine made the requests' generators for config.device).

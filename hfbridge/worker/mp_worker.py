@@ -1,8 +1,9 @@
-"""The body of one tensor-parallel worker process (spawned by MultiprocExecutor).
+"""The body of one worker process, one rank of tp x pp (spawned by MultiprocExecutor).
 
 It joins the torch.distributed world, loads its shard through the ordinary InProcessExecutor (which sees the TP
-group and shards), then serves the driver's requests over its pipe: ("execute", SchedulerOutput) runs the forward
-(rank 0 returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
+group and the pipeline stage: its layers, its KV cache), then serves the driver's requests over its pipe:
+("execute", SchedulerOutput) runs the forward on every rank at once, stages handing hidden states on (the output
+rank, the last stage's tp-rank 0, returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
 every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import cloudpickle
 import torch
 
-from hfbridge.parallel.state import destroy_distributed, init_distributed
+from hfbridge.parallel.state import destroy_distributed, get_pp_group, init_distributed
 from hfbridge.worker.executor import InProcessExecutor
 from hfbridge.worker.model_runner import ModelRunner
 
@@ -53,12 +54,14 @@ def start_rank(rank: int, world_size: int, init_method: str, config) -> InProces
 
 
 def run_command(rank: int, runner, kind: str, payload: Any) -> tuple[bool, Any]:
-    """One driver command on this rank -> (reply?, value). Only rank 0 replies to "execute" (the result is the
-    same on every rank); every rank replies to "apply"."""
+    """One driver command on this rank -> (reply?, value). Only the output rank (the last pipeline stage's
+    tp-rank 0, ParallelConfig.output_rank; rank 0 when pp = 1) replies to "execute"; every rank replies to
+    "apply"."""
     if kind == "execute":
+        is_output = rank == get_pp_group().output_rank
         if isinstance(runner, ModelRunner):
-            return rank == 0, runner.compute_logits(payload)[0]  # [N, V], gathered: identical on every rank
-        return rank == 0, runner.execute(payload)
+            return is_output, runner.compute_logits(payload)[0]  # [N, V], gathered: identical across the TP group
+        return is_output, runner.execute(payload)
     if kind == "apply":
         return True, cloudpickle.loads(payload)(runner.model)
     raise ValueError(f"unknown worker command {kind!r}")
