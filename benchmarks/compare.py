@@ -159,6 +159,18 @@ def table(results: list[dict], rows: list[Figure], rounds: int) -> tuple[str, li
     return "\n".join(lines), data
 
 
+def agreement(results: list[dict]) -> str:
+    """How many requests of the offline workload got the same greedy tokens from both engines, per round."""
+    counts = []
+    for round_no in sorted({r["round"] for r in results}):
+        offline = {r["engine"]: (r.get("offline") or {}).get("token_ids") for r in results if r["round"] == round_no}
+        ours, theirs = offline.get("hfbridge"), offline.get("vllm")
+        if ours and theirs:
+            counts.append(f"{sum(a == b for a, b in zip(ours, theirs))}/{len(ours)}")
+    return ("\ngreedy offline requests identical in both engines (per round; float32 near-ties may differ): "
+            + (", ".join(counts) or "-"))
+
+
 def machine() -> dict:
     model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() \
@@ -215,6 +227,7 @@ def main() -> None:
     print(f"\n{info['cpus']} CPUs ({info['cpu']}), float32, {args.num_prompts} prompts x {args.input_len} -> "
           f"{args.output_len}, greedy, ignore_eos; rounds alternate hfbridge, vLLM\n")
     print(markdown)
+    print(agreement(results))
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k not in ("out",)}
         with open(args.out, "w") as f:
