@@ -12,7 +12,8 @@ ignore_eos. Per engine and round, two processes, never two at once:
            prompts (after a 2-request warm-up), then one request alone (single-stream ms/token, prefill included);
   served   benchmarks/serving.py --engine E --client vllm-bench --json: the server's time from process start to
            its first 200 on /ready (hfbridge) or /health (vLLM), then `vllm bench serve --backend openai
-           --dataset-name random --ignore-eos` at each --concurrency, both servers measured by vLLM's own client.
+           --dataset-name random --ignore-eos` at each --concurrency (after untimed warm-up requests), both
+           servers measured by vLLM's own client.
 Each engine runs with its own best thread settings: hfbridge with its defaults, vLLM with peer_vllm.vllm_env()
 (one OpenMP thread bound per core, libgomp preloaded); OMP_NUM_THREADS and the like are removed for both.
 """

@@ -15,7 +15,8 @@ The peer, and vLLM's own client for both (what benchmarks/compare.py runs):
 
 --engine vllm starts `vllm serve` under vLLM-CPU's best thread settings (benchmarks/peer_vllm.py) and times its
 /health, where hfbridge's is /ready. --client vllm-bench measures with `vllm bench serve --backend openai
---dataset-name random --ignore-eos` (--input-len tokens in, --max-tokens out, greedy) instead of this file's client.
+--dataset-name random --ignore-eos` (--input-len tokens in, --max-tokens out, greedy) instead of this file's client,
+after untimed warm-up requests (one per stream before the first run, two before each later run).
 """
 from __future__ import annotations
 
@@ -222,15 +223,7 @@ def main() -> None:
     if url is None:
         process, url, ready_s = start_server(args.model, server_args, args.engine)
     try:
-        model = served_model(url, args.api_key)
-        runs = []
-        for concurrency in args.concurrency:
-            if args.client == "vllm-bench":
-                runs.append(run_vllm_bench(args.vllm_python, url, model, args.tokenizer or args.model or model,
-                                           args.num_requests, concurrency, args.input_len, args.max_tokens))
-            else:
-                runs.append(asyncio.run(run_load(url, model, args.num_requests, concurrency, args.prompt_words,
-                                                 args.max_tokens, args.api_key)))
+        runs = measure(args, url)
     finally:
         if process is not None:
             stop_server(process)
@@ -245,6 +238,23 @@ def main() -> None:
         print(f"{result['requests']:>9} {result['concurrency']:>6} {result['elapsed_s']:>8.2f} "
               f"{result['req_per_s']:>7.2f} {result['output_tok_per_s']:>10.1f} {result['ttft_p50_s']:>9.3f} "
               f"{result['ttft_p99_s']:>9.3f} {result['latency_p50_s']:>9.3f}")
+
+
+def measure(args, url: str) -> list[dict]:
+    """One run per --concurrency value against the server at `url`, with the chosen client."""
+    model = served_model(url, args.api_key)
+    runs = []
+    for i, concurrency in enumerate(args.concurrency):
+        if args.client == "vllm-bench":
+            # a fresh server's first batches are slow (first-touch memory, kernels picked per shape): the first
+            # run warms up with one request per concurrent stream, later runs on the same server with two
+            warmups = concurrency if i == 0 else 2
+            runs.append(run_vllm_bench(args.vllm_python, url, model, args.tokenizer or args.model or model,
+                                       args.num_requests, concurrency, args.input_len, args.max_tokens, warmups))
+        else:
+            runs.append(asyncio.run(run_load(url, model, args.num_requests, concurrency, args.prompt_words,
+                                             args.max_tokens, args.api_key)))
+    return runs
 
 
 if __name__ == "__main__":
