@@ -179,6 +179,16 @@ def machine() -> dict:
     return {"cpus": len(os.sched_getaffinity(0)), "cpu": model_name, "platform": platform.platform()}
 
 
+def thread_settings(vllm_python: str) -> str:
+    """What each engine's processes get (the same functions serving.py and throughput.py apply)."""
+    from peer_vllm import vllm_env
+
+    env = vllm_env(vllm_python, base=clean_env())
+    shown = ", ".join(f"{k}={env[k]}" for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_KVCACHE_SPACE", "LD_PRELOAD")
+                      if k in env)
+    return f"hfbridge: its defaults (no OMP_NUM_THREADS and the like); vLLM: {shown}"
+
+
 def default_model() -> str:
     """hfbridge's default model as a Transformers folder (converted and cached on first use)."""
     code = "from hfbridge.model.default_model import default_model_path; print(default_model_path())"
@@ -225,9 +235,11 @@ def main() -> None:
     results = measure(args, logs)
     markdown, rows = table(results, figures(args.concurrency), args.rounds)
     info = machine()
+    info["thread_settings"] = thread_settings(args.vllm_python)
     print(f"\n{info['cpus']} CPUs ({info['cpu']}), float32, {args.num_prompts} prompts x {args.input_len} -> "
           f"{args.output_len}, greedy, ignore_eos; rounds alternate hfbridge, vLLM\n")
     print(markdown)
+    print(f"\nthread settings: {info['thread_settings']}")
     print(agreement(results))
     if args.out:
         settings = {k: v for k, v in vars(args).items() if k not in ("out",)}

@@ -28,7 +28,7 @@ def _cpu_list() -> str:
 
 def libgomp_of(python: str) -> str | None:
     """torch's bundled libgomp in the venv of `python` (site-packages/torch/lib/libgomp.so.1), if there."""
-    for lib in (Path(python).resolve().parent.parent / "lib").glob("python3*/site-packages/torch/lib/libgomp.so.1"):
+    for lib in (Path(python).absolute().parent.parent / "lib").glob("python3*/site-packages/torch/lib/libgomp.so.1"):
         return str(lib)
     # `python` may be a symlink out of its venv: ask the running interpreter when it is the one meant
     spec = importlib.util.find_spec("torch") if python == sys.executable else None
