@@ -159,7 +159,6 @@ class EngineArgs:
                     "distributed_executor_backend='ray' needs Ray: pip install 'hfbridge[ray]'; or use 'mp' "
                     "(one machine) or 'external_launcher' (torchrun)"
                 ) from None
-            raise ValueError("distributed_executor_backend='ray' is not built yet; use 'mp' or 'external_launcher'")
         if backend == "uni" and tp > 1:
             raise ValueError(f"distributed_executor_backend='uni' runs one process; tensor_parallel_size={tp} needs 'mp'")
         return ParallelConfig(tp, pp, backend)

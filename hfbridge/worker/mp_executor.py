@@ -22,9 +22,7 @@ import torch
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import check_tp_plan
-from hfbridge.sample.sampler import Sampler
-from hfbridge.worker.model_runner import sample_step
-from hfbridge.worker.step_inputs import prepare_inputs
+from hfbridge.worker.driver_sampling import DriverSampler
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +100,7 @@ class MultiprocExecutor:
             self.shutdown()
             raise
         logger.info("Started %d tensor-parallel workers (mp, %d torch threads each)", self.world_size, threads)
-        self.is_generation = config.model_config.runner == "generate"
-        self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
+        self.driver = DriverSampler(config)
 
     def _recv(self, rank: int) -> Any:
         conn = self.conns[rank]
@@ -142,13 +139,7 @@ class MultiprocExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._send_all(("execute", scheduler_output))
-        reply = self._recv(0)
-        if not self.is_generation:
-            return reply
-        # Sample where one process would (the engine made the requests' generators for config.device).
-        device = self.config.device
-        step = prepare_inputs(scheduler_output.scheduled, self.config.cache_config.block_size, device)
-        return sample_step(self.sampler, reply.to(device), step)
+        return self.driver.finish(scheduler_output, self._recv(0))
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         self._send_all(("apply", cloudpickle.dumps(func)))
