@@ -25,6 +25,7 @@ def run(backend: str, folder: str, prompts, args) -> dict:
 
     start = time.perf_counter()
     llm = LLM(model=folder, tensor_parallel_size=args.tp, distributed_executor_backend=backend, dtype="float32",
+              skip_tokenizer_init=True,
               max_model_len=args.input_len + args.output_len, kv_cache_memory_bytes=256 << 20)
     startup = time.perf_counter() - start
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
@@ -32,9 +33,12 @@ def run(backend: str, folder: str, prompts, args) -> dict:
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    start = time.perf_counter()  # one stream: each step's round trip to the ranks shows
+    llm.generate([{"prompt_token_ids": prompts[0]}], params, use_tqdm=False)
+    ms_per_token = (time.perf_counter() - start) * 1000 / args.output_len
     llm.llm_engine.shutdown()
     tokens = [o.outputs[0].token_ids for o in outputs]
-    return {"startup_s": startup, "tok_s": sum(map(len, tokens)) / elapsed, "tokens": tokens}
+    return {"startup_s": startup, "tok_s": sum(map(len, tokens)) / elapsed, "ms_tok": ms_per_token, "tokens": tokens}
 
 
 def main() -> None:
@@ -60,9 +64,9 @@ def main() -> None:
         ray.shutdown()
     print(f"tp={args.tp}, {args.num_layers} layers, {args.num_prompts} prompts x {args.input_len} in, "
           f"{args.output_len} out; ray.init (local cluster): {ray_init:.1f} s")
-    print(f"{'backend':8} {'start-up s':>10} {'tokens/s':>9}")
+    print(f"{'backend':8} {'start-up s':>10} {'batch tokens/s':>14} {'1 stream ms/token':>17}")
     for name, r in results.items():
-        print(f"{name:8} {r['startup_s']:10.1f} {r['tok_s']:9.1f}")
+        print(f"{name:8} {r['startup_s']:10.1f} {r['tok_s']:14.1f} {r['ms_tok']:17.1f}")
     print("same tokens:", results["mp"]["tokens"] == results["ray"]["tokens"])
 
 

@@ -188,7 +188,8 @@ class RayExecutor:
         if not self._finalizer.alive:
             raise WorkerDiedError("the tensor-parallel Ray actors were shut down")
         ref = self.ray.put(payload)  # one copy in the object store, read by every actor
-        return self._get([a.run.remote(kind, ref) for a in self.actors], kind)
+        replies = self._get([a.run.remote(kind, ref) for a in self.actors], kind)
+        return [value for reply, value in replies if reply]  # "execute": the one replying rank; "apply": all
 
     def worker_pids(self) -> list[int]:
         return self._get([a.pid.remote() for a in self.actors], "report its pid")

@@ -48,10 +48,10 @@ class RankWorker:
         self.executor = start_rank(rank, world_size, init_method, cloudpickle.loads(config_bytes))
         return self.executor.num_blocks
 
-    def run(self, kind: str, payload: Any) -> Any:
-        """One driver command; None where this rank has no reply (only rank 0 answers "execute")."""
+    def run(self, kind: str, payload: Any) -> tuple[bool, Any]:
+        """One driver command -> (does this rank reply?, value); run_command decides which ranks reply."""
         reply, value = run_command(self.rank, self.executor.runner, kind, payload)
-        return value if reply else None
+        return reply, value if reply else None
 
     def watch(self) -> None:
         """Returns only at stop(): while the actor lives its result stays pending, so the driver learns of the
