@@ -5,7 +5,11 @@ an existing cluster through RAY_ADDRESS, answers like the offline engine, and ex
 Ray, the backend name says which extra to install. Costs ~6 s for the cluster and ~5 s per tp=2 engine."""
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -130,3 +134,36 @@ def test_a_dead_actor_is_reported_at_once(llama, prompts):
     with pytest.raises(RuntimeError, match=r"tensor-parallel worker 1"):  # the engine's EngineStepError
         llm.generate({"prompt_token_ids": prompts[0]}, GREEDY, use_tqdm=False)
     assert not psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)[1]
+
+
+RAY_FROM_A_THREAD = """
+import threading
+from hfbridge.worker.ray_executor import import_ray, init_ray
+
+ray = import_ray()
+loader = threading.Thread(target=init_ray, args=(ray,))  # as the server's model loader thread does
+loader.start()
+loader.join()  # the thread that asked for the local cluster is gone
+
+@ray.remote(num_cpus=1)
+def one():
+    return 1
+
+print("answer", ray.get(one.remote(), timeout=60))
+"""
+
+
+def test_a_local_cluster_started_from_a_thread_outlives_it():
+    """`hfbridge serve` builds the engine in a loader thread; a local Ray cluster started there (no RAY_ADDRESS)
+    must keep working after that thread ends (Ray ties its processes to the starting thread's life)."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'hfbridge[ray]'")
+    session = tempfile.mkdtemp(prefix="hfr", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:  # RAY_TMPDIR: a session of its own, so ray.init() cannot find this module's cluster
+        result = subprocess.run([sys.executable, "-c", RAY_FROM_A_THREAD], capture_output=True, text=True,
+                                env={**env, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": session}, timeout=120)
+        left = [p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])]
+        assert not psutil.wait_procs(left, timeout=15)[1], "the local cluster outlived its process"
+    finally:
+        shutil.rmtree(session, ignore_errors=True)
+    assert result.returncode == 0 and "answer 1" in result.stdout, result.stderr[-3000:]

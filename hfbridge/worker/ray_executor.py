@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -34,6 +36,9 @@ FORWARDED_ENV_PREFIXES = ("HFBRIDGE_", "HF_", "TRANSFORMERS_")
 
 
 def import_ray():
+    # Ray's failure signal handler (installed at import) would turn the server's SIGTERM, a graceful stop, into
+    # an abort; off unless the user chose otherwise (or imported Ray first).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     try:
         import ray
     except ImportError:
@@ -42,6 +47,30 @@ def import_ray():
             "or 'external_launcher' (torchrun)"
         ) from None
     return ray
+
+
+def init_ray(ray) -> None:
+    """ray.init(): RAY_ADDRESS, else this machine's running cluster, else a new local one. A local cluster's
+    processes die with the *thread* that started them (Ray sets PR_SET_PDEATHSIG), and engines are often built in
+    a loader thread that ends: outside the main thread, start it from a thread that lives as long as the process."""
+    if threading.current_thread() is threading.main_thread():
+        ray.init()
+        return
+    done: queue.Queue = queue.Queue()
+
+    def keep() -> None:
+        try:
+            ray.init()
+            done.put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            done.put(exc)
+            return
+        threading.Event().wait()  # never returns: the cluster's processes live while this thread does
+
+    threading.Thread(target=keep, name="hfbridge-ray-cluster", daemon=True).start()
+    error = done.get()
+    if error is not None:
+        raise error
 
 
 def per_worker_cpus() -> float:
@@ -80,7 +109,7 @@ class RayExecutor:
         _pickle_remote_code_by_value()  # remote-code classes travel by value inside the config bytes
         config_bytes = cloudpickle.dumps(config)  # our cloudpickle, not Ray's vendored copy: it knows the above
         if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS, else this machine's running cluster, else a new local one
+            init_ray(ray)
         cpus = per_worker_cpus()
         bundle = {"CPU": cpus, **({"GPU": 1.0} if config.device.type == "cuda" else {})}
         self.placement_group = self._reserve(bundle)
