@@ -128,7 +128,7 @@ class RayExecutor:
         short = {k: v * self.world_size for k, v in bundle.items() if total.get(k, 0) < v * self.world_size}
         if short:
             raise ValueError(
-                f"{self.world_size} tensor-parallel ranks need {short} on the Ray cluster, which has "
+                f"{self.world_size} ranks (tp x pp) need {short} on the Ray cluster, which has "
                 f"{ {k: total.get(k, 0) for k in short} }; add nodes, or lower HFBRIDGE_RAY_PER_WORKER_CPUS"
             )
         group = ray.util.placement_group([dict(bundle) for _ in range(self.world_size)], strategy="PACK")
