@@ -49,6 +49,7 @@ def test_two_torchrun_nodes_on_loopback_match_one_process(tmp_path):
     logs = "\n".join((tmp_path / f"node{r}.log").read_text() for r in (0, 1))
     assert codes == [0, 0], logs
     for rank in (0, 1):  # each node wrote its world rank's outputs; every rank runs the whole engine
+        assert (tmp_path / f"rank{rank}.json").exists(), logs
         got = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for g, ref, prompt in zip(got, reference, prompts):
             tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
@@ -57,6 +58,17 @@ def test_two_torchrun_nodes_on_loopback_match_one_process(tmp_path):
             for step, ref_step in zip(g["logprobs"], ref.outputs[0].logprobs):
                 assert step.keys() == {str(t) for t in ref_step}
                 assert all(abs(step[str(t)] - lp.logprob) < 1e-4 for t, lp in ref_step.items())
-    leftovers = [p for p in psutil.Process().children(recursive=True) if "tp_launcher_script" in " ".join(p.cmdline())]
-    assert not leftovers
+    assert not [p for node in nodes for p in live_members(node.pid)], "a torchrun node left a process behind"
+
+
+def live_members(pgid: int) -> list[psutil.Process]:
+    """The processes still running in a node's process group (torchrun and the rank it started)."""
+    members = []
+    for p in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
 
