@@ -16,6 +16,7 @@ import psutil
 import pytest
 from greedy import assert_greedy_match, hf_greedy
 from server_utils import start_server, stop_server
+from test_cli import captured, run as cli_run  # noqa: F401 - captured is a fixture
 from test_custom_model import write_remote_code_model
 from test_tensor_parallel import GREEDY, MAX_NEW, TEXTS, assert_same_outputs, run
 from test_tensor_parallel_server import CHAT, answers, ready_status
@@ -29,6 +30,14 @@ def test_without_ray_the_backend_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError, as when it is not installed
     with pytest.raises(ValueError, match=r"needs Ray: pip install 'hfbridge\[ray\]'"):
         LLM(model="unused", tensor_parallel_size=2, distributed_executor_backend="ray")
+
+
+@pytest.mark.parametrize("backend", ["ray", "mp", "external_launcher", "uni"])
+def test_serve_passes_the_backend_flag_through(captured, backend):
+    """vLLM's `--distributed-executor-backend` reaches EngineArgs (it once was dropped as an ignored flag)."""
+    result = cli_run(["serve", "/models/x", "-tp", "2", "--distributed-executor-backend", backend])
+    assert result.exit_code == 0, result.output
+    assert captured["engine_args"].distributed_executor_backend == backend
 
 
 @pytest.fixture(scope="module")
