@@ -228,7 +228,7 @@ ENGINE_OPTIONS = [
                  help="Tensor-parallel ranks (devices, or CPU processes) per model. [default: 1]"),
     click.option("--distributed-executor-backend", type=click.Choice(["mp", "external_launcher", "ray", "uni"]),
                  help="Who starts the ranks: mp (spawned here), external_launcher (torchrun), ray (actors on a Ray "
-                      "cluster; pip install 'hfbridge[ray]'). [default: mp if tp > 1]"),
+                      "cluster; pip install 'hfbridge[ray]'). [default: mp if tp x pp > 1]"),
     click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int, help="Pipeline stages (1)."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
                  show_default=True),
