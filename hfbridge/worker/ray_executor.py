@@ -1,10 +1,10 @@
-"""`ray`: one actor per tensor-parallel rank, placed by Ray on an existing cluster; torch.distributed between them.
+"""`ray`: one actor per rank (tp x pp), placed by Ray on an existing cluster; torch.distributed between them.
 
 vLLM's layout: ray.init() joins the cluster named by RAY_ADDRESS, else the one running on this machine, else starts
 a local one; a placement group reserves one bundle per rank (PACK: as few nodes as fit); the ranks are numbered by
 node (the driver's node first) so a node's ranks are consecutive; rank 0's node IP and a free port there are the
-tcp:// rendezvous. Each step goes to every actor as one object in Ray's store; rank 0 returns the gathered logits
-and the driver samples them (DriverSampler, as for mp). A dead actor raises WorkerDiedError at once, and
+tcp:// rendezvous. Each step goes to every actor as one object in Ray's store; the output rank (the one
+run_command names) returns the gathered logits and the driver samples them (DriverSampler, as for mp). A dead actor raises WorkerDiedError at once, and
 check_health reports it (the server's /ready turns 503).
 
 Every node needs hfbridge (and the model's files at the same path, or a hub name) installed."""

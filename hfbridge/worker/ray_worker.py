@@ -1,4 +1,4 @@
-"""One tensor-parallel rank as a Ray actor (made by RayExecutor): the same start_rank / run_command as an mp worker,
+"""One rank as a Ray actor (made by RayExecutor): the same start_rank / run_command as an mp worker,
 served as actor methods instead of over a pipe. Ray places the actor; torch.distributed (gloo / NCCL) moves tensors.
 
 Plain class here; RayExecutor wraps it with ray.remote, so this module imports without Ray."""
