@@ -1,5 +1,6 @@
-"""Run by tests/test_tensor_parallel.py under `torchrun --nproc-per-node 2`: every rank builds the same engine
-(distributed_executor_backend="external_launcher") and writes its outputs to rank<RANK>.json."""
+"""Run under torchrun by tests/test_tensor_parallel.py (`--nproc-per-node 2`) and tests/test_multinode_torchrun.py
+(two nodes): every rank builds the same engine (distributed_executor_backend="external_launcher", the sizes in
+HFBRIDGE_TEST_PARALLEL, tp=2 by default) and writes its outputs to rank<RANK>.json."""
 import json
 import os
 import sys
@@ -7,8 +8,8 @@ import sys
 from hfbridge import LLM, SamplingParams
 
 folder, prompts, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
-llm = LLM(model=folder, max_model_len=64, block_size=4, tensor_parallel_size=2,
-          distributed_executor_backend="external_launcher")
+sizes = json.loads(os.environ.get("HFBRIDGE_TEST_PARALLEL", '{"tensor_parallel_size": 2}'))  # tp=2 unless told
+llm = LLM(model=folder, max_model_len=64, block_size=4, distributed_executor_backend="external_launcher", **sizes)
 params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5)
 results = [
     {"ids": o.outputs[0].token_ids,

@@ -1,6 +1,7 @@
 """User-facing engine arguments (vLLM's names) and their resolution into the frozen EngineConfig."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -159,15 +160,11 @@ class EngineArgs:
             raise ValueError(
                 f"distributed_executor_backend={backend!r} is not one of {list(DISTRIBUTED_EXECUTOR_BACKENDS)}"
             )
-        if backend == "ray":
-            try:
-                import ray  # noqa: F401
-            except ImportError:
-                raise ValueError(
-                    "distributed_executor_backend='ray' needs Ray: pip install 'hfbridge[ray]'; or use 'mp' "
-                    "(one machine) or 'external_launcher' (torchrun)"
-                ) from None
-            raise ValueError("distributed_executor_backend='ray' is not built yet; use 'mp' or 'external_launcher'")
+        if backend == "ray" and importlib.util.find_spec("ray") is None:  # found, not imported: the executor does
+            raise ValueError(
+                "distributed_executor_backend='ray' needs Ray: pip install 'hfbridge[ray]'; or use 'mp' "
+                "(one machine) or 'external_launcher' (torchrun)"
+            )
         if backend == "uni" and tp * pp > 1:
             raise ValueError(
                 f"distributed_executor_backend='uni' runs one process; tensor_parallel_size={tp} x "

@@ -35,7 +35,7 @@ IGNORED_FLAGS: dict[str, int] = {
          "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
          "--max-lora-rank", "--max-cpu-loras", "--data-parallel-size", "--uvicorn-log-level", "--root-path",
          "--chat-template-content-format",
-         "--tool-call-parser", "--reasoning-parser", "--distributed-executor-backend", "--worker-cls",
+         "--tool-call-parser", "--reasoning-parser", "--worker-cls",
          "--logits-processors", "--structured-outputs-config", "--guided-decoding-backend", "--speculative-config",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
          "--scheduling-policy", "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
@@ -227,8 +227,8 @@ ENGINE_OPTIONS = [
     click.option("--tensor-parallel-size", "-tp", "tensor_parallel_size", type=int,
                  help="Tensor-parallel ranks (devices, or CPU processes) per model. [default: 1]"),
     click.option("--distributed-executor-backend", type=click.Choice(["mp", "external_launcher", "ray", "uni"]),
-                 help="Who starts the ranks: mp (spawned here), external_launcher (torchrun). "
-                      "[default: mp if tp x pp > 1]"),
+                 help="Who starts the ranks: mp (spawned here), external_launcher (torchrun), ray (actors on a Ray "
+                      "cluster; pip install 'hfbridge[ray]'). [default: mp if tp x pp > 1]"),
     click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int,
                  help="Pipeline stages: the model's layers split across ranks (world = tp x pp; uneven splits with "
                       "HFBRIDGE_PP_LAYER_PARTITION). [default: 1]"),

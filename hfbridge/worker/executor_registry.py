@@ -11,10 +11,17 @@ def _multiproc(config: EngineConfig) -> Executor:
     return MultiprocExecutor(config)
 
 
+def _ray(config: EngineConfig) -> Executor:
+    from hfbridge.worker.ray_executor import RayExecutor
+
+    return RayExecutor(config)
+
+
 EXECUTORS = {
     "uni": InProcessExecutor,  # one process, one device
     "external_launcher": InProcessExecutor,  # one rank of a torchrun world: the whole engine runs on every rank
     "mp": _multiproc,  # one spawned worker per rank on this machine
+    "ray": _ray,  # one Ray actor per rank, anywhere on a Ray cluster (pip install 'hfbridge[ray]')
 }
 
 

@@ -23,9 +23,7 @@ import torch
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import check_pp_plan, check_tp_plan
-from hfbridge.sample.sampler import Sampler
-from hfbridge.worker.model_runner import sample_step
-from hfbridge.worker.step_inputs import prepare_inputs
+from hfbridge.worker.driver_sampling import DriverSampler
 
 logger = logging.getLogger(__name__)
 
@@ -107,8 +105,7 @@ class MultiprocExecutor:
             raise
         logger.info("Started %d workers (mp, tp=%d x pp=%d, %d torch threads each)", self.world_size,
                     parallel.tensor_parallel_size, parallel.pipeline_parallel_size, threads)
-        self.is_generation = config.model_config.runner == "generate"
-        self.sampler = Sampler(torch.Generator(config.device).manual_seed(config.model_config.seed))
+        self.driver = DriverSampler(config)
 
     def _recv(self, rank: int, errors_from_all: bool = False) -> Any:
         """Rank `rank`'s reply. errors_from_all ("execute": only the output rank replies): a message from any
@@ -155,13 +152,7 @@ class MultiprocExecutor:
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._send_all(("execute", scheduler_output))
-        reply = self._recv(self.output_rank, errors_from_all=True)
-        if not self.is_generation:
-            return reply
-        # Sample where one process would (the engine made the requests' generators for config.device).
-        device = self.config.device
-        step = prepare_inputs(scheduler_output.scheduled, self.config.cache_config.block_size, device)
-        return sample_step(self.sampler, reply.to(device), step)
+        return self.driver.finish(scheduler_output, self._recv(self.output_rank, errors_from_all=True))
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         self._send_all(("apply", cloudpickle.dumps(func)))
