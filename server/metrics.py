@@ -86,6 +86,8 @@ def render(metrics: ServerMetrics, engine: Any | None) -> str:
         _sample(out, "hfbridge:kv_cache_used_blocks", "gauge", "KV-cache blocks held by requests.", labels,
                 kv.pool.num_blocks - kv.num_free_blocks)
         _sample(out, "hfbridge:kv_cache_total_blocks", "gauge", "KV-cache blocks in all.", labels, kv.pool.num_blocks)
+        _sample(out, "hfbridge:compiling", "gauge", "1 while torch.compile warms up in the background (steps run eagerly).",
+                labels, int(engine.is_compiling()))
         _sample(out, "vllm:prompt_tokens_total", "counter", "Prompt tokens received.", labels,
                 engine.stats.num_prompt_tokens)
         _sample(out, "vllm:generation_tokens_total", "counter", "Tokens generated.", labels,

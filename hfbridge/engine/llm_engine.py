@@ -227,6 +227,12 @@ class LLMEngine:
     def apply_model(self, func) -> list[Any]:
         return self.executor.apply_model(func)
 
+    def is_compiling(self) -> bool:
+        """Whether a background torch.compile (enforce_eager=False) is still warming up in this process; steps
+        run eagerly meanwhile."""
+        compiles = getattr(self.executor, "background_compiles", None)
+        return compiles is not None and any(not c.done.is_set() for c in compiles())
+
     def check_health(self) -> None:
         """Raises when the executor lost a worker (multi-process executors); a no-op in one process."""
         check = getattr(self.executor, "check_health", None)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hfbridge.attention_backends import get_attention_backend
+from hfbridge.compilation import BackgroundCompile
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
@@ -98,10 +99,14 @@ class InProcessExecutor:
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         return [func(self.runner.model)]
 
+    def background_compiles(self) -> list[BackgroundCompile]:
+        """The torch.compile warm-ups this executor started (enforce_eager=False), running or ended."""
+        found = (getattr(self.runner.model, "compiled", None), getattr(self.runner.backend, "compiled_decode", None))
+        return [c for c in found if c is not None]
+
     def shutdown(self) -> None:
-        for compiling in (getattr(self.runner.model, "compiled", None), getattr(self.runner.backend, "compiled_decode", None)):
-            if compiling is not None:
-                compiling.stop()
+        for compiling in self.background_compiles():
+            compiling.stop()
         self.runner.kv_caches.clear()
 
 
