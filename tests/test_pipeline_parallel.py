@@ -287,13 +287,14 @@ def test_external_launcher_under_torchrun(llama, prompts, tmp_path):
     """Two torchrun ranks, one stage each: both produce the model's own tokens (every rank samples the last
     stage's broadcast logits)."""
     model, folder = llama
-    script = Path(__file__).parent / "pp_launcher_script.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    script = Path(__file__).parent / "tp_launcher_script.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent),
+           "HFBRIDGE_TEST_PARALLEL": json.dumps({"pipeline_parallel_size": 2})}
     env.pop(PARTITION_ENV, None)
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     subprocess.run(
         [torchrun, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-         str(script), str(folder), json.dumps(prompts), str(tmp_path)],
+         str(script), str(folder), json.dumps(prompts), str(tmp_path), str(MAX_NEW)],
         env=env, check=True, timeout=180, cwd=tmp_path,
     )
     for rank in (0, 1):
