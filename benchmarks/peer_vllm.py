@@ -102,17 +102,23 @@ def run_vllm_offline(model: str, prompts: list[list[int]], output_len: int, args
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               enforce_eager=args.vllm_enforce_eager)
     load_s = time.perf_counter() - start
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    return {"load_s": load_s, **time_workload(llm, SamplingParams, prompts, output_len, args.single_stream_len)}
+
+
+def time_workload(llm, sampling_params_cls, prompts: list[list[int]], output_len: int, single_stream_len: int) -> dict:
+    """The timed steps both engines run alike (their LLM and SamplingParams speak the same API): a 2-request
+    warm-up, the whole workload, then one request alone (single-stream ms/token, prefill included)."""
+    params = sampling_params_cls(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     as_inputs = [{"prompt_token_ids": p} for p in prompts]
     llm.generate(as_inputs[:2], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(as_inputs, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    single = SamplingParams(temperature=0, max_tokens=args.single_stream_len, ignore_eos=True, detokenize=False)
+    single = sampling_params_cls(temperature=0, max_tokens=single_stream_len, ignore_eos=True, detokenize=False)
     start = time.perf_counter()
     llm.generate(as_inputs[:1], single, use_tqdm=False)
-    single_ms = (time.perf_counter() - start) * 1000 / args.single_stream_len
-    return {"load_s": load_s, "elapsed_s": elapsed, "single_stream_ms_per_token": single_ms,
+    single_ms = (time.perf_counter() - start) * 1000 / single_stream_len
+    return {"elapsed_s": elapsed, "single_stream_ms_per_token": single_ms,
             "token_ids": [list(o.outputs[0].token_ids) for o in outs]}
 
 

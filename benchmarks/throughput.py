@@ -122,7 +122,10 @@ def wait_for_background_compiles(llm) -> float:
 
 
 def run_hfbridge_offline(folder: str, prompts, output_len: int, args) -> dict:
-    """The steps of peer_vllm.run_vllm_offline, on hfbridge: load, warm up, time the workload, one single stream."""
+    """The steps of peer_vllm.run_vllm_offline, on hfbridge: load, wait for the background compile, then the
+    same timed steps (peer_vllm.time_workload)."""
+    from peer_vllm import time_workload
+
     from hfbridge import LLM, SamplingParams
 
     start = time.perf_counter()
@@ -131,15 +134,8 @@ def run_hfbridge_offline(folder: str, prompts, output_len: int, args) -> dict:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
     load_s = time.perf_counter() - start
     compile_s = wait_for_background_compiles(llm)
-    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
-    as_inputs = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(as_inputs[:2], params, use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate(as_inputs, params, use_tqdm=False)
-    elapsed = time.perf_counter() - start
-    return {"load_s": load_s, "compile_s": compile_s, "elapsed_s": elapsed,
-            "single_stream_ms_per_token": single_stream(llm, prompts[0], args.single_stream_len),
-            "token_ids": [list(o.outputs[0].token_ids) for o in outs]}
+    return {"load_s": load_s, "compile_s": compile_s,
+            **time_workload(llm, SamplingParams, prompts, output_len, args.single_stream_len)}
 
 
 def run_one_engine(args) -> None:
