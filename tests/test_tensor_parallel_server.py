@@ -37,14 +37,16 @@ def workers_of(pid: int) -> list[psutil.Process]:
             if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
 
 
-def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, tmp_path):
-    folder = str(tiny_llama[1])
-    process, url = start_server([folder, "--max-model-len", "64"], tmp_path / "tp1.log")
+def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path, ready=ready_status) -> str:
+    """`hfbridge serve` with `flag 2` (-tp or -pp) answers like one rank, reports world size 2, then killing worker
+    `kill` turns /ready (as `ready` reads it) non-200 and the server exits 1 by itself with no worker left.
+    Returns the two-rank server's log."""
+    process, url = start_server([folder, "--max-model-len", "64"], tmp_path / "one.log")
     try:
         expected = answers(url)
     finally:
         stop_server(process)
-    process, url = start_server([folder, "--max-model-len", "64", "-tp", "2"], tmp_path / "tp2.log",
+    process, url = start_server([folder, "--max-model-len", "64", flag, "2"], tmp_path / "two.log",
                                 env={"OMP_NUM_THREADS": "1"})
     try:
         assert answers(url) == expected
@@ -54,15 +56,19 @@ def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, t
                 if line.startswith("hfbridge:parallel_world_size{")] == [2.0], metrics
         workers = workers_of(process.pid)
         assert len(workers) == 2
-        workers[1].kill()
+        workers[kill].kill()
         deadline = time.monotonic() + 20
-        while process.poll() is None and ready_status(url) == 200 and time.monotonic() < deadline:
+        while process.poll() is None and ready(url) == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert process.poll() is not None or ready_status(url) == 503
+        assert process.poll() is not None or ready(url) in (503, None)
         assert process.wait(timeout=30) == 1  # exits by itself: no hang
         assert not psutil.wait_procs(workers, timeout=15)[1]
     finally:
         if process.poll() is None:
             stop_server(process)
-        log = (tmp_path / "tp2.log").read_text()
+    return (tmp_path / "two.log").read_text()
+
+
+def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, tmp_path):
+    log = serve_two_ranks_then_kill_one(str(tiny_llama[1]), "-tp", 1, tmp_path)
     assert "tensor-parallel worker" in log and "world size 2" in log
