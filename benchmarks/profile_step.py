@@ -80,11 +80,8 @@ def main() -> None:
 
     llm = LLM(model=args.model, dtype="float32", max_num_seqs=args.batch,
               max_num_batched_tokens=max(2048, args.batch * args.input_len), enforce_eager=args.enforce_eager)
-    if not args.enforce_eager:  # measure the compiled model, not the eager one that serves meanwhile
-        llm.apply_model(lambda m: getattr(m, "compiled", None) and m.compiled.wait())
-        decode = getattr(llm.llm_engine.executor.runner.backend, "compiled_decode", None)
-        if decode is not None:
-            decode.wait()
+    for compiling in llm.llm_engine.executor.background_compiles():  # measure the compiled model, not the
+        compiling.wait()  # eager one that serves meanwhile
     engine = llm.llm_engine
     rng = random.Random(0)
     prompts = [[rng.randrange(100, 40000) for _ in range(args.input_len)] for _ in range(args.batch)]
