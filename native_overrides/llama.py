@@ -12,6 +12,7 @@ from hfbridge.attention_backends.metadata import LayerOptions
 from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
 from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
+from hfbridge.native_overrides.packed_linear import PackedLinear, WeightPacks
 from hfbridge.native_overrides.weights import load_stacked_weights
 
 
@@ -67,8 +68,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = opts.num_heads, opts.num_kv_heads, opts.head_dim
         self.q_size, self.kv_size = opts.num_heads * opts.head_dim, opts.num_kv_heads * opts.head_dim
-        self.qkv_proj = nn.Linear(opts.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias, dtype=dtype)
-        self.o_proj = nn.Linear(self.q_size, opts.hidden_size, bias=opts.o_bias, dtype=dtype)
+        self.qkv_proj = PackedLinear(opts.hidden_size, self.q_size + 2 * self.kv_size, bias=opts.qkv_bias, dtype=dtype)
+        self.o_proj = PackedLinear(self.q_size, opts.hidden_size, bias=opts.o_bias, dtype=dtype)
         if opts.qk_norm:
             self.q_norm = RMSNorm(opts.head_dim, opts.eps, dtype, "meta")
             self.k_norm = RMSNorm(opts.head_dim, opts.eps, dtype, "meta")
@@ -92,8 +93,8 @@ class MLP(nn.Module):
     def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
         super().__init__()
         size = opts.intermediate_size
-        self.gate_up_proj = nn.Linear(opts.hidden_size, 2 * size, bias=opts.mlp_bias, dtype=dtype)
-        self.down_proj = nn.Linear(size, opts.hidden_size, bias=opts.mlp_bias, dtype=dtype)
+        self.gate_up_proj = PackedLinear(opts.hidden_size, 2 * size, bias=opts.mlp_bias, dtype=dtype)
+        self.down_proj = PackedLinear(size, opts.hidden_size, bias=opts.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
@@ -163,6 +164,7 @@ class NativeCausalLM(nn.Module):
         self.rotary: RotaryTable | None = None
         self._head: HeadProjection | None = None
         self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
+        self.packs = WeightPacks(self)  # the projections' oneDNN layouts (CPU float32), kept current with the weights
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
@@ -182,6 +184,7 @@ class NativeCausalLM(nn.Module):
         positions: torch.Tensor,  # [1, T]
         logits_indices: torch.Tensor | None = None,  # [N]
     ) -> torch.Tensor:  # [N, V] float32
+        self.packs.refresh()
         regions = self.compiled.for_tokens(input_ids.shape[1]) if self.compiled is not None else EAGER_REGIONS
         hidden = self.model(input_ids[0], positions[0], self.rotary, regions)  # [T, hidden]
         if logits_indices is None:
@@ -192,6 +195,7 @@ class NativeCausalLM(nn.Module):
 
     def compile_regions(self, background: bool = True) -> CompiledRegions:
         """torch.compile the decoder layers' attention-free regions (see compiled_regions.py); eager until ready."""
+        self.packs.refresh()  # traced with the packed projections, as every step will call them
         self.compiled = CompiledRegions(EAGER_REGIONS, self._warm_up_inputs)
         self.compiled.start(background)
         return self.compiled
@@ -209,7 +213,9 @@ class NativeCausalLM(nn.Module):
     def load_weights(self, weights) -> set[str]:
         """weights: (checkpoint name, lazy tensor) pairs; returns the parameter names filled."""
         skip = ("lm_head.",) if self.options.tie_word_embeddings else ()
-        return load_stacked_weights(self, weights, skip_prefixes=skip)
+        loaded = load_stacked_weights(self, weights, skip_prefixes=skip)
+        self.packs.refresh()
+        return loaded
 
 
 class LlamaForCausalLM(NativeCausalLM):
