@@ -10,6 +10,7 @@ from torch import nn
 
 from hfbridge.attention_backends.metadata import LayerOptions
 from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
+from hfbridge.native_overrides.decode_graph import DecodeGraph
 from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
 from hfbridge.native_overrides.packed_linear import PackedLinear, WeightPacks
@@ -164,6 +165,7 @@ class NativeCausalLM(nn.Module):
         self.rotary: RotaryTable | None = None
         self._head: HeadProjection | None = None
         self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
+        self.decode_graph: DecodeGraph | None = None  # set by compile_regions() unless a layer has a sliding window
         self.packs = WeightPacks(self)  # the projections' oneDNN layouts (CPU float32), kept current with the weights
 
     @classmethod
@@ -185,20 +187,27 @@ class NativeCausalLM(nn.Module):
         logits_indices: torch.Tensor | None = None,  # [N]
     ) -> torch.Tensor:  # [N, V] float32
         self.packs.refresh()
-        regions = self.compiled.for_tokens(input_ids.shape[1]) if self.compiled is not None else EAGER_REGIONS
-        hidden = self.model(input_ids[0], positions[0], self.rotary, regions)  # [T, hidden]
+        hidden = self.decode_graph.run(input_ids[0], positions[0]) if self.decode_graph is not None else None
+        if hidden is None:  # not a decode step the compiled graph serves: layer by layer
+            regions = self.compiled.for_tokens(input_ids.shape[1]) if self.compiled is not None else EAGER_REGIONS
+            hidden = self.model(input_ids[0], positions[0], self.rotary, regions)  # [T, hidden]
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
         if self._head is None or not self._head.is_current(self.head_weight):
             self._head = HeadProjection(self.head_weight)
         return self._head(hidden[logits_indices]).float()
 
-    def compile_regions(self, background: bool = True) -> CompiledRegions:
-        """torch.compile the decoder layers' attention-free regions (see compiled_regions.py); eager until ready."""
+    def compile_regions(self, background: bool = True) -> list[CompiledRegions | DecodeGraph]:
+        """torch.compile the decoder layers' attention-free regions (compiled_regions.py) and the whole decode step
+        (decode_graph.py); eager until ready."""
         self.packs.refresh()  # traced with the packed projections, as every step will call them
         self.compiled = CompiledRegions(EAGER_REGIONS, self._warm_up_inputs)
         self.compiled.start(background)
-        return self.compiled
+        if all(window is None for window in self.options.sliding_windows):
+            opts = self.options
+            self.decode_graph = DecodeGraph(self.model, self.rotary, opts.num_kv_heads, opts.head_dim)
+            self.decode_graph.start(background)
+        return [c for c in (self.compiled, self.decode_graph) if c is not None]
 
     def _warm_up_inputs(self, num_tokens: int):
         """Inputs of layer 0 (no residual yet) and layer 1 for a step of num_tokens tokens."""

@@ -1,5 +1,5 @@
-"""enforce_eager=False (vLLM's default) torch.compiles, in the background, the native decoder's attention-free regions
-and the decode attention that reads the paged cache in place.
+"""enforce_eager=False (vLLM's default) torch.compiles, in the background, the native decoder's attention-free regions,
+the whole decode step (decode_graph.py) and the decode attention that reads the paged cache in place.
 Greedy output must be identical with and without enforce_eager, and equal Transformers' own generate(); once
 compiled, serving never compiles again (no new graphs while generating).
 
@@ -37,17 +37,21 @@ def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[lis
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=5, ignore_eos=True)
 
     eager = _llm(folder, enforce_eager=True)
-    assert eager.apply_model(lambda m: m.compiled)[0] is None
+    assert eager.apply_model(lambda m: (m.compiled, m.decode_graph))[0] == (None, None)
     eager_outs = eager.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     del eager
 
     compiled = _llm(folder, enforce_eager=False)
-    assert compiled.apply_model(lambda m: m.compiled.wait(timeout=900))[0], "compilation failed or timed out"
-    decode = compiled.llm_engine.executor.runner.backend.compiled_decode
-    assert decode.wait(timeout=900), f"decode attention did not compile: {decode.error}"
+    compiles = compiled.llm_engine.executor.background_compiles()
+    assert len(compiles) == 3  # regions, decode step, decode attention
+    for c in compiles:
+        assert c.wait(timeout=900), f"{c.what} did not compile: {c.error}"
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    decode_graph = compiled.apply_model(lambda m: m.decode_graph)[0]
+    calls = _count_calls(decode_graph)
     compiled_outs = compiled.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "serving compiled a new graph"
+    assert calls == [MAX_NEW - 1], "every decode step should run the compiled decode graph"
 
     for prompt, e, c in zip(batch, eager_outs, compiled_outs):
         e, c = e.outputs[0], c.outputs[0]
@@ -58,6 +62,18 @@ def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[lis
                 assert lp.logprob == pytest.approx(e_step[token_id].logprob, abs=1e-4)
         tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
         assert_greedy_match(c.token_ids, tokens, logits)
+
+
+def _count_calls(decode_graph) -> list[int]:
+    """Counts the decode steps the compiled graph runs, in the returned one-item list."""
+    calls, inner = [0], decode_graph.fn
+
+    def counted(*args):
+        calls[0] += 1
+        return inner(*args)
+
+    decode_graph.fn = counted
+    return calls
 
 
 def test_greedy_is_identical_with_and_without_enforce_eager(tiny_qwen3):

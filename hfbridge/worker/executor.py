@@ -101,7 +101,9 @@ class InProcessExecutor:
 
     def background_compiles(self) -> list[BackgroundCompile]:
         """The torch.compile warm-ups this executor started (enforce_eager=False), running or ended."""
-        found = (getattr(self.runner.model, "compiled", None), getattr(self.runner.backend, "compiled_decode", None))
+        model, backend = self.runner.model, self.runner.backend
+        found = (getattr(model, "compiled", None), getattr(model, "decode_graph", None),
+                 getattr(backend, "compiled_decode", None))
         return [c for c in found if c is not None]
 
     def shutdown(self) -> None:
