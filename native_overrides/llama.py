@@ -165,7 +165,7 @@ class NativeCausalLM(nn.Module):
         self.rotary: RotaryTable | None = None
         self._head: HeadProjection | None = None
         self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
-        self.decode_graph: DecodeGraph | None = None  # set by compile_regions() unless a layer has a sliding window
+        self.decode_graph: DecodeGraph | None = None  # set by compile_regions() on CPU, without sliding windows
         self.packs = WeightPacks(self)  # the projections' oneDNN layouts (CPU float32), kept current with the weights
 
     @classmethod
@@ -203,7 +203,8 @@ class NativeCausalLM(nn.Module):
         self.packs.refresh()  # traced with the packed projections, as every step will call them
         self.compiled = CompiledRegions(EAGER_REGIONS, self._warm_up_inputs)
         self.compiled.start(background)
-        if all(window is None for window in self.options.sliding_windows):
+        on_cpu = self.model.embed_tokens.weight.device.type == "cpu"  # the graph has been measured on CPUs only
+        if on_cpu and all(window is None for window in self.options.sliding_windows):
             opts = self.options
             self.decode_graph = DecodeGraph(self.model, self.rotary, opts.num_kv_heads, opts.head_dim)
             self.decode_graph.start(background)
