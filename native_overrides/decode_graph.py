@@ -44,7 +44,9 @@ def decode_step(
     for layer, kv_cache in zip(model.layers, kv_caches):
         q, k, v, residual = layer.before_attention(hidden, residual, positions, rotary)
         write_kv_op(kv_cache, k, v, slot_mapping)
-        out = paged_decode_attention(q, kv_cache, slots, lens, layer.self_attn.options.scaling)
+        attn = layer.self_attn  # module attributes: constants of the graph
+        out = paged_decode_attention(q, kv_cache, slots, lens, attn.options.scaling, num_heads=attn.num_heads,
+                                     num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
         hidden, residual = layer.after_attention(out.to(q.dtype), residual)
     return model.norm(hidden, residual)[0]
 
