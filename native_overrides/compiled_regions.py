@@ -7,7 +7,8 @@ attention call (paged KV cache, Python loops over requests) stays outside these 
 
 Compiled once for every layer (they share code and shapes) with the token count T symbolic, so one graph per
 region serves every batch; single-token steps (T = 1) stay eager, so no second specialised graph is ever
-compiled while serving. Compilation runs in the background (hfbridge/compilation.py): until it is ready every
+compiled while serving. Pure decode steps, one token per request, skip these regions: decode_graph.py runs
+them whole. Compilation runs in the background (hfbridge/compilation.py): until it is ready every
 step runs eagerly. Same arithmetic either way, fused or not: tests check greedy output is identical with and
 without `enforce_eager`."""
 from __future__ import annotations
