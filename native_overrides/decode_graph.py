@@ -52,10 +52,9 @@ def decode_step(
 
 
 class DecodeGraph(BackgroundCompile):
-    def __init__(self, model: nn.Module, rotary: nn.Module, num_kv_heads: int, head_dim: int):
+    def __init__(self, model: nn.Module, rotary: nn.Module):
         super().__init__("the decode step", self._warm_up)
         self.model, self.rotary = model, rotary
-        self.num_kv_heads, self.head_dim = num_kv_heads, head_dim
         self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -79,8 +78,8 @@ class DecodeGraph(BackgroundCompile):
     def _warm_up(self) -> None:
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
         # time would be assumed equal forever, "duck sizing"), the cache too: 29 blocks of 13 slots.
-        weight = self.model.embed_tokens.weight
-        shape = (2, 29, 13, self.num_kv_heads, self.head_dim)
+        weight, attn = self.model.embed_tokens.weight, self.model.layers[0].self_attn
+        shape = (2, 29, 13, attn.num_kv_heads, attn.head_dim)
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)
         caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.model.layers]
         with torch.inference_mode():

@@ -205,8 +205,7 @@ class NativeCausalLM(nn.Module):
         self.compiled.start(background)
         on_cpu = self.model.embed_tokens.weight.device.type == "cpu"  # the graph has been measured on CPUs only
         if on_cpu and all(window is None for window in self.options.sliding_windows):
-            opts = self.options
-            self.decode_graph = DecodeGraph(self.model, self.rotary, opts.num_kv_heads, opts.head_dim)
+            self.decode_graph = DecodeGraph(self.model, self.rotary)
             self.decode_graph.start(background)
         return [c for c in (self.compiled, self.decode_graph) if c is not None]
 
