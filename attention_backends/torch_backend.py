@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
 from hfbridge.attention_backends.paged_decode import CompiledDecode
 
@@ -100,8 +101,13 @@ class TorchReferenceBackend:
     compiled_decode: CompiledDecode | None = None  # see enable_compiled_decode
 
     def enable_compiled_decode(self, head_shapes: list[tuple[int, int, int, torch.dtype]], device: torch.device,
-                               background: bool = True) -> CompiledDecode:
-        """Decode steps of plain attention layers read the paged cache in place once compiled (paged_decode.py)."""
+                               background: bool = True) -> CompiledDecode | None:
+        """Decode steps of plain attention layers read the paged cache in place once compiled (paged_decode.py).
+        Head shapes the CPU kernels serve (cpu_kernels.py, built here if need be) need no compile."""
+        head_shapes = [(heads, kv_heads, head_dim, dtype) for heads, kv_heads, head_dim, dtype in head_shapes
+                       if not cpu_kernels.available(device, dtype, head_dim)]
+        if not head_shapes:
+            return None
         self.compiled_decode = CompiledDecode(head_shapes, device)
         self.compiled_decode.start(background)
         return self.compiled_decode
@@ -142,6 +148,10 @@ class TorchReferenceBackend:
 
     def _decode_batch(self, query, kv_cache, metadata, layer, decodes, out) -> None:
         # The same for every layer of the step: built by the first layer, reused by the others.
+        if cpu_kernels.serves(layer, query, kv_cache):
+            token_idx, tables, lens = metadata.memo("decode rows", lambda: _decode_rows(metadata, decodes))
+            out[token_idx] = cpu_kernels.paged_decode_cpu(query[token_idx], kv_cache, tables, lens, layer.scaling)
+            return
         token_idx, lens, slots = metadata.memo(("decode", kv_cache.shape[2]), lambda: _decode_plan(metadata, decodes,
                                                                                                     kv_cache.shape[2]))
         if self.compiled_decode is not None and self.compiled_decode.serves(layer):
@@ -152,6 +162,12 @@ class TorchReferenceBackend:
         k, v = gather_slots(kv_cache, slots, lens.shape[0])
         result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
         out[token_idx] = result[:, 0].to(out.dtype)
+
+
+def _decode_rows(metadata: AttentionMetadata, decodes: list[int]):
+    """token_idx [B] (the one query token of each decode request), block_tables [B, W] int32, seq_lens [B] int32."""
+    rows = torch.tensor(decodes, device=metadata.seq_lens.device)
+    return metadata.query_start_loc[rows].long(), metadata.block_tables[rows], metadata.seq_lens[rows]
 
 
 def _decode_plan(metadata: AttentionMetadata, decodes: list[int], block_size: int):

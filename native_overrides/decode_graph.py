@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.forward_context import get_forward_context
 from hfbridge.attention_backends.paged_decode import paged_decode_attention
 from hfbridge.attention_backends.torch_backend import padded_slots, write_kv
@@ -37,16 +38,20 @@ def decode_step(
     rotary: nn.Module,
     kv_caches: list[torch.Tensor],  # per layer [2, N, bs, Hkv, D]
     slot_mapping: torch.Tensor,  # [B] where each new token's K/V goes
-    slots: torch.Tensor,  # [B, L] every request's context slots, padded (see padded_slots)
     lens: torch.Tensor,  # [B] context lengths, the new token included
+    slots: torch.Tensor | None,  # [B, L] every request's context slots, padded (see padded_slots)
+    block_tables: torch.Tensor | None,  # [B, W] int32, instead of slots: the CPU kernels read the cache
 ) -> torch.Tensor:  # [B, hidden]
     hidden, residual = model.embed_tokens(input_ids), None
     for layer, kv_cache in zip(model.layers, kv_caches):
         q, k, v, residual = layer.before_attention(hidden, residual, positions, rotary)
         write_kv_op(kv_cache, k, v, slot_mapping)
         attn = layer.self_attn  # module attributes: constants of the graph
-        out = paged_decode_attention(q, kv_cache, slots, lens, attn.options.scaling, num_heads=attn.num_heads,
-                                     num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
+        if block_tables is not None:
+            out = cpu_kernels.paged_decode_cpu(q, kv_cache, block_tables, lens, attn.options.scaling)
+        else:
+            out = paged_decode_attention(q, kv_cache, slots, lens, attn.options.scaling, num_heads=attn.num_heads,
+                                         num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim)
         hidden, residual = layer.after_attention(out.to(q.dtype), residual)
     return model.norm(hidden, residual)[0]
 
@@ -56,6 +61,10 @@ class DecodeGraph(BackgroundCompile):
         super().__init__("the decode step", self._warm_up)
         self.model, self.rotary = model, rotary
         self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
+        # The CPU kernels where they run (the cache has the weights' dtype; the caller leaves sliding windows out),
+        # else the compiled formulation of paged_decode.py.
+        weight, attn = model.embed_tokens.weight, model.layers[0].self_attn
+        self.cpu_kernels = cpu_kernels.available(weight.device, weight.dtype, attn.head_dim)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """input_ids / positions [T] -> hidden [T, hidden] when this step is a decode step the graph serves, else
@@ -70,10 +79,13 @@ class DecodeGraph(BackgroundCompile):
                 or getattr(ctx.backend, "name", None) != "torch" or len(ctx.kv_caches) != num_layers):
             return None
         kv_caches = [ctx.kv_caches[i] for i in range(num_layers)]
+        if self.cpu_kernels:
+            return self.fn(self.model, input_ids, positions, self.rotary, kv_caches, md.slot_mapping, md.seq_lens,
+                           None, md.block_tables)
         lens = md.seq_lens.long()
         slots = padded_slots(md.block_tables, lens, md.max_seq_len, kv_caches[0].shape[2])
-        return self.fn(self.model, input_ids, positions, self.rotary, kv_caches, md.slot_mapping,
-                       slots.view(md.num_requests, md.max_seq_len), lens)
+        return self.fn(self.model, input_ids, positions, self.rotary, kv_caches, md.slot_mapping, lens,
+                       slots.view(md.num_requests, md.max_seq_len), None)
 
     def _warm_up(self) -> None:
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
@@ -88,6 +100,11 @@ class DecodeGraph(BackgroundCompile):
                     return
                 ids = torch.zeros(batch, dtype=torch.long, device=weight.device)
                 positions = torch.arange(batch, device=weight.device)
-                slots = torch.zeros(batch, context, dtype=torch.long, device=weight.device)
-                lens = torch.full((batch,), context, dtype=torch.long, device=weight.device)
-                self.fn(self.model, ids, positions, self.rotary, caches, positions.clone(), slots, lens)
+                if self.cpu_kernels:  # block tables of 3 or 4 blocks, all block 0
+                    tables = torch.zeros(batch, -(-context // shape[2]), dtype=torch.int32, device=weight.device)
+                    lens = torch.full((batch,), context, dtype=torch.int32, device=weight.device)
+                    self.fn(self.model, ids, positions, self.rotary, caches, positions.clone(), lens, None, tables)
+                else:
+                    slots = torch.zeros(batch, context, dtype=torch.long, device=weight.device)
+                    lens = torch.full((batch,), context, dtype=torch.long, device=weight.device)
+                    self.fn(self.model, ids, positions, self.rotary, caches, positions.clone(), lens, slots, None)

@@ -1,0 +1,112 @@
+"""The C decode-attention kernels (cpu_kernels.py) against attention written from its definition in float64:
+softmax(q . k / sqrt(d)) . v over each request's context, read through a shuffled block table."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfbridge.attention_backends import cpu_kernels
+from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.attention_backends.paged_decode import paged_decode_attention
+from hfbridge.attention_backends.torch_backend import padded_slots
+
+
+def reference(query, kv_cache, block_tables, seq_lens, scaling):
+    """float64, one request and one query head at a time: out[b, h] = sum_t softmax_t(q.k_t * scaling) v_t."""
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    group = query.shape[1] // num_kv_heads
+    out = torch.empty(query.shape, dtype=torch.float64)
+    for b, length in enumerate(seq_lens.tolist()):
+        slots = [int(block_tables[b, t // block_size]) * block_size + t % block_size for t in range(length)]
+        keys = kv_cache[0].reshape(-1, num_kv_heads, query.shape[2])[slots].double()  # [L, Hkv, D]
+        values = kv_cache[1].reshape(-1, num_kv_heads, query.shape[2])[slots].double()
+        for h in range(query.shape[1]):
+            weights = torch.softmax(keys[:, h // group] @ query[b, h].double() * scaling, dim=0)
+            out[b, h] = weights @ values[:, h // group]
+    return out
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, block_size, seq_lens", [
+    (9, 3, 64, 16, [1, 5, 16, 17, 40, 200]),  # SmolLM2's heads; short, block-sized and long contexts
+    (4, 4, 128, 13, [2, 29, 64]),  # no grouping, a block size that is no power of two
+    (8, 2, 80, 32, [33]),
+    (2, 1, 64, 16, [300, 7, 1]),
+])
+def test_matches_definition(num_heads, num_kv_heads, head_dim, block_size, seq_lens):
+    g = torch.Generator().manual_seed(0)
+    if not cpu_kernels.available(torch.device("cpu"), torch.float32, head_dim):
+        pytest.fail(f"kernels for head size {head_dim} did not build")
+    width = max(-(-n // block_size) for n in seq_lens) + 1  # one spare column, as tables of longer requests have
+    num_blocks = len(seq_lens) * width + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    block_tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width)
+    block_tables = block_tables.to(torch.int32)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=g)
+    scaling = head_dim**-0.5
+    got = cpu_kernels.paged_decode_cpu(query, kv_cache, block_tables, lens, scaling)
+    torch.testing.assert_close(got.double(), reference(query, kv_cache, block_tables, lens, scaling),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_torch_formulation_matches_definition():
+    """paged_decode.py's formulation, which Inductor compiles where the kernels do not serve (run eagerly here)."""
+    g = torch.Generator().manual_seed(3)
+    kv_cache = torch.randn(2, 30, 13, 3, 32, generator=g)
+    block_tables = torch.randperm(30, generator=g)[:24].view(4, 6).to(torch.int32)
+    lens = torch.tensor([70, 1, 14, 40], dtype=torch.int32)
+    query = torch.randn(4, 6, 32, generator=g)
+    slots = padded_slots(block_tables, lens.long(), 70, 13).view(4, 70)
+    got = paged_decode_attention(query, kv_cache, slots, lens.long(), 0.2, num_heads=6, num_kv_heads=3, head_dim=32)
+    torch.testing.assert_close(got.double(), reference(query, kv_cache, block_tables, lens, 0.2),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_chunks_of_requests(monkeypatch):
+    """A batch whose scores would exceed the chunk bound runs a few requests at a time, same values."""
+    g = torch.Generator().manual_seed(1)
+    kv_cache = torch.randn(2, 40, 16, 2, 64, generator=g)
+    block_tables = torch.randperm(40, generator=g)[:35].view(5, 7).to(torch.int32)
+    lens = torch.tensor([100, 3, 112, 64, 50], dtype=torch.int32)
+    query = torch.randn(5, 6, 64, generator=g)
+    monkeypatch.setattr(cpu_kernels, "SCORES_PER_CHUNK", 6 * 112 * 2)  # two requests per chunk
+    got = cpu_kernels.paged_decode_cpu(query, kv_cache, block_tables, lens, 0.125)
+    torch.testing.assert_close(got.double(), reference(query, kv_cache, block_tables, lens, 0.125),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_call_matches_eager():
+    """Inside torch.compile (fullgraph, as the decode graph calls it) the op runs the same kernels."""
+    g = torch.Generator().manual_seed(2)
+    kv_cache = torch.randn(2, 12, 16, 3, 64, generator=g)
+    block_tables = torch.randperm(12, generator=g)[:12].view(3, 4).to(torch.int32)
+    lens = torch.tensor([60, 17, 33], dtype=torch.int32)
+    query = torch.randn(3, 9, 64, generator=g)
+
+    def step(q):
+        return cpu_kernels.paged_decode_cpu(q * 2, kv_cache, block_tables, lens, 0.125) + 1
+
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(query), reference(query * 2, kv_cache, block_tables, lens, 0.125).float() + 1,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_which_layers_it_serves():
+    cache = torch.zeros(2, 1, 16, 1, 64)
+    plain = LayerOptions(layer_idx=0, scaling=0.125)
+    assert cpu_kernels.serves(plain, torch.zeros(1, 1, 64), cache)
+    assert not cpu_kernels.serves(LayerOptions(layer_idx=0, scaling=0.125, sliding_window=8), cache[0, 0], cache)
+    assert not cpu_kernels.serves(LayerOptions(layer_idx=0, scaling=0.125, softcap=30.0), cache[0, 0], cache)
+    assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 64, dtype=torch.bfloat16), cache.bfloat16())
+    assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 72), torch.zeros(2, 1, 16, 1, 72))  # not 16k
+
+
+def test_no_compiler_leaves_torch_paths(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("HFBRIDGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    cpu_kernels._library.cache_clear()
+    try:
+        assert not cpu_kernels.available(torch.device("cpu"), torch.float32, 64)
+        assert "decode attention runs through torch" in caplog.text
+    finally:
+        cpu_kernels._library.cache_clear()
