@@ -46,6 +46,7 @@ SCORES_PER_CHUNK = 1 << 24  # float32 scores held at once (64 MiB): longer batch
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _QK_ARGS = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _INT]
 _PV_ARGS = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT]
+_WRITE_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
 
 
 def serves(layer: LayerOptions, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
@@ -94,6 +95,23 @@ def _(query, kv_cache, block_tables, seq_lens, scaling):
     return torch.empty_like(query)
 
 
+def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> bool:
+    """kv_cache [2, N, bs, Hkv, D] written at slot_mapping [T] int64 (-1: skip) with key / value [T, Hkv, D], whose
+    token rows may be strided (views into a fused qkv output); False, writing nothing, where the kernels do not
+    apply (the caller writes with torch then)."""
+    if not (available(kv_cache.device, kv_cache.dtype, kv_cache.shape[-1]) and key.dtype == value.dtype == kv_cache.dtype
+            and kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (key, value))):
+        return False
+    num_slots, row_floats = kv_cache.shape[1] * kv_cache.shape[2], kv_cache.shape[3] * kv_cache.shape[4]
+    bad = _library(kv_cache.shape[-1]).write_kv(
+        key.data_ptr(), key.stride(0), value.data_ptr(), value.stride(0), kv_cache[0].data_ptr(),
+        kv_cache[1].data_ptr(), slot_mapping.data_ptr(), slot_mapping.shape[0], row_floats, num_slots)
+    if bad >= 0:
+        raise IndexError(f"KV cache slot {bad} is out of range for a cache of {num_slots} slots")
+    return True
+
+
 @functools.cache
 def _library(head_dim: int) -> ctypes.CDLL | None:
     try:
@@ -104,6 +122,7 @@ def _library(head_dim: int) -> ctypes.CDLL | None:
         return None
     lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
     lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None
+    lib.write_kv.argtypes, lib.write_kv.restype = _WRITE_ARGS, _I64
     return lib
 
 

@@ -1,4 +1,5 @@
-/* Decode attention over the paged KV cache on CPU, float32: the two passes that read the cache.
+/* Decode attention over the paged KV cache on CPU, float32: the two passes that read the cache, and the write of
+ * new K/V rows (one C call where index_copy_ takes several torch ops per layer).
  *
  * cpu_kernels.py compiles this file with the system C compiler (-O3 -march=native -fopenmp, HEAD_DIM fixed per
  * build) and runs  scores = paged_qk(...);  probs = torch.softmax(scores);  out = paged_pv(probs, ...).
@@ -131,4 +132,20 @@ void paged_pv(const float *restrict probs, const float *restrict value_cache, co
         }
         memcpy(out + b * num_heads * HEAD_DIM, acc, sizeof acc);
     }
+}
+
+/* key_cache / value_cache rows [slot] = key / value [t] for t < num_tokens with slots[t] >= 0 (-1: not stored).
+ * Token t's row starts at key + t * key_stride (the K of a fused qkv output is a strided view). Returns the first
+ * slot past num_slots, writing nothing, if there is one; else -1. */
+int64_t write_kv(const float *restrict key, int64_t key_stride, const float *restrict value, int64_t value_stride,
+                 float *restrict key_cache, float *restrict value_cache, const int64_t *restrict slots,
+                 int64_t num_tokens, int64_t row_floats, int64_t num_slots) {
+    for (int64_t t = 0; t < num_tokens; t++)
+        if (slots[t] >= num_slots) return slots[t];
+    for (int64_t t = 0; t < num_tokens; t++) {
+        if (slots[t] < 0) continue;
+        memcpy(key_cache + slots[t] * row_floats, key + t * key_stride, row_floats * sizeof(float));
+        memcpy(value_cache + slots[t] * row_floats, value + t * value_stride, row_floats * sizeof(float));
+    }
+    return -1;
 }

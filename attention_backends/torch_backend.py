@@ -15,6 +15,8 @@ from hfbridge.attention_backends.paged_decode import CompiledDecode
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """kv_cache [2, N, bs, Hkv, D]; key/value [T, Hkv, D]; slot_mapping [T] (-1 = skip)."""
+    if cpu_kernels.write_kv_cpu(kv_cache, key, value, slot_mapping):
+        return
     num_kv_heads, head_dim = kv_cache.shape[-2:]
     keep = slot_mapping >= 0
     if not bool(keep.all()):

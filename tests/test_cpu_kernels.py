@@ -110,3 +110,28 @@ def test_no_compiler_leaves_torch_paths(monkeypatch, tmp_path, caplog):
         assert "decode attention runs through torch" in caplog.text
     finally:
         cpu_kernels._library.cache_clear()
+
+
+def test_write_kv_matches_index_copy():
+    """New K/V rows land where torch's index_copy_ puts them; -1 skips a token; K and V may be views into a fused
+    qkv output (strided token rows)."""
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(5, 6 * 32 + 2 * 2 * 32, generator=g)
+    key = qkv[:, 6 * 32: 8 * 32].view(5, 2, 32)
+    value = qkv[:, 8 * 32:].view(5, 2, 32)
+    slots = torch.tensor([7, -1, 0, 29, 12])
+    cache = torch.randn(2, 3, 10, 2, 32, generator=g)
+    expected = cache.clone()
+    keep = slots >= 0
+    expected[0].view(-1, 2, 32).index_copy_(0, slots[keep], key[keep])
+    expected[1].view(-1, 2, 32).index_copy_(0, slots[keep], value[keep])
+    assert cpu_kernels.write_kv_cpu(cache, key, value, slots)
+    torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_write_kv_refuses_a_slot_past_the_cache():
+    cache = torch.zeros(2, 3, 10, 1, 16)
+    rows = torch.ones(2, 1, 16)
+    with pytest.raises(IndexError, match="slot 30 is out of range for a cache of 30 slots"):
+        cpu_kernels.write_kv_cpu(cache, rows, rows, torch.tensor([3, 30]))
+    assert cache.abs().sum() == 0  # nothing written
