@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from hfbridge.attention_backends.metadata import LayerOptions
-from hfbridge.model.default_model import cache_root
+from hfbridge.paths import cache_root
 
 logger = logging.getLogger(__name__)
 

