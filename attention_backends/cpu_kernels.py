@@ -1,4 +1,4 @@
-"""Decode attention on CPU through the hand-written kernels of paged_decode_cpu.c, built on first use.
+"""Decode attention on CPU through the hand-written kernels of hfbridge/csrc/paged_decode_cpu.c, built on first use.
 
 A decode step reads every cached K and V row of every request once per layer (64 requests x 200 tokens of
 SmolLM2-135M: 20 MB per layer), so its time is memory traffic. Eager torch copies the rows out first (gather +
@@ -10,11 +10,9 @@ whole, and prefetch along the block table. Measured per layer on 2 EPYC cores (f
     16 x 200              0.96 ms                        0.40 ms
      1 x 200              0.12 ms                        0.04 ms
 
-The library is built with the system C compiler once per head size (a constant of the inner loops), into
-$HFBRIDGE_CACHE_DIR/kernels under a key of the source, the flags, the compiler and the CPU (-march=native), and
-loaded with ctypes, which lets go of the GIL while a kernel runs. Later processes load the cached file in
-milliseconds. With no C compiler, or one that fails, `available` says False (logged once) and the torch paths
-serve. The OpenMP runtime is the one torch loaded (libgomp.so.1 is mapped once), sized by torch's thread count.
+The library is built once per head size (a constant of the inner loops) by hfbridge/native_build.py (the system C
+compiler, a cache of builds, ctypes). With no C compiler, or one that fails, `available` says False and the torch
+paths serve.
 
 Float32 query and cache, head sizes that are multiples of 16; plain causal attention (no window, softcap,
 sinks): `serves` says whether a layer qualifies."""
@@ -22,25 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 
+from hfbridge.native_build import load_library
 from hfbridge.attention_backends.metadata import LayerOptions
-from hfbridge.paths import cache_root
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("paged_decode_cpu.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 SCORES_PER_CHUNK = 1 << 24  # float32 scores held at once (64 MiB): longer batches run in chunks of requests
 
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
@@ -114,47 +99,9 @@ def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 @functools.cache
 def _library(head_dim: int) -> ctypes.CDLL | None:
-    try:
-        path = _build(head_dim)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as exc:
-        logger.warning("CPU decode-attention kernels unavailable (%s); decode attention runs through torch", exc)
-        return None
-    lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
-    lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None
-    lib.write_kv.argtypes, lib.write_kv.restype = _WRITE_ARGS, _I64
+    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",))
+    if lib is not None:
+        lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
+        lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None
+        lib.write_kv.argtypes, lib.write_kv.restype = _WRITE_ARGS, _I64
     return lib
-
-
-def _build(head_dim: int) -> Path:
-    """The compiled library for this head size: from the cache, else built now (well under a second)."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        raise OSError("no C compiler found (set CC or install gcc)")
-    command = [compiler, *FLAGS, f"-DHEAD_DIM={head_dim}"]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *command, version, _cpu_id()]).encode()).hexdigest()[:16]
-    path = cache_root() / "kernels" / f"paged_decode_cpu_d{head_dim}_{key}.so"
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # built aside, then renamed: ranks may race
-        built = Path(tmp) / path.name
-        result = subprocess.run([*command, "-o", str(built), str(SOURCE)], capture_output=True, text=True,
-                                timeout=300)
-        if result.returncode != 0:
-            raise OSError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, path)
-    logger.info("Built the CPU decode-attention kernels (head size %d) in %.1fs: %s", head_dim,
-                time.perf_counter() - start, path)
-    return path
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))
-    except OSError:
-        return platform.machine() + platform.processor()

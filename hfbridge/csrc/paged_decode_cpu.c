@@ -1,8 +1,8 @@
 /* Decode attention over the paged KV cache on CPU, float32: the two passes that read the cache, and the write of
  * new K/V rows (one C call where index_copy_ takes several torch ops per layer).
  *
- * cpu_kernels.py compiles this file with the system C compiler (-O3 -march=native -fopenmp, HEAD_DIM fixed per
- * build) and runs  scores = paged_qk(...);  probs = torch.softmax(scores);  out = paged_pv(probs, ...).
+ * attention_backends/cpu_kernels.py has it built (hfbridge/native_build.py: -O3 -march=native -fopenmp, HEAD_DIM
+ * fixed per build) and runs  scores = paged_qk(...);  probs = torch.softmax(scores);  out = paged_pv(probs, ...).
  *
  * Shapes (row-major, contiguous):
  *   query   [B, H, HEAD_DIM]            one token per request; query head h reads KV head h / (H / Hkv)
@@ -15,27 +15,19 @@
  * Why it is shaped so: the cache is far larger than the caches of the CPU, so time is memory traffic. Each request
  * is one work item that reads every cached row it needs exactly once per pass, whole (Hkv * HEAD_DIM floats,
  * all KV heads), and asks for the next rows early (__builtin_prefetch): the hardware prefetcher alone does not
- * follow a block table. Dot products are done 16 keys at a time and reduced together (sum16), instead of one
- * horizontal sum per key. Plain GCC vector types: no intrinsics, so any x86 or Arm build compiles it. */
+ * follow a block table. Dot products are done 16 keys at a time and reduced together (sum16 in simd16.h), instead
+ * of one horizontal sum per key. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "simd16.h"
+
 #ifndef HEAD_DIM
 #error "build with -DHEAD_DIM=<multiple of 16>"
 #endif
-#define LANES 16
 #define CHUNKS (HEAD_DIM / LANES)
 #define PREFETCH_ROWS_AHEAD 4 /* paged_pv: rows of V asked for ahead of use */
-
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i16 __attribute__((vector_size(64)));
-
-static inline v16 load(const float *p) {
-    v16 v;
-    memcpy(&v, p, sizeof v);  /* unaligned load */
-    return v;
-}
 
 static inline const float *row_at(const float *cache, const int32_t *table, int64_t t, int64_t block_size,
                                   int64_t row_floats) {
@@ -45,31 +37,6 @@ static inline const float *row_at(const float *cache, const int32_t *table, int6
 static inline void prefetch_row(const float *row, int64_t row_floats) {
     for (int64_t byte = 0; byte < row_floats * (int64_t)sizeof(float); byte += 64)
         __builtin_prefetch((const char *)row + byte);
-}
-
-/* x[0..15] -> one vector whose lane i is the sum of x[i]'s 16 lanes. Four halving steps: each adds the two
- * halves of every lane group of two vectors, so 16 reductions cost 15 vector adds and 30 shuffles. */
-#ifdef __clang__
-#define SHUFFLE(x, y, ...) __builtin_shufflevector(x, y, __VA_ARGS__)
-#else
-#define SHUFFLE(x, y, ...) __builtin_shuffle(x, y, (i16){__VA_ARGS__})
-#endif
-#define HALVES(x, y, LO, HI) (SHUFFLE(x, y, LO) + SHUFFLE(x, y, HI))
-#define LO1 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23
-#define HI1 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31
-#define LO2 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27
-#define HI2 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31
-#define LO3 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29
-#define HI3 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31
-#define LO4 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30
-#define HI4 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31
-
-static inline v16 sum16(const v16 *x) {
-    v16 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++) a[i] = HALVES(x[2 * i], x[2 * i + 1], LO1, HI1);
-    for (int i = 0; i < 4; i++) b[i] = HALVES(a[2 * i], a[2 * i + 1], LO2, HI2);
-    for (int i = 0; i < 2; i++) c[i] = HALVES(b[2 * i], b[2 * i + 1], LO3, HI3);
-    return HALVES(c[0], c[1], LO4, HI4);
 }
 
 /* scores[b, h, t] = scale * query[b, h] . K[t of request b, KV head of h] */

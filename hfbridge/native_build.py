@@ -1,0 +1,75 @@
+"""Hand-written C kernels (csrc/: paged decode attention, small GEMMs), built with the system C compiler on first
+use and loaded with ctypes, which lets go of the GIL while a kernel runs.
+
+A build lands in $HFBRIDGE_CACHE_DIR/kernels under a key of the sources, the command and the compiler's version,
+and the CPU (-march=native): later processes load it in milliseconds, another machine sharing the folder builds its
+own. It is built aside and renamed into place, so processes that race (ranks) each get a whole file. With no C
+compiler, or one that fails, `load_library` returns None (logged once per source) and callers run their torch code.
+Kernels run on the OpenMP runtime torch already loaded (libgomp.so.1 is mapped once), at the thread count given."""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from hfbridge.paths import cache_root
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")  # the .c files and the header they share
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}")
+
+
+@functools.cache
+def load_library(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The library built from csrc/<name> with `defines` (e.g. ("-DHEAD_DIM=64",)), or None where it cannot be
+    built."""
+    source = CSRC / name
+    try:
+        return ctypes.CDLL(str(_build(source, defines)))
+    except (OSError, subprocess.SubprocessError) as exc:
+        logger.warning("Could not build the C kernels of %s (%s); torch code runs instead", source.name, exc)
+        return None
+
+
+def _build(source: Path, defines: tuple[str, ...]) -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise OSError("no C compiler found (set CC or install gcc)")
+    command = [compiler, *FLAGS, *defines]
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, version, _cpu_id()]).encode())
+    key = key.hexdigest()[:16]
+    tag = "".join(d.rsplit("=", 1)[-1] for d in defines)
+    path = cache_root() / "kernels" / f"{source.stem}{'_' + tag if tag else ''}_{key}.so"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        built = Path(tmp) / path.name
+        result = subprocess.run([*command, "-o", str(built), str(source)], capture_output=True, text=True,
+                                timeout=300)
+        if result.returncode != 0:
+            raise OSError(f"{' '.join(command)} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, path)
+    logger.info("Built %s in %.1fs: %s", source.name, time.perf_counter() - start, path)
+    return path
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))
+    except OSError:
+        return platform.machine() + platform.processor()
