@@ -25,5 +25,5 @@ class HeadProjection:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and hidden.dtype == torch.float32 and hidden.shape[0] > 0:
-            return packed_linear(hidden, self.packed, None)
+            return packed_linear(hidden, self.weight, self.packed, None)
         return F.linear(hidden, self.weight)

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from hfbridge.native_overrides import packed_linear
 from hfbridge.native_overrides.packed_linear import PackedLinear, WeightPacks
 
 
@@ -18,6 +19,22 @@ def test_packed_projection_matches_the_definition(tokens, bias):
     WeightPacks(layer).refresh()
     assert layer.packed is not None  # CPU float32 with oneDNN: the packed path is the one under test
     x = torch.randn(tokens, 96)
+    with torch.inference_mode():
+        got = layer(x)
+    torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 2])
+@pytest.mark.parametrize("in_features, out_features", [(96, 203), (576, 64), (40, 50)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_or_two_rows_match_the_definition(tokens, in_features, out_features, bias):
+    """One or two rows take small_gemm.c (inputs a multiple of 16 wide; a last tile of fewer rows than the tile
+    holds), the rest oneDNN; the same values either way."""
+    assert packed_linear._small_gemm() is not None, "small_gemm.c did not build"
+    torch.manual_seed(tokens + in_features)
+    layer = PackedLinear(in_features, out_features, bias=bias)
+    WeightPacks(layer).refresh()
+    x = torch.randn(tokens, in_features)
     with torch.inference_mode():
         got = layer(x)
     torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
@@ -41,7 +58,7 @@ def test_compiled_call_matches_eager():
     WeightPacks(layer).refresh()
     compiled = torch.compile(lambda m, x: torch.nn.functional.silu(m(x)) * 2, dynamic=True)
     with torch.inference_mode():
-        for tokens in (17, 19, 33):
+        for tokens in (17, 19, 33, 1, 2):
             x = torch.randn(tokens, 64)
             torch.testing.assert_close(compiled(layer, x), torch.nn.functional.silu(_reference(layer, x)) * 2,
                                        rtol=1e-5, atol=1e-4)
