@@ -23,8 +23,8 @@ import functools
 
 import torch
 
-from hfbridge.native_build import load_library
 from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.native_build import load_library
 
 SCORES_PER_CHUNK = 1 << 24  # float32 scores held at once (64 MiB): longer batches run in chunks of requests
 
@@ -85,7 +85,8 @@ def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     token rows may be strided (views into a fused qkv output); False, writing nothing, where the kernels do not
     apply (the caller writes with torch then)."""
     if not (available(kv_cache.device, kv_cache.dtype, kv_cache.shape[-1])
-            and key.dtype == value.dtype == kv_cache.dtype and kv_cache.is_contiguous() and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
+            and key.dtype == value.dtype == kv_cache.dtype and kv_cache.is_contiguous()
+            and slot_mapping.dtype == torch.int64 and slot_mapping.is_contiguous()
             and all(t.stride(-1) == 1 and t.stride(-2) == t.shape[-1] for t in (key, value))):
         return False
     num_slots, row_floats = kv_cache.shape[1] * kv_cache.shape[2], kv_cache.shape[3] * kv_cache.shape[4]

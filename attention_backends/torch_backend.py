@@ -175,8 +175,7 @@ def _decode_rows(metadata: AttentionMetadata, decodes: list[int]):
 def _decode_plan(metadata: AttentionMetadata, decodes: list[int], block_size: int):
     """token_idx [B] (the one query token of each decode request), lens [B], slots [B * max_len] (see
     padded_slots)."""
-    rows = torch.tensor(decodes, device=metadata.seq_lens.device)
-    lens = metadata.seq_lens[rows].long()
+    token_idx, tables, lens = _decode_rows(metadata, decodes)
+    lens = lens.long()
     max_len = max(metadata.seq_lens_cpu[b] for b in decodes)
-    slots = padded_slots(metadata.block_tables[rows], lens, max_len, block_size)
-    return metadata.query_start_loc[rows].long(), lens, slots
+    return token_idx, lens, padded_slots(tables, lens, max_len, block_size)
