@@ -114,7 +114,7 @@ def test_serve_on_an_existing_cluster_answers_and_exits_with_a_dead_actor(ray_cl
         deadline = time.monotonic() + 30
         while process.poll() is None and ready_status(url) == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert process.poll() is not None or ready_status(url) == 503
+        assert process.poll() is not None or ready_status(url) in (503, None)
         assert process.wait(timeout=30) == 1  # exits by itself: no hang
         assert not psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)[1]
     finally:

@@ -24,12 +24,16 @@ def answers(url: str) -> tuple[str, str]:
     return completion.choices[0].text, chat
 
 
-def ready_status(url: str) -> int:
+def ready_status(url: str) -> int | None:
+    """/ready's status; None once the server stopped listening (it exits soon after a worker dies, so a poll can
+    land after the socket closed)."""
     try:
         with urllib.request.urlopen(url + "/ready", timeout=5) as response:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
+    except urllib.error.URLError:
+        return None
 
 
 def workers_of(pid: int) -> list[psutil.Process]:
@@ -37,9 +41,9 @@ def workers_of(pid: int) -> list[psutil.Process]:
             if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
 
 
-def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path, ready=ready_status) -> str:
+def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path) -> str:
     """`hfbridge serve` with `flag 2` (-tp or -pp) answers like one rank, reports world size 2, then killing worker
-    `kill` turns /ready (as `ready` reads it) non-200 and the server exits 1 by itself with no worker left.
+    `kill` turns /ready non-200 and the server exits 1 by itself with no worker left.
     Returns the two-rank server's log."""
     process, url = start_server([folder, "--max-model-len", "64"], tmp_path / "one.log")
     try:
@@ -58,9 +62,9 @@ def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path, r
         assert len(workers) == 2
         workers[kill].kill()
         deadline = time.monotonic() + 20
-        while process.poll() is None and ready(url) == 200 and time.monotonic() < deadline:
+        while process.poll() is None and ready_status(url) == 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert process.poll() is not None or ready(url) in (503, None)
+        assert process.poll() is not None or ready_status(url) in (503, None)
         assert process.wait(timeout=30) == 1  # exits by itself: no hang
         assert not psutil.wait_procs(workers, timeout=15)[1]
     finally:
