@@ -1,24 +1,27 @@
-"""Linear projections on oneDNN's prepacked weights, for CPU float32: vLLM-CPU's `onednn_mm` idea with torch's own
-ops. The weight [out, in] is laid out once (`torch.ops.mkldnn._reorder_linear_weight`, no batch-size hint: one
-layout serves every token count) and each call runs oneDNN's GEMM on it. Against `F.linear` (MKL sgemm on the
-plain weight), measured on the 2-core AVX-512 machine with SmolLM2-135M's shapes, ms per call:
+"""Linear projections on a copy of the weight laid out for hfbridge/csrc/panel_gemm.c, for CPU float32: vLLM-CPU's
+prepacked-weight idea (`onednn_mm`) with a kernel of our own. The weight [out, in] is laid out once, in panels of
+32 output columns ([ceil(out / 32), in, 32], zero-padded), and every call, from one token to a 2048-token prefill,
+runs the one C kernel on it.
 
-| projection [out x in] | 1 token | 7 tokens | 64 tokens | 2048 tokens |
-|---|---|---|---|---|
-| qkv 960 x 576 | 0.22 -> 0.10 | 0.29 -> 0.12 | 0.72 -> 0.45 | 17.5 -> 12.9 |
-| gate_up 3072 x 576 | 0.74 -> 0.47 | 1.02 -> 0.45 | 2.48 -> 1.36 | 46.9 -> 33.9 |
-| down 576 x 1536 | 0.33 -> 0.22 | 0.43 -> 0.24 | 0.95 -> 0.73 | 23.8 -> 17.6 |
-| LM head 49152 x 576 | 10.8 -> 6.1 | 40.7 -> 4.7 | 40.4 -> 19.6 | 869 -> 636 |
+Why not oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise, which this module called before): measured on
+the 2-core AVX-512 machine with SmolLM2-135M's four projections, 30 copies each so the weights come from memory
+as in a real step, ms per decoder step (F.linear's MKL sgemm is slower than both):
 
-The call is a torch custom op, so compiled regions keep it as one opaque kernel (Inductor's own oneDNN lowering
-wants the packed weight as a graph constant, which a graph shared by every layer cannot have). The packed copy
-is a cache of the weight, never a parameter: the checkpoint names, `state_dict` and `apply_model` see the plain
-weight, and `WeightPacks.refresh` re-lays it out when any weight was changed in place. Memory: one more copy of
-each packed weight. Anything else (GPU, half precision, no oneDNN) calls F.linear.
+| rows | oneDNN packed | panel_gemm.c |
+|---|---|---|
+| 1 | 28.8 (the earlier one-row C kernel) | 19.0 |
+| 4 | 27.5 | 21.7 |
+| 16 | 42.3 | 33.6 |
+| 64 | 94.5 | 90.2 |
+| 2048 | 2767 | 2833 |
 
-One or two rows (decode steps of one or two requests) skip oneDNN for hfbridge/csrc/small_gemm.c on the plain
-weight: at that size the time is reading the weight, which that kernel does closer to the memory's speed
-(single-stream SmolLM2-135M, compiled, same tokens: 39 ms per token against 45-55 with oneDNN, in one process).
+It is also batch invariant: a row's output has the same bits whatever else is in the batch (one sequential sum
+over `in` per element), where oneDNN picks its algorithm by row count.
+
+The call is a torch custom op, so compiled regions keep it as one opaque kernel. The panel copy is a cache of the
+weight, never a parameter: the checkpoint names, `state_dict` and `apply_model` see the plain weight, and
+`WeightPacks.refresh` lays it out again when any weight was changed in place. Memory: one more copy of each
+weight. Anything else (GPU, half precision, no C compiler) calls F.linear.
 """
 from __future__ import annotations
 
@@ -31,28 +34,31 @@ from torch import nn
 
 from hfbridge.native_build import load_library
 
-SMALL_GEMM_ROWS = 2  # up to this many rows, hfbridge/csrc/small_gemm.c instead of oneDNN
+PANEL_COLUMNS = 32  # output columns per panel; COLS in panel_gemm.c
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in] -> oneDNN's blocked layout of it, or None where the packed GEMM does not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+    """weight [out, in] -> panels [ceil(out / 32), in, 32] (panels[j, k, c] = weight[32 j + c, k], zeros past
+    `out`), or None where the kernel does not apply (then the caller runs F.linear)."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or _panel_gemm() is None:
         return None
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+    out_features, in_features = weight.shape
+    num_panels = -(-out_features // PANEL_COLUMNS)
+    padded = weight.detach().new_zeros(num_panels * PANEL_COLUMNS, in_features)
+    padded[:out_features] = weight.detach()
+    return padded.view(num_panels, PANEL_COLUMNS, in_features).transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("hfbridge::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] (T >= 1) -> [T, out], for `packed` from pack_weight(weight). One or two rows (decode steps of one
-    or two requests, where reading the weight is the time) go through small_gemm.c on the plain weight, where it
-    builds; more rows through oneDNN on the packed copy."""
-    lib = _small_gemm() if x.shape[0] <= SMALL_GEMM_ROWS and weight.shape[1] % 16 == 0 else None
-    if lib is None:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    x, out = x.contiguous(), x.new_empty(x.shape[0], weight.shape[0])
-    lib.small_gemm(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                   x.shape[0], weight.shape[0], weight.shape[1], torch.get_num_threads())
+    """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight)."""
+    out_features, in_features = weight.shape
+    x, out = x.contiguous(), x.new_empty(x.shape[0], out_features)
+    if x.shape[0] > 0:
+        bias = None if bias is None else bias.contiguous()
+        _panel_gemm().panel_gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
+                                 out.data_ptr(), x.shape[0], out_features, in_features, torch.get_num_threads())
     return out
 
 
@@ -62,11 +68,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.T
 
 
 @functools.cache
-def _small_gemm() -> ctypes.CDLL | None:
-    lib = load_library("small_gemm.c")
+def _panel_gemm() -> ctypes.CDLL | None:
+    lib = load_library("panel_gemm.c")
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.small_gemm.argtypes, lib.small_gemm.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
+        lib.panel_gemm.argtypes, lib.panel_gemm.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
     return lib
 
 
@@ -77,7 +83,7 @@ class PackedLinear(nn.Linear):
     packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.packed is None or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
         return packed_linear(x, self.weight, self.packed, self.bias)
 

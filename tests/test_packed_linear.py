@@ -1,4 +1,5 @@
-"""The native decoders' oneDNN-packed projections against the definition y = x @ W^T + b (float64 reference)."""
+"""The native decoders' packed projections (hfbridge/csrc/panel_gemm.c) against the definition y = x @ W^T + b
+(float64 reference)."""
 import pytest
 import torch
 
@@ -11,33 +12,44 @@ def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     return (y + layer.bias.double() if layer.bias is not None else y).float()
 
 
-@pytest.mark.parametrize("tokens", [1, 3, 64, 300])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 13, 14, 15, 29, 64, 300, 400])
+@pytest.mark.parametrize("in_features, out_features", [(96, 200), (576, 64), (40, 50), (7, 33)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_packed_projection_matches_the_definition(tokens, bias):
-    torch.manual_seed(tokens)
-    layer = PackedLinear(96, 200, bias=bias)
-    WeightPacks(layer).refresh()
-    assert layer.packed is not None  # CPU float32 with oneDNN: the packed path is the one under test
-    x = torch.randn(tokens, 96)
-    with torch.inference_mode():
-        got = layer(x)
-    torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
-
-
-@pytest.mark.parametrize("tokens", [1, 2])
-@pytest.mark.parametrize("in_features, out_features", [(96, 203), (576, 64), (40, 50)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_or_two_rows_match_the_definition(tokens, in_features, out_features, bias):
-    """One or two rows take small_gemm.c (inputs a multiple of 16 wide; a last tile of fewer rows than the tile
-    holds), the rest oneDNN; the same values either way."""
-    assert packed_linear._small_gemm() is not None, "small_gemm.c did not build"
+def test_packed_projection_matches_the_definition(tokens, in_features, out_features, bias):
+    """Row counts that take every micro-kernel height (1 to 14), blocks of unequal height, and two row bands
+    (400 > 384); widths with a last panel of fewer than 32 columns and inputs of any width."""
     torch.manual_seed(tokens + in_features)
     layer = PackedLinear(in_features, out_features, bias=bias)
     WeightPacks(layer).refresh()
+    assert layer.packed is not None, "panel_gemm.c did not build: the packed path is the one under test"
     x = torch.randn(tokens, in_features)
     with torch.inference_mode():
         got = layer(x)
     torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
+    """Batch invariance: the output row of a token does not depend on how many rows share the call, nor where."""
+    torch.manual_seed(0)
+    layer = PackedLinear(576, 200, bias=True)
+    WeightPacks(layer).refresh()
+    x = torch.randn(400, 576)
+    with torch.inference_mode():
+        everything, middle, reversed_rows = layer(x), layer(x[3:70]), layer(x.flip(0))
+        for i in (0, 5, 13, 14, 69, 383, 384, 399):
+            alone = layer(x[i:i + 1])[0]
+            assert torch.equal(everything[i], alone) and torch.equal(reversed_rows[399 - i], alone)
+            if 3 <= i < 70:
+                assert torch.equal(middle[i - 3], alone)
+
+
+def test_without_a_compiler_the_projection_is_f_linear(monkeypatch):
+    monkeypatch.setattr(packed_linear, "_panel_gemm", lambda: None)
+    layer = PackedLinear(64, 48, bias=True)
+    WeightPacks(layer).refresh()
+    assert layer.packed is None
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
 
 
 def test_a_weight_changed_in_place_is_packed_again():

@@ -1,0 +1,91 @@
+/* out [M, N] = x [M, K] . W^T (+ bias [N]), float32, on W laid out once in panels of 32 output columns:
+ *   panels [ceil(N / 32), K, 32]   panels[j, k, c] = W[32 j + c, k]  (columns past N are zeros)
+ * native_overrides/packed_linear.py lays the weight out and calls this for every row count, from a one-request
+ * decode step to a 2048-token prefill.
+ *
+ * How it runs: each thread takes whole panels. For up to MAX_ROWS rows of x at a time the micro-kernel holds a
+ * [rows, 32] tile of the output in registers (rows x 2 vectors of 16) and walks K once: per k, two vector loads
+ * of the panel, one broadcast of x per row, two fused multiply-adds per row. The panel (K x 128 bytes) stays in
+ * the core's L2 while every row block passes over it; the next panel is asked for (prefetch) during the first
+ * block, so the weight streams from memory under the arithmetic. Rows come in bands of BAND_ROWS so that a
+ * band of x stays in L2 as well.
+ *
+ * Each output element is one sequential sum over k, whatever M is or which block its row falls in: a row gets
+ * the same bits alone or in any batch (batch invariance).
+ *
+ * Measured on the 2-core AVX-512 EPYC against oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise), SmolLM2-135M's
+ * four projections, 30 copies each so the weights come from memory, ms per decoder step:
+ *   1 row 19.0 vs 28.8 (oneDNN's time there is the earlier small-GEMM kernel's), 4 rows 21.7 vs 27.5,
+ *   16 rows 33.6 vs 42.3, 64 rows 90.2 vs 94.5, 2048 rows 2833 vs 2767 (within 3%). */
+#include <stdint.h>
+#include <string.h>
+
+#include "simd16.h"
+
+#define COLS 32       /* output columns per panel: two vectors */
+#define MAX_ROWS 14   /* 28 accumulators + 2 panel vectors + 1 broadcast: 31 of the 32 vector registers */
+#define BAND_ROWS 384 /* rows of x per band: 384 x K floats stay in a 1 MiB L2 for K up to about 600 */
+
+static inline v16 splat(float s) { return (v16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+
+/* out[r, c] = bias[c] + sum_k x[r, k] * panel[k, c] for r < ROWS, c < cols; `ahead` (or NULL): the next panel. */
+#define MICRO_KERNEL(ROWS)                                                                                         \
+    static void rows_##ROWS(const float *restrict x, int64_t k, const float *restrict panel,                     \
+                            const float *restrict bias, float *restrict out, int64_t ldo, int64_t cols,          \
+                            const float *restrict ahead) {                                                      \
+        v16 acc[ROWS][2];                                                                                          \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (v16){0};                                          \
+        for (int64_t p = 0; p < k; p++) {                                                                          \
+            if (ahead) {                                                                                           \
+                __builtin_prefetch(ahead + p * COLS);                                                              \
+                __builtin_prefetch(ahead + p * COLS + LANES);                                                      \
+            }                                                                                                      \
+            const v16 w0 = load(panel + p * COLS), w1 = load(panel + p * COLS + LANES);                            \
+            for (int r = 0; r < ROWS; r++) {                                                                       \
+                const v16 xr = splat(x[r * k + p]);                                                                \
+                acc[r][0] += xr * w0;                                                                              \
+                acc[r][1] += xr * w1;                                                                              \
+            }                                                                                                      \
+        }                                                                                                          \
+        const v16 b0 = load(bias), b1 = load(bias + LANES);                                                        \
+        for (int r = 0; r < ROWS; r++) {                                                                           \
+            float row[COLS];                                                                                       \
+            const v16 lo = acc[r][0] + b0, hi = acc[r][1] + b1;                                                    \
+            memcpy(row, &lo, sizeof lo);                                                                           \
+            memcpy(row + LANES, &hi, sizeof hi);                                                                   \
+            memcpy(out + r * ldo, row, cols * sizeof(float));                                                      \
+        }                                                                                                          \
+    }
+
+MICRO_KERNEL(1) MICRO_KERNEL(2) MICRO_KERNEL(3) MICRO_KERNEL(4) MICRO_KERNEL(5) MICRO_KERNEL(6) MICRO_KERNEL(7)
+MICRO_KERNEL(8) MICRO_KERNEL(9) MICRO_KERNEL(10) MICRO_KERNEL(11) MICRO_KERNEL(12) MICRO_KERNEL(13) MICRO_KERNEL(14)
+
+typedef void (*micro_kernel)(const float *, int64_t, const float *, const float *, float *, int64_t, int64_t,
+                             const float *);
+static const micro_kernel BY_ROWS[MAX_ROWS + 1] = {
+    0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8, rows_9, rows_10, rows_11, rows_12, rows_13,
+    rows_14};
+
+void panel_gemm(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
+                int64_t k, int num_threads) {
+    const int64_t num_panels = (n + COLS - 1) / COLS;
+#pragma omp parallel num_threads(num_threads)
+    for (int64_t band = 0; band < m; band += BAND_ROWS) {
+        const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;
+        /* blocks of near-equal size: 64 rows run as 12 + 4 x 13, not 4 x 14 + 8 */
+        const int64_t blocks = (band_rows + MAX_ROWS - 1) / MAX_ROWS;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < num_panels; j++) {
+            const float *panel = panels + j * k * COLS;
+            const int64_t cols = n - j * COLS < COLS ? n - j * COLS : COLS;
+            float panel_bias[COLS] = {0};
+            if (bias) memcpy(panel_bias, bias + j * COLS, cols * sizeof(float));
+            for (int64_t b = 0, row = band; b < blocks; b++) {
+                const int64_t rows = (band + band_rows - row) / (blocks - b);
+                BY_ROWS[rows](x + row * k, k, panel, panel_bias, out + row * n + j * COLS, n, cols,
+                              b == 0 && j + 1 < num_panels ? panel + k * COLS : NULL);
+                row += rows;
+            }
+        }
+    }
+}
