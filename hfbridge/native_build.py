@@ -1,4 +1,4 @@
-"""Hand-written C kernels (csrc/: paged decode attention, small GEMMs), built with the system C compiler on first
+"""Hand-written C kernels (csrc/: paged decode attention, the projections' GEMM), built with the system C compiler on first
 use and loaded with ctypes, which lets go of the GIL while a kernel runs.
 
 A build lands in $HFBRIDGE_CACHE_DIR/kernels under a key of the sources, the command and the compiler's version,

@@ -166,7 +166,7 @@ class NativeCausalLM(nn.Module):
         self._head: HeadProjection | None = None
         self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
         self.decode_graph: DecodeGraph | None = None  # set by compile_regions() on CPU, without sliding windows
-        self.packs = WeightPacks(self)  # the projections' oneDNN layouts (CPU float32), kept current with the weights
+        self.packs = WeightPacks(self)  # the projections' panel layouts (CPU float32), kept current with the weights
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
