@@ -43,10 +43,11 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or _panel_gemm() is None:
         return None
     out_features, in_features = weight.shape
-    num_panels = -(-out_features // PANEL_COLUMNS)
-    padded = weight.detach().new_zeros(num_panels * PANEL_COLUMNS, in_features)
-    padded[:out_features] = weight.detach()
-    return padded.view(num_panels, PANEL_COLUMNS, in_features).transpose(1, 2).contiguous()
+    num_panels, padded = -(-out_features // PANEL_COLUMNS), weight.detach()
+    if out_features % PANEL_COLUMNS:  # one copy fewer at start-up where no padding is needed (the usual case)
+        padded = padded.new_zeros(num_panels * PANEL_COLUMNS, in_features)
+        padded[:out_features] = weight.detach()
+    return padded.reshape(num_panels, PANEL_COLUMNS, in_features).transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("hfbridge::packed_linear", mutates_args=())
