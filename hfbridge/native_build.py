@@ -1,5 +1,5 @@
-"""Hand-written C kernels (csrc/: paged decode attention, the projections' GEMM), built with the system C compiler on first
-use and loaded with ctypes, which lets go of the GIL while a kernel runs.
+"""Hand-written C kernels (csrc/: paged decode attention, the projections' GEMM), built with the system C compiler
+on first use and loaded with ctypes, which lets go of the GIL while a kernel runs.
 
 A build lands in $HFBRIDGE_CACHE_DIR/kernels under a key of the sources, the command and the compiler's version,
 and the CPU (-march=native): later processes load it in milliseconds, another machine sharing the folder builds its
@@ -45,7 +45,7 @@ def _build(source: Path, defines: tuple[str, ...]) -> Path:
     if compiler is None:
         raise OSError("no C compiler found (set CC or install gcc)")
     command = [compiler, *FLAGS, *defines]
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    version = _compiler_version(compiler)
     headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, version, _cpu_id()]).encode())
     key = key.hexdigest()[:16]
@@ -64,6 +64,12 @@ def _build(source: Path, defines: tuple[str, ...]) -> Path:
         os.replace(built, path)
     logger.info("Built %s in %.1fs: %s", source.name, time.perf_counter() - start, path)
     return path
+
+
+@functools.cache
+def _compiler_version(compiler: str) -> str:
+    """Part of every build's cache key; asked once per process, not once per library."""
+    return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
 
 
 def _cpu_id() -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hfbridge.native_build import load_library
 from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.metadata import LayerOptions
 from hfbridge.attention_backends.paged_decode import paged_decode_attention
 from hfbridge.attention_backends.torch_backend import padded_slots
+from hfbridge.native_build import load_library
 
 
 def reference(query, kv_cache, block_tables, seq_lens, scaling):

@@ -12,7 +12,8 @@ import pytest
 
 # rank: packages (a top-level module such as hfbridge.config counts as its own package)
 LAYERS = {
-    0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build"),  # shared types and helpers, imported by everyone
+    # shared types and helpers, imported by everyone
+    0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build"),
     1: ("attention_backends", "sample"),
     2: ("pooling",),
     3: ("native_overrides", "parallel"),
