@@ -55,10 +55,16 @@ def paged_decode_cpu(
     seq_lens: torch.Tensor,  # [B] int32, context lengths (>= 1) with the new token
     scaling: float,
 ) -> torch.Tensor:  # [B, H, D] float32
-    batch, num_heads, head_dim = query.shape
-    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     assert kv_cache.is_contiguous() and block_tables.dtype == seq_lens.dtype == torch.int32
-    lib, threads = _library(head_dim), torch.get_num_threads()
+    return run_paged_decode(_library(query.shape[-1]), query, kv_cache, block_tables, seq_lens, scaling)
+
+
+def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scaling: float) -> torch.Tensor:
+    """paged_decode_cpu's work, through `lib` (a build of paged_decode_cpu.c for the query's head size)."""
+    batch, num_heads = query.shape[:2]
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    threads = torch.get_num_threads()
     query, tables, lens = query.contiguous(), block_tables.contiguous(), seq_lens.contiguous()
     max_len = tables.shape[1] * block_size
     out = torch.empty_like(query)
@@ -99,8 +105,11 @@ def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 
 
 @functools.cache
-def _library(head_dim: int) -> ctypes.CDLL | None:
-    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",))
+def _library(head_dim: int, vector_bytes: int | None = None) -> ctypes.CDLL | None:
+    """The kernels for `head_dim`, built for this machine's vector width or for `vector_bytes` (16, 32, 64: the
+    tests run all)."""
+    width = () if vector_bytes is None else (f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}",)
+    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}", *width))
     if lib is not None:
         lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
         lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None

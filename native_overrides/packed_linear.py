@@ -1,7 +1,7 @@
 """Linear projections on a copy of the weight laid out for hfbridge/csrc/panel_gemm.c, for CPU float32: vLLM-CPU's
 prepacked-weight idea (`onednn_mm`) with a kernel of our own. The weight [out, in] is laid out once, in panels of
-32 output columns ([ceil(out / 32), in, 32], zero-padded), and every call, from one token to a 2048-token prefill,
-runs the one C kernel on it.
+C output columns ([ceil(out / C), in, C], zero-padded; C is two of the machine's vectors: 32 floats with AVX-512,
+16 with AVX2), and every call, from one token to a 2048-token prefill, runs the one C kernel on it.
 
 Why not oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise, which this module called before): measured on
 the 2-core AVX-512 machine with SmolLM2-135M's four projections, 30 copies each so the weights come from memory
@@ -34,32 +34,40 @@ from torch import nn
 
 from hfbridge.native_build import load_library
 
-PANEL_COLUMNS = 32  # output columns per panel; COLS in panel_gemm.c
-
-
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
-    """weight [out, in] -> panels [ceil(out / 32), in, 32] (panels[j, k, c] = weight[32 j + c, k], zeros past
-    `out`), or None where the kernel does not apply (then the caller runs F.linear)."""
+    """weight [out, in] -> its panels for this machine's panel_gemm (`lay_out`), or None where the kernel does not
+    apply (then the caller runs F.linear)."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.dim() != 2 or _panel_gemm() is None:
         return None
+    return lay_out(weight, _panel_gemm().panel_columns())
+
+
+def lay_out(weight: torch.Tensor, columns: int) -> torch.Tensor:
+    """weight [out, in] -> panels [ceil(out / C), in, C] with C = `columns` (panels[j, k, c] = weight[C j + c, k],
+    zeros past `out`)."""
     out_features, in_features = weight.shape
-    num_panels, padded = -(-out_features // PANEL_COLUMNS), weight.detach()
-    if out_features % PANEL_COLUMNS:  # one copy fewer at start-up where no padding is needed (the usual case)
-        padded = padded.new_zeros(num_panels * PANEL_COLUMNS, in_features)
+    num_panels, padded = -(-out_features // columns), weight.detach()
+    if out_features % columns:  # one copy fewer at start-up where no padding is needed (the usual case)
+        padded = padded.new_zeros(num_panels * columns, in_features)
         padded[:out_features] = weight.detach()
-    return padded.reshape(num_panels, PANEL_COLUMNS, in_features).transpose(1, 2).contiguous()
+    return padded.reshape(num_panels, columns, in_features).transpose(1, 2).contiguous()
 
 
 @torch.library.custom_op("hfbridge::packed_linear", mutates_args=())
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
     """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight)."""
-    out_features, in_features = weight.shape
+    return run_panel_gemm(_panel_gemm(), x, packed, bias, weight.shape[0])
+
+
+def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    """x [T, in] -> [T, out_features] through `lib`'s panel_gemm, on panels laid out for it."""
     x, out = x.contiguous(), x.new_empty(x.shape[0], out_features)
     if x.shape[0] > 0:
         bias = None if bias is None else bias.contiguous()
-        _panel_gemm().panel_gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(),
-                                 out.data_ptr(), x.shape[0], out_features, in_features, torch.get_num_threads())
+        lib.panel_gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                       x.shape[0], out_features, x.shape[1], torch.get_num_threads())
     return out
 
 
@@ -69,11 +77,13 @@ def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.T
 
 
 @functools.cache
-def _panel_gemm() -> ctypes.CDLL | None:
-    lib = load_library("panel_gemm.c")
+def _panel_gemm(vector_bytes: int | None = None) -> ctypes.CDLL | None:
+    """The kernel built for this machine's vector width, or for `vector_bytes` (16, 32, 64: the tests run all)."""
+    lib = load_library("panel_gemm.c", () if vector_bytes is None else (f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}",))
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.panel_gemm.argtypes, lib.panel_gemm.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
+        lib.panel_columns.argtypes, lib.panel_columns.restype = [], ctypes.c_int
     return lib
 
 

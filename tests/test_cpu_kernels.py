@@ -50,6 +50,26 @@ def test_matches_definition(num_heads, num_kv_heads, head_dim, block_size, seq_l
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("vector_bytes", [16, 32, 64])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, seq_lens", [(9, 3, 64, [1, 5, 16, 17, 40, 200]),
+                                                                         (4, 4, 128, [2, 29, 64])])
+def test_every_vector_width_matches_definition(vector_bytes, num_heads, num_kv_heads, head_dim, seq_lens):
+    """The kernels as built for 4-, 8- and 16-float vectors (SSE / NEON, AVX2, AVX-512), whatever this machine's
+    own width is: keys come in groups of 4, 8 or 16 and their dot products are reduced together (simd.h)."""
+    g = torch.Generator().manual_seed(vector_bytes)
+    lib = cpu_kernels._library(head_dim, vector_bytes)
+    assert lib is not None, f"paged_decode_cpu.c did not build for {vector_bytes}-byte vectors"
+    width, block_size = max(-(-n // 16) for n in seq_lens), 16
+    num_blocks = len(seq_lens) * width + 2
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    block_tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width)
+    block_tables, lens = block_tables.to(torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
+    query = torch.randn(len(seq_lens), num_heads, head_dim, generator=g)
+    got = cpu_kernels.run_paged_decode(lib, query, kv_cache, block_tables, lens, 0.125)
+    torch.testing.assert_close(got.double(), reference(query, kv_cache, block_tables, lens, 0.125),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_torch_formulation_matches_definition():
     """paged_decode.py's formulation, which Inductor compiles where the kernels do not serve (run eagerly here)."""
     g = torch.Generator().manual_seed(3)

@@ -16,8 +16,9 @@ def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("in_features, out_features", [(96, 200), (576, 64), (40, 50), (7, 33)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_projection_matches_the_definition(tokens, in_features, out_features, bias):
-    """Row counts that take every micro-kernel height (1 to 14), blocks of unequal height, and two row bands
-    (400 > 384); widths with a last panel of fewer than 32 columns and inputs of any width."""
+    """The build for this machine: row counts that take every micro-kernel height (1 to 14 with AVX-512, 1 to 6
+    with AVX2), blocks of unequal height, and two row bands (400 > 384); widths with a short last panel and inputs
+    of any width."""
     torch.manual_seed(tokens + in_features)
     layer = PackedLinear(in_features, out_features, bias=bias)
     WeightPacks(layer).refresh()
@@ -26,6 +27,24 @@ def test_packed_projection_matches_the_definition(tokens, in_features, out_featu
     with torch.inference_mode():
         got = layer(x)
     torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("vector_bytes", [16, 32, 64])
+def test_every_vector_width_matches_the_definition(vector_bytes):
+    """The kernel as built for 4-, 8- and 16-float vectors (SSE / NEON, AVX2, AVX-512: panels of 8, 16 and 32
+    columns, blocks of up to 6 or 14 rows), whatever this machine's own width is: each build must compute x @ W^T + b.
+    A wider vector than the machine's runs split in register pairs: slow, but the same arithmetic."""
+    lib = packed_linear._panel_gemm(vector_bytes)
+    assert lib is not None, "panel_gemm.c did not build"
+    columns = lib.panel_columns()
+    assert columns == 2 * vector_bytes // 4
+    torch.manual_seed(vector_bytes)
+    layer = PackedLinear(40, 2 * columns + 3, bias=True)  # a last panel of 3 columns
+    packed = packed_linear.lay_out(layer.weight, columns)
+    for tokens in (1, 5, 6, 7, 13, 14, 15, 64, 400):
+        x = torch.randn(tokens, 40)
+        got = packed_linear.run_panel_gemm(lib, x, packed, layer.bias.detach(), layer.out_features)
+        torch.testing.assert_close(got, _reference(layer, x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_row_gets_the_same_bits_alone_or_in_any_batch():

@@ -15,13 +15,13 @@
  * Why it is shaped so: the cache is far larger than the caches of the CPU, so time is memory traffic. Each request
  * is one work item that reads every cached row it needs exactly once per pass, whole (Hkv * HEAD_DIM floats,
  * all KV heads), and asks for the next rows early (__builtin_prefetch): the hardware prefetcher alone does not
- * follow a block table. Dot products are done 16 keys at a time and reduced together (sum16 in simd16.h), instead
+ * follow a block table. Dot products are done LANES keys at a time and reduced together (sum_lanes in simd.h), instead
  * of one horizontal sum per key. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
-#include "simd16.h"
+#include "simd.h"
 
 #ifndef HEAD_DIM
 #error "build with -DHEAD_DIM=<multiple of 16>"
@@ -61,14 +61,14 @@ void paged_qk(const float *restrict query, const float *restrict key_cache, cons
                 prefetch_row(row_at(key_cache, table, t, block_size, row_floats), row_floats);
             for (int64_t h = 0; h < num_heads; h++) {
                 const int64_t offset = (h / group) * HEAD_DIM;
-                v16 q[CHUNKS], partial[LANES];
+                vf q[CHUNKS], partial[LANES];
                 for (int c = 0; c < CHUNKS; c++) q[c] = load(query + (b * num_heads + h) * HEAD_DIM + c * LANES);
                 for (int i = 0; i < LANES; i++) {
-                    v16 s = q[0] * load(rows[i] + offset);
+                    vf s = q[0] * load(rows[i] + offset);
                     for (int c = 1; c < CHUNKS; c++) s += q[c] * load(rows[i] + offset + c * LANES);
                     partial[i] = s;
                 }
-                const v16 dots = sum16(partial) * scale;
+                const vf dots = sum_lanes(partial) * scale;
                 float *out = scores + (b * num_heads + h) * max_len + t0;
                 for (int64_t i = 0; i < n; i++) out[i] = dots[i];
             }
@@ -88,7 +88,7 @@ void paged_pv(const float *restrict probs, const float *restrict value_cache, co
         const int64_t len = lens[b];
         const int32_t *table = tables + b * table_width;
         const float *p = probs + b * num_heads * max_len;
-        v16 acc[num_heads][CHUNKS];
+        vf acc[num_heads][CHUNKS];
         memset(acc, 0, sizeof acc);
         for (int64_t t = 0; t < len; t++) {
             const float *row = row_at(value_cache, table, t, block_size, row_floats);

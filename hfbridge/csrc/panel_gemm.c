@@ -1,14 +1,16 @@
-/* out [M, N] = x [M, K] . W^T (+ bias [N]), float32, on W laid out once in panels of 32 output columns:
- *   panels [ceil(N / 32), K, 32]   panels[j, k, c] = W[32 j + c, k]  (columns past N are zeros)
- * native_overrides/packed_linear.py lays the weight out and calls this for every row count, from a one-request
- * decode step to a 2048-token prefill.
+/* out [M, N] = x [M, K] . W^T (+ bias [N]), float32, on W laid out once in panels of COLS output columns:
+ *   panels [ceil(N / COLS), K, COLS]   panels[j, k, c] = W[COLS j + c, k]  (columns past N are zeros)
+ * COLS is two vectors of the build's width (simd.h): 32 with AVX-512, 16 with AVX2, 8 with SSE or NEON; Python
+ * asks panel_columns(). native_overrides/packed_linear.py lays the weight out and calls this for every row count,
+ * from a one-request decode step to a 2048-token prefill.
  *
  * How it runs: each thread takes whole panels. For up to MAX_ROWS rows of x at a time the micro-kernel holds a
- * [rows, 32] tile of the output in registers (rows x 2 vectors of 16) and walks K once: per k, two vector loads
- * of the panel, one broadcast of x per row, two fused multiply-adds per row. The panel (K x 128 bytes) stays in
- * the core's L2 while every row block passes over it; the next panel is asked for (prefetch into L2) during the
- * first block, so the weight streams from memory under the arithmetic. Rows come in bands of BAND_ROWS so that a
- * band of x stays in L2 as well.
+ * [rows, COLS] tile of the output in registers (rows x 2 vectors) and walks K once: per k, two vector loads of the
+ * panel, one broadcast of x per row, two fused multiply-adds per row. MAX_ROWS fills the vector registers: 14 rows
+ * (28 accumulators) of the 32 of AVX-512, 6 rows (12) of the 16 of AVX2, the BLIS-style 6 x 16 tile. The panel
+ * (K x COLS floats) stays in the core's L2 while every row block passes over it; the next panel is asked for
+ * (prefetch into L2) during the first block, so the weight streams from memory under the arithmetic. Rows come in
+ * bands of BAND_ROWS so that a band of x stays in L2 as well.
  *
  * Each output element is one sequential sum over k, whatever M is or which block its row falls in: a row gets
  * the same bits alone or in any batch (batch invariance).
@@ -20,37 +22,38 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "simd16.h"
+#include "simd.h"
 
-#define COLS 32       /* output columns per panel: two vectors */
-#define MAX_ROWS 14   /* 28 accumulators + 2 panel vectors + 1 broadcast: 31 of the 32 vector registers */
+#define COLS (2 * LANES) /* output columns per panel: two vectors */
+/* 2 accumulators per row + 2 panel vectors + 1 broadcast: 14 rows use 31 of 32 registers, 6 rows 15 of 16 */
+#define MAX_ROWS ((VECTOR_REGISTERS - 3) / 2)
 #define BAND_ROWS 384 /* rows of x per band: 384 x K floats stay in a 1 MiB L2 for K up to about 600 */
 
-static inline v16 splat(float s) { return (v16){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+int panel_columns(void) { return COLS; }
 
 /* out[r, c] = bias[c] + sum_k x[r, k] * panel[k, c] for r < ROWS, c < cols; `ahead` (or NULL): the next panel. */
 #define MICRO_KERNEL(ROWS)                                                                                         \
     static void rows_##ROWS(const float *restrict x, int64_t k, const float *restrict panel,                     \
                             const float *restrict bias, float *restrict out, int64_t ldo, int64_t cols,          \
                             const float *restrict ahead) {                                                      \
-        v16 acc[ROWS][2];                                                                                          \
-        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (v16){0};                                          \
+        vf acc[ROWS][2];                                                                                             \
+        for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (vf){0};                                           \
         for (int64_t p = 0; p < k; p++) {                                                                          \
             if (ahead) { /* into L2 (locality 1), where the panel will be read from: L1 stays for this one */    \
                 __builtin_prefetch(ahead + p * COLS, 0, 1);                                                        \
                 __builtin_prefetch(ahead + p * COLS + LANES, 0, 1);                                                \
             }                                                                                                      \
-            const v16 w0 = load(panel + p * COLS), w1 = load(panel + p * COLS + LANES);                            \
+            const vf w0 = load(panel + p * COLS), w1 = load(panel + p * COLS + LANES);                            \
             for (int r = 0; r < ROWS; r++) {                                                                       \
-                const v16 xr = splat(x[r * k + p]);                                                                \
+                const vf xr = splat(x[r * k + p]);                                                                \
                 acc[r][0] += xr * w0;                                                                              \
                 acc[r][1] += xr * w1;                                                                              \
             }                                                                                                      \
         }                                                                                                          \
-        const v16 b0 = load(bias), b1 = load(bias + LANES);                                                        \
+        const vf b0 = load(bias), b1 = load(bias + LANES);                                                        \
         for (int r = 0; r < ROWS; r++) {                                                                           \
             float row[COLS];                                                                                       \
-            const v16 lo = acc[r][0] + b0, hi = acc[r][1] + b1;                                                    \
+            const vf lo = acc[r][0] + b0, hi = acc[r][1] + b1;                                                    \
             memcpy(row, &lo, sizeof lo);                                                                           \
             memcpy(row + LANES, &hi, sizeof hi);                                                                   \
             memcpy(out + r * ldo, row, cols * sizeof(float));                                                      \
@@ -62,7 +65,7 @@ MICRO_KERNEL(8) MICRO_KERNEL(9) MICRO_KERNEL(10) MICRO_KERNEL(11) MICRO_KERNEL(1
 
 typedef void (*micro_kernel)(const float *, int64_t, const float *, const float *, float *, int64_t, int64_t,
                              const float *);
-static const micro_kernel BY_ROWS[MAX_ROWS + 1] = {
+static const micro_kernel BY_ROWS[15] = { /* by row count; up to MAX_ROWS are used */
     0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8, rows_9, rows_10, rows_11, rows_12, rows_13,
     rows_14};
 
