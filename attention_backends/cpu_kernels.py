@@ -108,8 +108,7 @@ def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _library(head_dim: int, vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The kernels for `head_dim`, built for this machine's vector width or for `vector_bytes` (16, 32, 64: the
     tests run all)."""
-    width = () if vector_bytes is None else (f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}",)
-    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}", *width))
+    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",), vector_bytes)
     if lib is not None:
         lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
         lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None

@@ -29,9 +29,12 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}")
 
 
 @functools.cache
-def load_library(name: str, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+def load_library(name: str, defines: tuple[str, ...] = (), vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The library built from csrc/<name> with `defines` (e.g. ("-DHEAD_DIM=64",)), or None where it cannot be
-    built."""
+    built. Its vectors have the machine's width (csrc/simd.h), or `vector_bytes` (16, 32 or 64: the tests build
+    every width on any machine)."""
+    if vector_bytes is not None:
+        defines = (*defines, f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}")
     source = CSRC / name
     try:
         return ctypes.CDLL(str(_build(source, defines)))

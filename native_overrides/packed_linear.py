@@ -79,7 +79,7 @@ def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.T
 @functools.cache
 def _panel_gemm(vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The kernel built for this machine's vector width, or for `vector_bytes` (16, 32, 64: the tests run all)."""
-    lib = load_library("panel_gemm.c", () if vector_bytes is None else (f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}",))
+    lib = load_library("panel_gemm.c", vector_bytes=vector_bytes)
     if lib is not None:
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         lib.panel_gemm.argtypes, lib.panel_gemm.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
