@@ -128,16 +128,23 @@ def smollm2_gguf():
 
 @pytest.mark.slow
 def test_gguf_file_loads_through_transformers_reader():
+    """The packaged GGUF itself (its config records no architectures: found by model_type), natively and through
+    the Transformers path, against Transformers' own GGUF reader and generate(). Transformers parses a GGUF for
+    about 20 s here, so one test covers both paths."""
     path = smollm2_gguf()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     prompt = tokenizer("The capital of France is").input_ids
     expected, logits = hf_greedy(model, prompt, 8)
     del model
-    llm = LLM(model=str(path), max_model_len=256)
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8))[0].outputs[0]
-    assert_greedy_match(out.token_ids, expected, logits)
-    assert "Paris" in out.text
+    for impl, name in (("auto", "LlamaForCausalLM"), ("transformers", "TransformersForCausalLM")):
+        llm = LLM(model=str(path), model_impl=impl, max_model_len=256, dtype="float32")
+        assert llm.apply_model(lambda m: type(m).__name__)[0] == name
+        out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8),
+                           use_tqdm=False)[0].outputs[0]
+        del llm
+        assert_greedy_match(out.token_ids, expected, logits)
+        assert "Paris" in out.text
 
 
 def test_models_built_in_parallel_threads_both_load(tiny_llama, monkeypatch):
