@@ -47,7 +47,6 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
             and _library(head_dim) is not None)
 
 
-@torch.library.custom_op("hfbridge::paged_decode_cpu", mutates_args=())
 def paged_decode_cpu(
     query: torch.Tensor,  # [B, H, D] float32, one token per request
     kv_cache: torch.Tensor,  # [2, N, bs, Hkv, D] float32, contiguous
@@ -55,8 +54,19 @@ def paged_decode_cpu(
     seq_lens: torch.Tensor,  # [B] int32, context lengths (>= 1) with the new token
     scaling: float,
 ) -> torch.Tensor:  # [B, H, D] float32
+    op = paged_decode_cpu_op if torch.compiler.is_compiling() else _paged_decode_cpu
+    return op(query, kv_cache, block_tables, seq_lens, scaling)
+
+
+def _paged_decode_cpu(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, scaling: float) -> torch.Tensor:
     assert kv_cache.is_contiguous() and block_tables.dtype == seq_lens.dtype == torch.int32
     return run_paged_decode(_library(query.shape[-1]), query, kv_cache, block_tables, seq_lens, scaling)
+
+
+# What a torch.compile graph calls; eager code calls _paged_decode_cpu itself (no dispatcher: its first call imports
+# torch._dynamo, about 1 s of start-up).
+paged_decode_cpu_op = torch.library.custom_op("hfbridge::paged_decode_cpu", _paged_decode_cpu, mutates_args=())
 
 
 def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -81,7 +91,7 @@ def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tens
     return out
 
 
-@paged_decode_cpu.register_fake
+@paged_decode_cpu_op.register_fake
 def _(query, kv_cache, block_tables, seq_lens, scaling):
     return torch.empty_like(query)
 

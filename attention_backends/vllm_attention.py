@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-from transformers import AttentionInterface
 
 from hfbridge.attention_backends.forward_context import get_forward_context
 from hfbridge.attention_backends.metadata import LayerOptions
@@ -49,5 +48,8 @@ def vllm_attention_forward(
 
 def register_vllm_attention() -> None:
     """Called explicitly at engine start. Only the attention interface: with no mask function under this
-    name, Transformers builds no attention masks at all."""
+    name, Transformers builds no attention masks at all. Imported here: Transformers' modeling_utils costs seconds
+    of start-up, and natively implemented models never need it."""
+    from transformers import AttentionInterface
+
     AttentionInterface.register(ATTENTION_NAME, vllm_attention_forward)

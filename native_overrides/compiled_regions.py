@@ -34,7 +34,7 @@ class CompiledRegions(BackgroundCompile):
     def __init__(self, eager: Regions, warm_up_inputs: Callable[[int], list[tuple]]):
         super().__init__("the decoder's attention-free regions", self._warm_up)
         self.eager = eager
-        self.compiled = Regions(*(torch.compile(fn, dynamic=True) for fn in eager))
+        self.compiled: Regions | None = None  # built on the compile thread: torch.compile imports Inductor (~1 s)
         self.warm_up_inputs = warm_up_inputs
 
     def for_tokens(self, num_tokens: int) -> Regions:
@@ -43,6 +43,7 @@ class CompiledRegions(BackgroundCompile):
     def _warm_up(self) -> None:
         # Two token counts, so that T is traced as a symbol (odd primes: sizes equal at trace time would be assumed
         # equal forever, "duck sizing"); layers 0 (no residual yet) and 1.
+        self.compiled = Regions(*(torch.compile(fn, dynamic=True) for fn in self.eager))
         with torch.inference_mode():
             for num_tokens in (17, 19):
                 for layer, hidden, residual, positions, rotary, attn_out in self.warm_up_inputs(num_tokens):

@@ -16,6 +16,8 @@ both, and so are the cache's block count and block size. Steps with prompt token
 layers, and attention backends other than the torch one take the per-layer path."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -61,7 +63,7 @@ class DecodeGraph(BackgroundCompile):
     def __init__(self, model: nn.Module, rotary: nn.Module):
         super().__init__("the decode step", self._warm_up)
         self.model, self.rotary = model, rotary
-        self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
+        self.fn: Callable[..., torch.Tensor] | None = None  # set on the compile thread (Inductor's import: ~1 s)
         # The CPU kernels where they run (the cache has the weights' dtype; the caller leaves sliding windows out),
         # else the compiled formulation of paged_decode.py.
         weight, attn = model.embed_tokens.weight, model.layers[0].self_attn
@@ -91,6 +93,7 @@ class DecodeGraph(BackgroundCompile):
     def _warm_up(self) -> None:
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
         # time would be assumed equal forever, "duck sizing"), the cache too: 29 blocks of 13 slots.
+        self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
         weight, attn = self.model.embed_tokens.weight, self.model.layers[0].self_attn
         shape = (2, 29, 13, attn.num_kv_heads, attn.head_dim)
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)

@@ -135,7 +135,9 @@ EAGER_REGIONS = Regions(DecoderLayer.before_attention, DecoderLayer.after_attent
 class DecoderModel(nn.Module):
     def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
         super().__init__()
-        self.embed_tokens = nn.Embedding(opts.vocab_size, opts.hidden_size, dtype=dtype)
+        # An explicit (meta) weight: Embedding's own init, normal_ on meta, imports torch._dynamo (~1 s of start-up)
+        self.embed_tokens = nn.Embedding(opts.vocab_size, opts.hidden_size,
+                                         _weight=torch.empty(opts.vocab_size, opts.hidden_size, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(opts, i, dtype) for i in range(opts.num_layers))
         self.norm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
 

@@ -128,8 +128,6 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
     model_class = resolve_model_class(model_config, tensor_parallel_size=get_tp_group().size * pp.size)
     if model_class.impl == "native":
         model = load_native(model_class, model_config, device)
-        if not model_config.enforce_eager and model_config.runner == "generate":
-            model.compile_regions(background=True)
     else:
         check_compatible(model_class.cls, model_config.hf_config, model_config.runner, model_class.needs_lm_head)
         hf_model = build_on_meta(model_class, model_config)
