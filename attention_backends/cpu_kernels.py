@@ -24,6 +24,7 @@ import functools
 import torch
 
 from hfbridge.attention_backends.metadata import LayerOptions
+from hfbridge.compilation import graph_op
 from hfbridge.native_build import load_library
 
 SCORES_PER_CHUNK = 1 << 24  # float32 scores held at once (64 MiB): longer batches run in chunks of requests
@@ -64,9 +65,11 @@ def _paged_decode_cpu(query: torch.Tensor, kv_cache: torch.Tensor, block_tables:
     return run_paged_decode(_library(query.shape[-1]), query, kv_cache, block_tables, seq_lens, scaling)
 
 
-# What a torch.compile graph calls; eager code calls _paged_decode_cpu itself (no dispatcher: its first call imports
-# torch._dynamo, about 1 s of start-up).
-paged_decode_cpu_op = torch.library.custom_op("hfbridge::paged_decode_cpu", _paged_decode_cpu, mutates_args=())
+# What a torch.compile graph calls; eager code calls _paged_decode_cpu itself (as packed_linear.py does).
+paged_decode_cpu_op = graph_op(
+    "hfbridge::paged_decode_cpu",
+    "(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scaling) -> Tensor",
+    _paged_decode_cpu, lambda query, kv_cache, block_tables, seq_lens, scaling: torch.empty_like(query))
 
 
 def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -89,11 +92,6 @@ def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tens
         lib.paged_pv(probs.data_ptr(), kv_cache[1].data_ptr(), t.data_ptr(), t.shape[1], n.data_ptr(),
                      o.data_ptr(), q.shape[0], num_heads, num_kv_heads, block_size, max_len, threads)
     return out
-
-
-@paged_decode_cpu_op.register_fake
-def _(query, kv_cache, block_tables, seq_lens, scaling):
-    return torch.empty_like(query)
 
 
 def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> bool:

@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Callable
 
+import torch
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,3 +59,18 @@ class BackgroundCompile:
             self.ready.set()
         finally:
             self.done.set()
+
+
+def graph_op(qualname: str, schema: str, impl: Callable, fake: Callable) -> Callable:
+    """An operator through which torch.compile graphs call Python code that reaches C through ctypes (which
+    tracing cannot follow): `impl` runs on CPU tensors, `fake` gives the output shapes while tracing. Returns the
+    op's overload. Inference only: no autograd formula.
+
+    Registered with torch.library's define / impl / register_fake rather than custom_op: custom_op wraps every
+    call in guards of its own (torch._dynamo disabled, an autograd check), measured at 20-70 us more per call from
+    a compiled graph, where a decode step of a 30-layer model makes about 180 of these calls."""
+    torch.library.define(qualname, schema)
+    torch.library.impl(qualname, "CPU", impl)
+    torch.library.register_fake(qualname, fake)
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name).default

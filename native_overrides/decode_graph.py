@@ -25,13 +25,13 @@ from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.forward_context import get_forward_context
 from hfbridge.attention_backends.paged_decode import paged_decode_attention
 from hfbridge.attention_backends.torch_backend import padded_slots, write_kv
-from hfbridge.compilation import BackgroundCompile
+from hfbridge.compilation import BackgroundCompile, graph_op
 
 
-@torch.library.custom_op("hfbridge::write_kv", mutates_args=("kv_cache",))
-def write_kv_op(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache [2, N, bs, Hkv, D] written in place at slot_mapping [T] with key / value [T, Hkv, D]."""
-    write_kv(kv_cache, key, value, slot_mapping)
+# kv_cache [2, N, bs, Hkv, D] written in place at slot_mapping [T] with key / value [T, Hkv, D].
+write_kv_op = graph_op(
+    "hfbridge::write_kv", "(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()", write_kv,
+    lambda kv_cache, key, value, slot_mapping: None)
 
 
 def decode_step(

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hfbridge.compilation import graph_op
 from hfbridge.native_build import load_library
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
@@ -64,10 +65,11 @@ def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
     return run_panel_gemm(_panel_gemm(), x, packed, bias, weight.shape[0])
 
 
-# What a torch.compile graph calls (a graph reaches C code only through an op). Eager code calls _packed_linear
-# itself: the dispatcher costs microseconds a call (4 projections a layer) and its first call imports torch._dynamo
-# (about 1 s of start-up).
-packed_linear_op = torch.library.custom_op("hfbridge::packed_linear", _packed_linear, mutates_args=())
+# What a torch.compile graph calls. Eager code calls _packed_linear itself: no dispatcher (microseconds a call, 4
+# projections a layer) and no torch._dynamo import (custom ops import it on their first call: ~1 s of start-up).
+packed_linear_op = graph_op(
+    "hfbridge::packed_linear", "(Tensor x, Tensor weight, Tensor packed, Tensor? bias) -> Tensor", _packed_linear,
+    lambda x, weight, packed, bias: x.new_empty(x.shape[0], weight.shape[0]))
 
 
 def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
@@ -79,11 +81,6 @@ def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias
         lib.panel_gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(),
                        x.shape[0], out_features, x.shape[1], torch.get_num_threads())
     return out
-
-
-@packed_linear_op.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 @functools.cache
