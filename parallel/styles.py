@@ -165,6 +165,7 @@ Style = Callable[[nn.Module, ShardContext, str], None]
 # Every style the installed Transformers' configs use is here or in REFUSED (tests/test_tensor_parallel.py counts).
 STYLES: dict[str, Style] = {
     "colwise": colwise,
+    "unit_colwise": colwise,  # per-head K/V colwise: colwise keeps whole KV heads, replicated when tp > heads
     "rowwise": rowwise,
     "packed_colwise": packed_colwise,
     "colwise_gather_output": colwise_gather_output,
