@@ -32,7 +32,7 @@ def ready_status(url: str) -> int | None:
             return response.status
     except urllib.error.HTTPError as e:
         return e.code
-    except urllib.error.URLError:
+    except (urllib.error.URLError, TimeoutError):  # a server going away may accept and never answer
         return None
 
 

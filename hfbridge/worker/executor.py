@@ -1,6 +1,7 @@
 """Executors own the model and its KV cache; the engine talks only to them."""
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import logging
@@ -16,7 +17,8 @@ from hfbridge.compilation import BackgroundCompile
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
-from hfbridge.parallel.state import get_pp_group, get_tp_group, init_from_torchrun_env, world_min_int
+from hfbridge.parallel.state import (destroy_distributed, get_pp_group, get_tp_group, init_from_torchrun_env,
+                                     world_min_int)
 from hfbridge.pooling.pooler import build_pooler
 from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
@@ -49,6 +51,9 @@ class InProcessExecutor:
                 torch.cuda.set_device(config.device)
             parallel = config.parallel_config
             init_from_torchrun_env(parallel.tensor_parallel_size, config.device, parallel.pipeline_parallel_size)
+            # Scripts rarely destroy the process group: left to interpreter teardown, gloo's threads can still be
+            # joinable when it is freed (std::terminate, SIGABRT), and the peer rank then waits for it forever.
+            atexit.register(destroy_distributed)
         self.config = config
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
