@@ -48,25 +48,19 @@ def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
             and _library(head_dim) is not None)
 
 
-def paged_decode_cpu(
+def _paged_decode_cpu(
     query: torch.Tensor,  # [B, H, D] float32, one token per request
     kv_cache: torch.Tensor,  # [2, N, bs, Hkv, D] float32, contiguous
     block_tables: torch.Tensor,  # [B, W] int32
     seq_lens: torch.Tensor,  # [B] int32, context lengths (>= 1) with the new token
     scaling: float,
 ) -> torch.Tensor:  # [B, H, D] float32
-    op = paged_decode_cpu_op if torch.compiler.is_compiling() else _paged_decode_cpu
-    return op(query, kv_cache, block_tables, seq_lens, scaling)
-
-
-def _paged_decode_cpu(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                      seq_lens: torch.Tensor, scaling: float) -> torch.Tensor:
     assert kv_cache.is_contiguous() and block_tables.dtype == seq_lens.dtype == torch.int32
     return run_paged_decode(_library(query.shape[-1]), query, kv_cache, block_tables, seq_lens, scaling)
 
 
-# What a torch.compile graph calls; eager code calls _paged_decode_cpu itself (as packed_linear.py does).
-paged_decode_cpu_op = graph_op(
+# An operator inside torch.compile graphs, a plain call in eager code (graph_op)
+paged_decode_cpu = graph_op(
     "hfbridge::paged_decode_cpu",
     "(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scaling) -> Tensor",
     _paged_decode_cpu, lambda query, kv_cache, block_tables, seq_lens, scaling: torch.empty_like(query))

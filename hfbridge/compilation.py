@@ -9,6 +9,7 @@ The thread is not a daemon: a process must not exit while Inductor runs (torch a
 exit waits for the graph being compiled; `stop()` (the executor's shutdown calls it) skips the graphs not begun."""
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -62,9 +63,11 @@ class BackgroundCompile:
 
 
 def graph_op(qualname: str, schema: str, impl: Callable, fake: Callable) -> Callable:
-    """An operator through which torch.compile graphs call Python code that reaches C through ctypes (which
-    tracing cannot follow): `impl` runs on CPU tensors, `fake` gives the output shapes while tracing. Returns the
-    op's overload. Inference only: no autograd formula.
+    """`impl` (Python code that reaches C through ctypes, which tracing cannot follow) as an operator for
+    torch.compile graphs: `impl` runs on CPU tensors, `fake` gives the output shapes while tracing. Returns a
+    function that calls the operator where torch.compile traces and `impl` itself in eager code: no dispatcher
+    there (microseconds a call), and no torch._dynamo import on the first call (about 1 s of start-up). Inference
+    only: no autograd formula.
 
     Registered with torch.library's define / impl / register_fake rather than custom_op: custom_op wraps every
     call in guards of its own (torch._dynamo disabled, an autograd check), measured at 20-70 us more per call from
@@ -73,4 +76,10 @@ def graph_op(qualname: str, schema: str, impl: Callable, fake: Callable) -> Call
     torch.library.impl(qualname, "CPU", impl)
     torch.library.register_fake(qualname, fake)
     namespace, name = qualname.split("::")
-    return getattr(getattr(torch.ops, namespace), name).default
+    op = getattr(getattr(torch.ops, namespace), name).default
+
+    @functools.wraps(impl)
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call

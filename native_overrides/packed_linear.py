@@ -54,20 +54,14 @@ def lay_out(weight: torch.Tensor, columns: int) -> torch.Tensor:
     return padded.reshape(num_panels, columns, in_features).transpose(1, 2).contiguous()
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight)."""
-    return (packed_linear_op if torch.compiler.is_compiling() else _packed_linear)(x, weight, packed, bias)
-
-
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight)."""
     return run_panel_gemm(_panel_gemm(), x, packed, bias, weight.shape[0])
 
 
-# What a torch.compile graph calls. Eager code calls _packed_linear itself: no dispatcher (microseconds a call, 4
-# projections a layer) and no torch._dynamo import (custom ops import it on their first call: ~1 s of start-up).
-packed_linear_op = graph_op(
+# An operator inside torch.compile graphs, a plain call in eager code (graph_op)
+packed_linear = graph_op(
     "hfbridge::packed_linear", "(Tensor x, Tensor weight, Tensor packed, Tensor? bias) -> Tensor", _packed_linear,
     lambda x, weight, packed, bias: x.new_empty(x.shape[0], weight.shape[0]))
 
