@@ -30,8 +30,7 @@ from hfbridge.native_build import load_library
 SCORES_PER_CHUNK = 1 << 24  # float32 scores held at once (64 MiB): longer batches run in chunks of requests
 
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
-_QK_ARGS = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _INT]
-_PV_ARGS = [_PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _INT]
+_ATTENTION_ARGS = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _F32, _INT]
 _WRITE_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
 
 
@@ -79,12 +78,10 @@ def run_paged_decode(lib: ctypes.CDLL, query: torch.Tensor, kv_cache: torch.Tens
     for first in range(0, batch, step):
         rows = slice(first, first + step)
         q, t, n, o = query[rows], tables[rows], lens[rows], out[rows]
-        scores = torch.empty(q.shape[0], num_heads, max_len)
-        lib.paged_qk(q.data_ptr(), kv_cache[0].data_ptr(), t.data_ptr(), t.shape[1], n.data_ptr(),
-                     scores.data_ptr(), q.shape[0], num_heads, num_kv_heads, block_size, max_len, scaling, threads)
-        probs = torch.softmax(scores, dim=-1)  # past each length the scores are -inf: weight 0
-        lib.paged_pv(probs.data_ptr(), kv_cache[1].data_ptr(), t.data_ptr(), t.shape[1], n.data_ptr(),
-                     o.data_ptr(), q.shape[0], num_heads, num_kv_heads, block_size, max_len, threads)
+        scores = torch.empty(q.shape[0], num_heads, max_len)  # scratch: each request's [H, :len] is used
+        lib.paged_attention(q.data_ptr(), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(), t.data_ptr(), t.shape[1],
+                            n.data_ptr(), scores.data_ptr(), o.data_ptr(), q.shape[0], num_heads, num_kv_heads,
+                            block_size, max_len, scaling, threads)
     return out
 
 
@@ -112,7 +109,6 @@ def _library(head_dim: int, vector_bytes: int | None = None) -> ctypes.CDLL | No
     tests run all)."""
     lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",), vector_bytes)
     if lib is not None:
-        lib.paged_qk.argtypes, lib.paged_qk.restype = _QK_ARGS, None
-        lib.paged_pv.argtypes, lib.paged_pv.restype = _PV_ARGS, None
+        lib.paged_attention.argtypes, lib.paged_attention.restype = _ATTENTION_ARGS, None
         lib.write_kv.argtypes, lib.write_kv.restype = _WRITE_ARGS, _I64
     return lib

@@ -1,15 +1,16 @@
-/* Decode attention over the paged KV cache on CPU, float32: the two passes that read the cache, and the write of
- * new K/V rows (one C call where index_copy_ takes several torch ops per layer).
+/* Decode attention over the paged KV cache on CPU, float32: one call per layer (paged_attention: scores, softmax
+ * and the weighted sum of V, request by request), and the write of new K/V rows (one C call where index_copy_
+ * takes several torch ops per layer).
  *
  * attention_backends/cpu_kernels.py has it built (hfbridge/native_build.py: -O3 -march=native -fopenmp, HEAD_DIM
- * fixed per build) and runs  scores = paged_qk(...);  probs = torch.softmax(scores);  out = paged_pv(probs, ...).
+ * fixed per build) and calls it through ctypes.
  *
  * Shapes (row-major, contiguous):
  *   query   [B, H, HEAD_DIM]            one token per request; query head h reads KV head h / (H / Hkv)
  *   cache   [N * block_size, Hkv, HEAD_DIM]   the K half or the V half of one layer's cache, slot-major
  *   tables  [B, table_width] int32      physical block ids of each request's context
  *   lens    [B] int32                   context lengths (>= 1), the new token included
- *   scores  [B, H, max_len]             max_len >= every len; entries past len[b] are set to -inf
+ *   scores  [B, H, max_len]             scratch, max_len >= every len; entries past len[b] are not touched
  *   out     [B, H, HEAD_DIM]
  *
  * Why it is shaped so: the cache is far larger than the caches of the CPU, so time is memory traffic. Each request
@@ -27,80 +28,127 @@
 #error "build with -DHEAD_DIM=<multiple of 16>"
 #endif
 #define CHUNKS (HEAD_DIM / LANES)
-#define PREFETCH_ROWS_AHEAD 4 /* paged_pv: rows of V asked for ahead of use */
+#define PREFETCH_ROWS_AHEAD 8 /* rows of K or V asked for ahead of use */
 
 static inline const float *row_at(const float *cache, const int32_t *table, int64_t t, int64_t block_size,
                                   int64_t row_floats) {
     return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_floats;
 }
 
-/* Into L2, not L1 (locality 1: prefetcht2): a group of rows asked for at once is more lines than L1 can have in
- * flight, and the L1 requests stall the loads of the current rows. Measured at 64 requests x 192 tokens, random
- * blocks: paged_qk 0.86 -> 0.68 ms and paged_pv 0.73 -> 0.59 ms per layer against prefetches into L1. */
+/* Into L2, not L1 (locality 1: prefetcht2): rows asked for ahead are more lines than L1 can have in flight, and
+ * the L1 requests stall the loads of the current rows. Measured at 64 requests x 192 tokens, random blocks: the
+ * K pass 0.86 -> 0.68 ms and the V pass 0.73 -> 0.59 ms per layer against prefetches into L1. */
 static inline void prefetch_row(const float *row, int64_t row_floats) {
     for (int64_t byte = 0; byte < row_floats * (int64_t)sizeof(float); byte += 64)
         __builtin_prefetch((const char *)row + byte, 0, 1);
 }
 
-/* scores[b, h, t] = scale * query[b, h] . K[t of request b, KV head of h] */
-void paged_qk(const float *restrict query, const float *restrict key_cache, const int32_t *restrict tables,
-              int64_t table_width, const int32_t *restrict lens, float *restrict scores, int64_t batch,
-              int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t max_len, float scale,
-              int num_threads) {
+/* scores[h, t] = scale * query[h] . K[t of this request, KV head of h] for t < len (scores' rows are max_len
+ * apart). Keys are taken LANES at a time: one partial-sum vector per (head, key), reduced together (sum_lanes).
+ * Row t + PREFETCH_ROWS_AHEAD is asked for as row t is read: one row at a time, as request_pv reads, where asking
+ * for a whole group of rows at once measured 20-30% slower (more requests in flight than the core keeps). */
+static void request_qk(const float *restrict query, const float *restrict key_cache, const int32_t *restrict table,
+                       int64_t len, float *restrict scores, int64_t num_heads, int64_t num_kv_heads,
+                       int64_t block_size, int64_t max_len, float scale) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
-#pragma omp parallel for num_threads(num_threads) schedule(static)
-    for (int64_t b = 0; b < batch; b++) {
-        const int64_t len = lens[b];
-        const int32_t *table = tables + b * table_width;
-        for (int64_t t0 = 0; t0 < len; t0 += LANES) {
-            const int64_t n = len - t0 < LANES ? len - t0 : LANES;
-            const float *rows[LANES];
-            for (int64_t i = 0; i < LANES; i++)  /* a short last group repeats its first key; not stored */
-                rows[i] = row_at(key_cache, table, t0 + (i < n ? i : 0), block_size, row_floats);
-            for (int64_t t = t0 + LANES; t < len && t < t0 + 2 * LANES; t++)
-                prefetch_row(row_at(key_cache, table, t, block_size, row_floats), row_floats);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const int64_t offset = (h / group) * HEAD_DIM;
-                vf q[CHUNKS], partial[LANES];
-                for (int c = 0; c < CHUNKS; c++) q[c] = load(query + (b * num_heads + h) * HEAD_DIM + c * LANES);
-                for (int i = 0; i < LANES; i++) {
-                    vf s = q[0] * load(rows[i] + offset);
-                    for (int c = 1; c < CHUNKS; c++) s += q[c] * load(rows[i] + offset + c * LANES);
-                    partial[i] = s;
+    for (int64_t t0 = 0; t0 < len; t0 += LANES) {
+        const int64_t n = len - t0 < LANES ? len - t0 : LANES;
+        vf partial[num_heads][LANES];
+        for (int64_t i = 0; i < LANES; i++) {
+            /* a short last group repeats its first key; those lanes are not stored */
+            const float *row = row_at(key_cache, table, t0 + (i < n ? i : 0), block_size, row_floats);
+            if (t0 + i + PREFETCH_ROWS_AHEAD < len)
+                prefetch_row(row_at(key_cache, table, t0 + i + PREFETCH_ROWS_AHEAD, block_size, row_floats),
+                             row_floats);
+            for (int64_t g = 0; g < num_kv_heads; g++) {  /* each K chunk loaded once for the group's heads */
+                vf k[CHUNKS];
+                for (int c = 0; c < CHUNKS; c++) k[c] = load(row + g * HEAD_DIM + c * LANES);
+                for (int64_t h = g * group; h < (g + 1) * group; h++) {
+                    vf s = load(query + h * HEAD_DIM) * k[0];
+                    for (int c = 1; c < CHUNKS; c++) s += load(query + h * HEAD_DIM + c * LANES) * k[c];
+                    partial[h][i] = s;
                 }
-                const vf dots = sum_lanes(partial) * scale;
-                float *out = scores + (b * num_heads + h) * max_len + t0;
-                for (int64_t i = 0; i < n; i++) out[i] = dots[i];
             }
         }
-        for (int64_t h = 0; h < num_heads; h++)
-            for (int64_t t = len; t < max_len; t++) scores[(b * num_heads + h) * max_len + t] = -INFINITY;
+        for (int64_t h = 0; h < num_heads; h++) {
+            const vf dots = sum_lanes(partial[h]) * scale;
+            memcpy(scores + h * max_len + t0, &dots, n * sizeof(float));
+        }
     }
 }
 
-/* out[b, h] = sum over t < lens[b] of probs[b, h, t] * V[t of request b, KV head of h] */
-void paged_pv(const float *restrict probs, const float *restrict value_cache, const int32_t *restrict tables,
-              int64_t table_width, const int32_t *restrict lens, float *restrict out, int64_t batch,
-              int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t max_len, int num_threads) {
+/* scores[h, :len] -> softmax over them, in place, for every head: e^(s - max) / sum. Whole vectors: a short tail
+ * is padded with -inf (then e^ gives about 1e-38, below the sum's last bit) and not stored. */
+static void request_softmax(float *restrict scores, int64_t len, int64_t num_heads, int64_t max_len) {
+    for (int64_t h = 0; h < num_heads; h++) {
+        float *row = scores + h * max_len;
+        vf top = splat(-INFINITY);
+        for (int64_t t = 0; t < len; t += LANES) {
+            vf v = splat(-INFINITY);
+            memcpy(&v, row + t, (len - t < LANES ? len - t : LANES) * sizeof(float));
+            top = select_lanes(v > top, v, top);
+        }
+        float peak = top[0];
+        for (int i = 1; i < LANES; i++) peak = top[i] > peak ? top[i] : peak;
+        vf total = splat(0.0f);
+        for (int64_t t = 0; t < len; t += LANES) {
+            const int64_t n = len - t < LANES ? len - t : LANES;
+            vf v = splat(-INFINITY);
+            memcpy(&v, row + t, n * sizeof(float));
+            v = exp_lanes(v - peak);
+            total += v;
+            memcpy(row + t, &v, n * sizeof(float));
+        }
+        float sum = 0.0f;
+        for (int i = 0; i < LANES; i++) sum += total[i];
+        const vf inverse = splat(1.0f / sum);
+        for (int64_t t = 0; t < len; t += LANES) {
+            const int64_t n = len - t < LANES ? len - t : LANES;
+            vf v;
+            memcpy(&v, row + t, n * sizeof(float));
+            v *= inverse;
+            memcpy(row + t, &v, n * sizeof(float));
+        }
+    }
+}
+
+/* out[h] = sum over t < len of probs[h, t] * V[t of this request, KV head of h] */
+static void request_pv(const float *restrict probs, const float *restrict value_cache,
+                       const int32_t *restrict table, int64_t len, float *restrict out, int64_t num_heads,
+                       int64_t num_kv_heads, int64_t block_size, int64_t max_len) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
+    vf acc[num_heads][CHUNKS];
+    memset(acc, 0, sizeof acc);
+    for (int64_t t = 0; t < len; t++) {
+        const float *row = row_at(value_cache, table, t, block_size, row_floats);
+        if (t + PREFETCH_ROWS_AHEAD < len)
+            prefetch_row(row_at(value_cache, table, t + PREFETCH_ROWS_AHEAD, block_size, row_floats), row_floats);
+        for (int64_t h = 0; h < num_heads; h++) {
+            const float w = probs[h * max_len + t];
+            const float *v = row + (h / group) * HEAD_DIM;
+            for (int c = 0; c < CHUNKS; c++) acc[h][c] += w * load(v + c * LANES);
+        }
+    }
+    memcpy(out, acc, sizeof acc);
+}
+
+/* out[b, h] = softmax_t(scale * query[b, h] . K[t]) . V[t] over t < lens[b], for every request b: one request per
+ * work item, its scores ([H, max_len] of `scores`, only :len used) written and read back by the same thread while
+ * they are in its caches, so one call per layer and no pass over the scores in between. */
+void paged_attention(const float *restrict query, const float *restrict key_cache,
+                     const float *restrict value_cache, const int32_t *restrict tables, int64_t table_width,
+                     const int32_t *restrict lens, float *restrict scores, float *restrict out, int64_t batch,
+                     int64_t num_heads, int64_t num_kv_heads, int64_t block_size, int64_t max_len, float scale,
+                     int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t b = 0; b < batch; b++) {
-        const int64_t len = lens[b];
         const int32_t *table = tables + b * table_width;
-        const float *p = probs + b * num_heads * max_len;
-        vf acc[num_heads][CHUNKS];
-        memset(acc, 0, sizeof acc);
-        for (int64_t t = 0; t < len; t++) {
-            const float *row = row_at(value_cache, table, t, block_size, row_floats);
-            if (t + PREFETCH_ROWS_AHEAD < len)
-                prefetch_row(row_at(value_cache, table, t + PREFETCH_ROWS_AHEAD, block_size, row_floats), row_floats);
-            for (int64_t h = 0; h < num_heads; h++) {
-                const float w = p[h * max_len + t];
-                const float *v = row + (h / group) * HEAD_DIM;
-                for (int c = 0; c < CHUNKS; c++) acc[h][c] += w * load(v + c * LANES);
-            }
-        }
-        memcpy(out + b * num_heads * HEAD_DIM, acc, sizeof acc);
+        float *request_scores = scores + b * num_heads * max_len;
+        request_qk(query + b * num_heads * HEAD_DIM, key_cache, table, lens[b], request_scores, num_heads,
+                   num_kv_heads, block_size, max_len, scale);
+        request_softmax(request_scores, lens[b], num_heads, max_len);
+        request_pv(request_scores, value_cache, table, lens[b], out + b * num_heads * HEAD_DIM, num_heads,
+                   num_kv_heads, block_size, max_len);
     }
 }
 

@@ -94,4 +94,27 @@ static inline vf sum_lanes(const vf *x) {
 #error "HFBRIDGE_VECTOR_BYTES must be 16, 32 or 64"
 #endif
 
+/* mask ? a : b, lane by lane (mask lanes all ones or all zeros, as vector comparisons give); C has no vector ?: */
+static inline vf select_lanes(vi mask, vf a, vf b) { return (vf)((mask & (vi)a) | (~mask & (vi)b)); }
+
+/* e^x in every lane, within 2 ulp over the float range; below -87.3 it gives about 1e-38 instead of 0 (softmax
+ * calls it on x - max <= 0, where that is far below a float sum's last bit). Range reduction x = n ln2 + r with
+ * |r| <= ln2 / 2 (ln2 in two parts, so r is exact), e^r by Cephes' expf polynomial, 2^n put into the exponent
+ * bits. n is rounded by adding 1.5 * 2^23: the float's low mantissa bits are then n itself. */
+static inline vf exp_lanes(vf x) {
+    const vf lo = splat(-87.33654f), hi = splat(88.37626f), magic = splat(12582912.0f);
+    x = select_lanes(x < lo, lo, select_lanes(x > hi, hi, x));
+    const vf t = x * splat(1.44269504088896341f) + magic, n = t - magic;
+    const vf r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    vf p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    const vf e = p * (r * r) + r + splat(1.0f);
+    const vi two_n = ((vi)t - (vi)magic + 127) << 23;
+    return e * (vf)two_n;
+}
+
 #endif
