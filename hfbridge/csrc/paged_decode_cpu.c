@@ -29,6 +29,10 @@
 #endif
 #define CHUNKS (HEAD_DIM / LANES)
 #define PREFETCH_ROWS_AHEAD 8 /* rows of K or V asked for ahead of use */
+/* A request whose V rows take at most this many bytes has them asked for during its K pass, into L2 (512 KiB or
+ * more on current x86 and Arm cores), so that memory serves two streams at once and the V pass reads from L2.
+ * Measured at 64 requests x 192 tokens (144 KiB of V each): 3-8% less time per layer. */
+#define VALUES_DURING_KEYS_BYTES (256 << 10)
 
 static inline const float *row_at(const float *cache, const int32_t *table, int64_t t, int64_t block_size,
                                   int64_t row_floats) {
@@ -44,11 +48,11 @@ static inline void prefetch_row(const float *row, int64_t row_floats) {
 }
 
 /* scores[h, t] = scale * query[h] . K[t of this request, KV head of h] for t < len (scores' rows are max_len
- * apart). Keys are taken LANES at a time: one partial-sum vector per (head, key), reduced together (sum_lanes).
+ * apart); value_cache (or NULL): V rows to ask for along with the K rows. Keys are taken LANES at a time: one partial-sum vector per (head, key), reduced together (sum_lanes).
  * Row t + PREFETCH_ROWS_AHEAD is asked for as row t is read: one row at a time, as request_pv reads, where asking
  * for a whole group of rows at once measured 20-30% slower (more requests in flight than the core keeps). */
-static void request_qk(const float *restrict query, const float *restrict key_cache, const int32_t *restrict table,
-                       int64_t len, float *restrict scores, int64_t num_heads, int64_t num_kv_heads,
+static void request_qk(const float *restrict query, const float *restrict key_cache,
+                       const float *restrict value_cache, const int32_t *restrict table, int64_t len, float *restrict scores, int64_t num_heads, int64_t num_kv_heads,
                        int64_t block_size, int64_t max_len, float scale) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
     for (int64_t t0 = 0; t0 < len; t0 += LANES) {
@@ -57,9 +61,11 @@ static void request_qk(const float *restrict query, const float *restrict key_ca
         for (int64_t i = 0; i < LANES; i++) {
             /* a short last group repeats its first key; those lanes are not stored */
             const float *row = row_at(key_cache, table, t0 + (i < n ? i : 0), block_size, row_floats);
-            if (t0 + i + PREFETCH_ROWS_AHEAD < len)
-                prefetch_row(row_at(key_cache, table, t0 + i + PREFETCH_ROWS_AHEAD, block_size, row_floats),
-                             row_floats);
+            if (t0 + i + PREFETCH_ROWS_AHEAD < len) {
+                const int64_t ahead = t0 + i + PREFETCH_ROWS_AHEAD;
+                prefetch_row(row_at(key_cache, table, ahead, block_size, row_floats), row_floats);
+                if (value_cache) prefetch_row(row_at(value_cache, table, ahead, block_size, row_floats), row_floats);
+            }
             for (int64_t g = 0; g < num_kv_heads; g++) {  /* each K chunk loaded once for the group's heads */
                 vf k[CHUNKS];
                 for (int c = 0; c < CHUNKS; c++) k[c] = load(row + g * HEAD_DIM + c * LANES);
@@ -144,8 +150,10 @@ void paged_attention(const float *restrict query, const float *restrict key_cach
     for (int64_t b = 0; b < batch; b++) {
         const int32_t *table = tables + b * table_width;
         float *request_scores = scores + b * num_heads * max_len;
-        request_qk(query + b * num_heads * HEAD_DIM, key_cache, table, lens[b], request_scores, num_heads,
-                   num_kv_heads, block_size, max_len, scale);
+        const int64_t value_bytes = lens[b] * num_kv_heads * HEAD_DIM * (int64_t)sizeof(float);
+        request_qk(query + b * num_heads * HEAD_DIM, key_cache,
+                   value_bytes <= VALUES_DURING_KEYS_BYTES ? value_cache : NULL, table, lens[b], request_scores,
+                   num_heads, num_kv_heads, block_size, max_len, scale);
         request_softmax(request_scores, lens[b], num_heads, max_len);
         request_pv(request_scores, value_cache, table, lens[b], out + b * num_heads * HEAD_DIM, num_heads,
                    num_kv_heads, block_size, max_len);
