@@ -117,10 +117,11 @@ def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_s
 
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
 @pytest.mark.parametrize("sliding_window", [None, 3])
-def test_non_causal_without_cache_equals_transformers(heads, sliding_window):
+@pytest.mark.parametrize("is_causal", [False, True], ids=["bidirectional", "causal"])
+def test_whole_sequences_without_cache_equal_transformers(heads, sliding_window, is_causal):
     torch.manual_seed(1)
     lengths = [3, 7, 1]
-    layer = LayerOptions(0, scaling=0.25, is_causal=False, sliding_window=sliding_window)
+    layer = LayerOptions(0, scaling=0.25, is_causal=is_causal, sliding_window=sliding_window)
     q = [torch.randn(n, heads[0], D) for n in lengths]
     k = [torch.randn(n, heads[1], D) for n in lengths]
     v = [torch.randn(n, heads[1], D) for n in lengths]
