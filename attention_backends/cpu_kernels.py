@@ -36,8 +36,7 @@ _WRITE_ARGS = [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _I64, _I64]
 
 def serves(layer: LayerOptions, query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     """Whether paged_decode_cpu computes this layer's decode attention."""
-    return (query.dtype == torch.float32 and layer.is_causal and layer.sliding_window is None
-            and layer.softcap is None and layer.sinks is None
+    return (query.dtype == torch.float32 and layer.plain_causal
             and available(kv_cache.device, kv_cache.dtype, kv_cache.shape[-1]))
 
 

@@ -85,3 +85,8 @@ class LayerOptions:
     # Attention sinks (GPT-OSS's `s_aux`): [H] one learned logit per query head that joins every softmax's
     # denominator and carries no value: out = sum_j exp(s_j) v_j / (sum_j exp(s_j) + exp(sink)).
     sinks: torch.Tensor | None = None
+
+    @property
+    def plain_causal(self) -> bool:
+        """Causal attention with no window, softcap or sinks: what SDPA's is_causal and the decode kernels compute."""
+        return self.is_causal and self.sliding_window is None and self.softcap is None and self.sinks is None

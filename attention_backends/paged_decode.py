@@ -63,8 +63,7 @@ class CompiledDecode(BackgroundCompile):
         return self.fns[heads](query, kv_cache, slots, lens, scaling)
 
     def serves(self, layer) -> bool:
-        return (self.ready.is_set() and layer.is_causal and layer.sliding_window is None and layer.softcap is None
-                and layer.sinks is None)
+        return self.ready.is_set() and layer.plain_causal
 
     def _warm_up(self) -> None:
         # B = 1 (single stream: torch.compile specialises size 1) and two more B, two L, so both are symbols. The

@@ -52,16 +52,11 @@ def gather_slots(kv_cache: torch.Tensor, slots: torch.Tensor, batch: int) -> tup
     return keys.view(shape), values.view(shape)
 
 
-def plain_causal(layer: LayerOptions) -> bool:
-    """Causal attention with no window, softcap or sinks: what SDPA's is_causal computes by itself."""
-    return layer.is_causal and layer.sliding_window is None and layer.softcap is None and layer.sinks is None
-
-
 def attend_prompt(
     query: torch.Tensor,  # [B, L, H, D] every position 0 .. L-1 of the requests
     key: torch.Tensor,  # [B, L, Hkv, D]
     value: torch.Tensor,  # [B, L, Hkv, D]
-    layer: LayerOptions,  # plain_causal
+    layer: LayerOptions,  # layer.plain_causal
 ) -> torch.Tensor:  # [B, L, H, D] float32
     """attend() for queries that are the whole context from position 0: SDPA's is_causal and enable_gqa instead of
     a built [B, Q, L] mask, so no mask ops per request and layer, and the CPU flash kernel skips the blocks above the
@@ -163,7 +158,7 @@ class TorchReferenceBackend:
                 k, v = key[None, start:end].to(kv_cache.dtype), value[None, start:end].to(kv_cache.dtype)
             else:
                 k, v = gather_kv(kv_cache, metadata.block_tables[b : b + 1], seq_len)
-            if seq_len == num_new and plain_causal(layer):  # a whole prompt: SDPA's own causal mask
+            if seq_len == num_new and layer.plain_causal:  # a whole prompt: SDPA's own causal mask
                 out[start:end] = attend_prompt(query[None, start:end], k, v, layer)[0].to(out.dtype)
                 continue
             positions = torch.arange(seq_len - num_new, seq_len, device=query.device)[None]
