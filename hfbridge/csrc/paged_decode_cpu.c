@@ -47,16 +47,28 @@ static inline void prefetch_row(const float *row, int64_t row_floats) {
         __builtin_prefetch((const char *)row + byte, 0, 1);
 }
 
+/* how many of the LANES positions from t on are before len */
+static inline int64_t lanes_left(int64_t t, int64_t len) { return len - t < LANES ? len - t : LANES; }
+
+/* n <= LANES floats from p, the lanes past n -inf */
+static inline vf load_padded(const float *p, int64_t n) {
+    vf v = splat(-INFINITY);
+    memcpy(&v, p, n * sizeof(float));
+    return v;
+}
+
 /* scores[h, t] = scale * query[h] . K[t of this request, KV head of h] for t < len (scores' rows are max_len
- * apart); value_cache (or NULL): V rows to ask for along with the K rows. Keys are taken LANES at a time: one partial-sum vector per (head, key), reduced together (sum_lanes).
+ * apart); value_cache (or NULL): V rows to ask for along with the K rows. Keys are taken LANES at a time: one
+ * partial-sum vector per (head, key), reduced together (sum_lanes).
  * Row t + PREFETCH_ROWS_AHEAD is asked for as row t is read: one row at a time, as request_pv reads, where asking
  * for a whole group of rows at once measured 20-30% slower (more requests in flight than the core keeps). */
 static void request_qk(const float *restrict query, const float *restrict key_cache,
-                       const float *restrict value_cache, const int32_t *restrict table, int64_t len, float *restrict scores, int64_t num_heads, int64_t num_kv_heads,
-                       int64_t block_size, int64_t max_len, float scale) {
+                       const float *restrict value_cache, const int32_t *restrict table, int64_t len,
+                       float *restrict scores, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+                       int64_t max_len, float scale) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
     for (int64_t t0 = 0; t0 < len; t0 += LANES) {
-        const int64_t n = len - t0 < LANES ? len - t0 : LANES;
+        const int64_t n = lanes_left(t0, len);
         vf partial[num_heads][LANES];
         for (int64_t i = 0; i < LANES; i++) {
             /* a short last group repeats its first key; those lanes are not stored */
@@ -90,31 +102,22 @@ static void request_softmax(float *restrict scores, int64_t len, int64_t num_hea
         float *row = scores + h * max_len;
         vf top = splat(-INFINITY);
         for (int64_t t = 0; t < len; t += LANES) {
-            vf v = splat(-INFINITY);
-            memcpy(&v, row + t, (len - t < LANES ? len - t : LANES) * sizeof(float));
+            const vf v = load_padded(row + t, lanes_left(t, len));
             top = select_lanes(v > top, v, top);
         }
         float peak = top[0];
         for (int i = 1; i < LANES; i++) peak = top[i] > peak ? top[i] : peak;
         vf total = splat(0.0f);
         for (int64_t t = 0; t < len; t += LANES) {
-            const int64_t n = len - t < LANES ? len - t : LANES;
-            vf v = splat(-INFINITY);
-            memcpy(&v, row + t, n * sizeof(float));
-            v = exp_lanes(v - peak);
-            total += v;
-            memcpy(row + t, &v, n * sizeof(float));
+            const int64_t n = lanes_left(t, len);
+            const vf e = exp_lanes(load_padded(row + t, n) - peak);
+            total += e;
+            memcpy(row + t, &e, n * sizeof(float));
         }
         float sum = 0.0f;
         for (int i = 0; i < LANES; i++) sum += total[i];
-        const vf inverse = splat(1.0f / sum);
-        for (int64_t t = 0; t < len; t += LANES) {
-            const int64_t n = len - t < LANES ? len - t : LANES;
-            vf v;
-            memcpy(&v, row + t, n * sizeof(float));
-            v *= inverse;
-            memcpy(row + t, &v, n * sizeof(float));
-        }
+        const float inverse = 1.0f / sum;
+        for (int64_t t = 0; t < len; t++) row[t] *= inverse;
     }
 }
 
