@@ -34,9 +34,25 @@
  * Measured at 64 requests x 192 tokens (144 KiB of V each): 3-8% less time per layer. */
 #define VALUES_DURING_KEYS_BYTES (256 << 10)
 
-static inline const float *row_at(const float *cache, const int32_t *table, int64_t t, int64_t block_size,
-                                  int64_t row_floats) {
-    return cache + ((int64_t)table[t / block_size] * block_size + t % block_size) * row_floats;
+/* A request's context slot by slot, in order, with no division per row (the block size is not known when the
+ * kernel is compiled, and a 64-bit division costs tens of cycles: one per row was a visible share of the K pass). */
+typedef struct {
+    const int32_t *table;
+    int64_t block_size, block, offset;
+} slot_walk;
+
+static inline slot_walk walk_from(const int32_t *table, int64_t block_size, int64_t t) {
+    return (slot_walk){table, block_size, t / block_size, t % block_size};
+}
+
+/* the slot of the walk's position; the walk moves one position on */
+static inline int64_t next_slot(slot_walk *walk) {
+    const int64_t slot = (int64_t)walk->table[walk->block] * walk->block_size + walk->offset;
+    if (++walk->offset == walk->block_size) {
+        walk->offset = 0;
+        walk->block++;
+    }
+    return slot;
 }
 
 /* Into L2, not L1 (locality 1: prefetcht2): rows asked for ahead are more lines than L1 can have in flight, and
@@ -50,47 +66,58 @@ static inline void prefetch_row(const float *row, int64_t row_floats) {
 /* how many of the LANES positions from t on are before len */
 static inline int64_t lanes_left(int64_t t, int64_t len) { return len - t < LANES ? len - t : LANES; }
 
-/* n <= LANES floats from p, the lanes past n -inf */
+/* n <= LANES floats from p, the lanes past n -inf. A whole vector is one load: a copy of a length unknown at
+ * compile time is a call to memcpy, and one per vector made the softmax cost as much as the K pass. */
 static inline vf load_padded(const float *p, int64_t n) {
+    if (n == LANES) return load(p);
     vf v = splat(-INFINITY);
     memcpy(&v, p, n * sizeof(float));
     return v;
 }
 
+/* the first n <= LANES lanes of v to p */
+static inline void store_first(float *p, vf v, int64_t n) {
+    if (n == LANES)
+        memcpy(p, &v, sizeof v);
+    else
+        memcpy(p, &v, n * sizeof(float));
+}
+
 /* scores[h, t] = scale * query[h] . K[t of this request, KV head of h] for t < len (scores' rows are max_len
- * apart); value_cache (or NULL): V rows to ask for along with the K rows. Keys are taken LANES at a time: one
- * partial-sum vector per (head, key), reduced together (sum_lanes).
- * Row t + PREFETCH_ROWS_AHEAD is asked for as row t is read: one row at a time, as request_pv reads, where asking
- * for a whole group of rows at once measured 20-30% slower (more requests in flight than the core keeps). */
+ * apart); value_cache (or NULL): V rows to ask for along with the K rows. Keys are taken LANES at a time: for each
+ * head, one partial-sum vector per key (LANES independent chains of FMAs, each query chunk loaded once for all of
+ * them), reduced together (sum_lanes). The group's K rows stay in L1 while its heads read them.
+ * Row t + PREFETCH_ROWS_AHEAD is asked for as row t is gathered: one row at a time, as request_pv reads, where
+ * asking for a whole group of rows at once measured 20-30% slower (more requests in flight than the core keeps). */
 static void request_qk(const float *restrict query, const float *restrict key_cache,
                        const float *restrict value_cache, const int32_t *restrict table, int64_t len,
                        float *restrict scores, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
                        int64_t max_len, float scale) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
+    slot_walk keys = walk_from(table, block_size, 0), ahead = walk_from(table, block_size, PREFETCH_ROWS_AHEAD);
     for (int64_t t0 = 0; t0 < len; t0 += LANES) {
         const int64_t n = lanes_left(t0, len);
-        vf partial[num_heads][LANES];
+        const float *rows[LANES];
         for (int64_t i = 0; i < LANES; i++) {
             /* a short last group repeats its first key; those lanes are not stored */
-            const float *row = row_at(key_cache, table, t0 + (i < n ? i : 0), block_size, row_floats);
+            rows[i] = i < n ? key_cache + next_slot(&keys) * row_floats : rows[0];
             if (t0 + i + PREFETCH_ROWS_AHEAD < len) {
-                const int64_t ahead = t0 + i + PREFETCH_ROWS_AHEAD;
-                prefetch_row(row_at(key_cache, table, ahead, block_size, row_floats), row_floats);
-                if (value_cache) prefetch_row(row_at(value_cache, table, ahead, block_size, row_floats), row_floats);
-            }
-            for (int64_t g = 0; g < num_kv_heads; g++) {  /* each K chunk loaded once for the group's heads */
-                vf k[CHUNKS];
-                for (int c = 0; c < CHUNKS; c++) k[c] = load(row + g * HEAD_DIM + c * LANES);
-                for (int64_t h = g * group; h < (g + 1) * group; h++) {
-                    vf s = load(query + h * HEAD_DIM) * k[0];
-                    for (int c = 1; c < CHUNKS; c++) s += load(query + h * HEAD_DIM + c * LANES) * k[c];
-                    partial[h][i] = s;
-                }
+                const int64_t at = next_slot(&ahead) * row_floats;
+                prefetch_row(key_cache + at, row_floats);
+                if (value_cache) prefetch_row(value_cache + at, row_floats);
             }
         }
         for (int64_t h = 0; h < num_heads; h++) {
-            const vf dots = sum_lanes(partial[h]) * scale;
-            memcpy(scores + h * max_len + t0, &dots, n * sizeof(float));
+            const float *q = query + h * HEAD_DIM;
+            const int64_t head = (h / group) * HEAD_DIM;
+            vf partial[LANES];
+            const vf first = load(q);
+            for (int i = 0; i < LANES; i++) partial[i] = first * load(rows[i] + head);
+            for (int c = 1; c < CHUNKS; c++) {
+                const vf chunk = load(q + c * LANES);
+                for (int i = 0; i < LANES; i++) partial[i] += chunk * load(rows[i] + head + c * LANES);
+            }
+            store_first(scores + h * max_len + t0, sum_lanes(partial) * scale, n);
         }
     }
 }
@@ -112,7 +139,7 @@ static void request_softmax(float *restrict scores, int64_t len, int64_t num_hea
             const int64_t n = lanes_left(t, len);
             const vf e = exp_lanes(load_padded(row + t, n) - peak);
             total += e;
-            memcpy(row + t, &e, n * sizeof(float));
+            store_first(row + t, e, n);
         }
         float sum = 0.0f;
         for (int i = 0; i < LANES; i++) sum += total[i];
@@ -121,24 +148,33 @@ static void request_softmax(float *restrict scores, int64_t len, int64_t num_hea
     }
 }
 
-/* out[h] = sum over t < len of probs[h, t] * V[t of this request, KV head of h] */
+/* out[h] = sum over t < len of probs[h, t] * V[t of this request, KV head of h], block by block: within a block
+ * (in L1 once its first head has read it), each head keeps its sums in registers over the block's rows and reads
+ * its probabilities in order. prefetch: ask for the rows ahead (when the K pass has not). */
 static void request_pv(const float *restrict probs, const float *restrict value_cache,
                        const int32_t *restrict table, int64_t len, float *restrict out, int64_t num_heads,
-                       int64_t num_kv_heads, int64_t block_size, int64_t max_len) {
+                       int64_t num_kv_heads, int64_t block_size, int64_t max_len, int prefetch) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
-    vf acc[num_heads][CHUNKS];
-    memset(acc, 0, sizeof acc);
-    for (int64_t t = 0; t < len; t++) {
-        const float *row = row_at(value_cache, table, t, block_size, row_floats);
-        if (t + PREFETCH_ROWS_AHEAD < len)
-            prefetch_row(row_at(value_cache, table, t + PREFETCH_ROWS_AHEAD, block_size, row_floats), row_floats);
+    vf sums[num_heads][CHUNKS];
+    memset(sums, 0, sizeof sums);
+    slot_walk ahead = walk_from(table, block_size, PREFETCH_ROWS_AHEAD);
+    for (int64_t start = 0; start < len; start += block_size) {
+        const float *block = value_cache + (int64_t)table[start / block_size] * block_size * row_floats;
+        const int64_t rows = len - start < block_size ? len - start : block_size;
+        for (int64_t t = start; prefetch && t < start + rows && t + PREFETCH_ROWS_AHEAD < len; t++)
+            prefetch_row(value_cache + next_slot(&ahead) * row_floats, row_floats);
         for (int64_t h = 0; h < num_heads; h++) {
-            const float w = probs[h * max_len + t];
-            const float *v = row + (h / group) * HEAD_DIM;
-            for (int c = 0; c < CHUNKS; c++) acc[h][c] += w * load(v + c * LANES);
+            const float *p = probs + h * max_len + start, *v = block + (h / group) * HEAD_DIM;
+            vf acc[CHUNKS];
+            memcpy(acc, sums[h], sizeof acc);
+            for (int64_t r = 0; r < rows; r++) {
+                const vf w = splat(p[r]);
+                for (int c = 0; c < CHUNKS; c++) acc[c] += w * load(v + r * row_floats + c * LANES);
+            }
+            memcpy(sums[h], acc, sizeof acc);
         }
     }
-    memcpy(out, acc, sizeof acc);
+    memcpy(out, sums, sizeof sums);
 }
 
 /* out[b, h] = softmax_t(scale * query[b, h] . K[t]) . V[t] over t < lens[b], for every request b: one request per
@@ -154,12 +190,12 @@ void paged_attention(const float *restrict query, const float *restrict key_cach
         const int32_t *table = tables + b * table_width;
         float *request_scores = scores + b * num_heads * max_len;
         const int64_t value_bytes = lens[b] * num_kv_heads * HEAD_DIM * (int64_t)sizeof(float);
-        request_qk(query + b * num_heads * HEAD_DIM, key_cache,
-                   value_bytes <= VALUES_DURING_KEYS_BYTES ? value_cache : NULL, table, lens[b], request_scores,
-                   num_heads, num_kv_heads, block_size, max_len, scale);
+        const int values_during_keys = value_bytes <= VALUES_DURING_KEYS_BYTES;
+        request_qk(query + b * num_heads * HEAD_DIM, key_cache, values_during_keys ? value_cache : NULL, table,
+                   lens[b], request_scores, num_heads, num_kv_heads, block_size, max_len, scale);
         request_softmax(request_scores, lens[b], num_heads, max_len);
         request_pv(request_scores, value_cache, table, lens[b], out + b * num_heads * HEAD_DIM, num_heads,
-                   num_kv_heads, block_size, max_len);
+                   num_kv_heads, block_size, max_len, !values_during_keys);
     }
 }
 
