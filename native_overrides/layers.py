@@ -48,17 +48,26 @@ class RotaryTable(nn.Module):
         freqs = torch.arange(max_positions, dtype=torch.float)[:, None] * inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)  # [P, D], the same layout as Transformers' rotate_half
         self.register_buffer("cos", (emb.cos() * scaling).to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("sin", (emb.sin() * scaling).to(device=device, dtype=dtype), persistent=False)
+        # sin with its first half negated: see _rotate
+        signs = torch.cat((-torch.ones(head_dim // 2), torch.ones(head_dim // 2)))
+        self.register_buffer("signed_sin", (emb.sin() * scaling * signs).to(device=device, dtype=dtype),
+                             persistent=False)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """q [T, H, D], k [T, Hkv, D], positions [T] -> rotated q, k."""
-        cos, sin = self.cos[positions][:, None, :], self.sin[positions][:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        cos, signed_sin = self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]
+        return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Transformers' x * cos + rotate_half(x) * sin, bit for bit: for halves (x1, x2), rotate_half(x) * sin is
+    (-x2 * sin1, x1 * sin2), and -x2 * sin1 == x2 * -sin1 exactly. Written per half, Inductor fuses each half into
+    one loop, where materialising rotate_half's negated, concatenated copy took three (2048 tokens, 9 + 3 heads:
+    220-360 against 590-1140 us a layer)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos[..., :half] + x2 * signed_sin[..., :half],
+                      x2 * cos[..., half:] + x1 * signed_sin[..., half:]), dim=-1)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -92,3 +92,28 @@ def test_sharded_safetensors_load_natively(tmp_path):
     assert len(list(folder.glob("*.safetensors"))) > 3
     names = check_against_transformers(model, folder, prompts()[1:], impls=("native",))
     assert names == {"native": "Qwen2ForCausalLM"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rope", ["default", "yarn"])
+def test_rotary_equals_transformers_bit_for_bit(dtype, rope):
+    """The native rotary (halves times cos and a signed sin) gives exactly Transformers' apply_rotary_pos_emb with
+    its own rotary embedding's cos / sin, for any rope type's scaling."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+    from hfbridge.native_overrides.layers import RotaryTable
+
+    overrides = {} if rope == "default" else dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64))
+    config = transformers.LlamaConfig(**{**COMMON, **overrides})
+    head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    positions = torch.randint(0, 256, (11,))
+    q = torch.randn(11, config.num_attention_heads, head_dim).to(dtype)  # [T, H, D]
+    k = torch.randn(11, config.num_key_value_heads, head_dim).to(dtype)
+    cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])  # [1, T, D]
+    # Transformers' layout: [B, H, T, D], cos / sin unsqueezed at the head dim
+    want_q, want_k = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    got_q, got_k = RotaryTable(config, head_dim, 256, dtype, "cpu")(q, k, positions)
+    assert torch.equal(got_q, want_q[0].transpose(0, 1))
+    assert torch.equal(got_k, want_k[0].transpose(0, 1))
