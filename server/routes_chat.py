@@ -100,7 +100,6 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
     force_usage = request.app[STATE].settings.enable_force_include_usage
     continuous = body.continuous_usage or force_usage
     events = EventStream(request)
-    await events.open()
 
     async def send(choice: dict[str, Any]) -> None:
         chunk = {**head, "choices": [choice]}
@@ -109,6 +108,7 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
         await events.send(chunk)
 
     try:
+        await events.open()
         # The first chunk of every choice carries the role, before any token exists.
         for index in range(n):
             await send({"index": index, "delta": {"role": role, "content": echo}, "logprobs": None,
@@ -120,9 +120,9 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
                     await send(choice)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
-    except ConnectionError:
-        raise  # the client left; the merger has aborted its request
     except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
+        if events.client_gone():  # nothing can reach it; leaving the guard aborts its request
+            return events.response
         await events.send_error(e)
     return await events.close()
 

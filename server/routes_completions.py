@@ -104,8 +104,8 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
                   renderer: _Renderer, body: CompletionRequest) -> web.StreamResponse:
     force_usage = request.app[STATE].settings.enable_force_include_usage
     events = EventStream(request)
-    await events.open()
     try:
+        await events.open()
         async for prompt_index, output in outputs:
             for completion in output.outputs:
                 choice = renderer.stream_choice(prompt_index, output, completion)
@@ -117,8 +117,8 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
                 await events.send(chunk)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
-    except ConnectionError:
-        raise  # the client left; the merger has aborted its requests
     except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
+        if events.client_gone():  # nothing can reach it; leaving the guard aborts its requests
+            return events.response
         await events.send_error(e)
     return await events.close()

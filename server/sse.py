@@ -24,8 +24,14 @@ class EventStream:
     async def open(self) -> None:
         await self.response.prepare(self.request)
 
+    def client_gone(self) -> bool:
+        """Whether the client closed its connection. A handler then returns `response` as it stands: aiohttp
+        logs the access and ends quietly, where an exception would be logged as a server error."""
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
     async def send(self, payload: dict[str, Any]) -> None:
-        # A client that went away makes this raise (ConnectionResetError); the caller's cleanup aborts its requests.
+        # A client that went away makes this raise (ConnectionResetError); see client_gone.
         await self.response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
     async def send_error(self, error: BaseException) -> None:
