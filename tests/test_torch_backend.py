@@ -118,16 +118,46 @@ def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_s
 @pytest.mark.parametrize("heads", [(4, 2), (4, 4)])
 @pytest.mark.parametrize("sliding_window", [None, 3])
 @pytest.mark.parametrize("is_causal", [False, True], ids=["bidirectional", "causal"])
-def test_whole_sequences_without_cache_equal_transformers(heads, sliding_window, is_causal):
+# whole prompts of one length next to each other (a batch of equal prompts), among other lengths
+@pytest.mark.parametrize("lengths", [[3, 7, 1], [5, 5, 5, 2, 5, 5]], ids=["distinct", "equal_runs"])
+def test_whole_sequences_without_cache_equal_transformers(heads, sliding_window, is_causal, lengths):
     torch.manual_seed(1)
-    lengths = [3, 7, 1]
     layer = LayerOptions(0, scaling=0.25, is_causal=is_causal, sliding_window=sliding_window)
     q = [torch.randn(n, heads[0], D) for n in lengths]
     k = [torch.randn(n, heads[1], D) for n in lengths]
     v = [torch.randn(n, heads[1], D) for n in lengths]
-    out = paged_run(layer, q, k, v, None, [[] for _ in lengths], 4, [0] * 3, lengths)
-    expected = torch.cat([transformers_attention(q[b], k[b], v[b], layer) for b in range(3)])
+    out = paged_run(layer, q, k, v, None, [[] for _ in lengths], 4, [0] * len(lengths), lengths)
+    expected = torch.cat([transformers_attention(q[b], k[b], v[b], layer) for b in range(len(lengths))])
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 1)], ids=["gqa", "mqa"])
+def test_equal_whole_prompts_with_a_cache_and_a_decode_equal_transformers(heads):
+    """A step as a batch of equal prompts makes it: whole prompts of one length, one of another length between
+    them, and a request decoding its last token, each against Transformers."""
+    torch.manual_seed(3)
+    block_size, lengths = 4, [6, 6, 6, 3, 6, 6, 9]
+    num_heads, num_kv_heads = heads
+    layer = LayerOptions(0, scaling=0.3)
+    q = [torch.randn(n, num_heads, D) for n in lengths]
+    k = [torch.randn(n, num_kv_heads, D) for n in lengths]
+    v = [torch.randn(n, num_kv_heads, D) for n in lengths]
+    expected = [transformers_attention(q[b], k[b], v[b], layer) for b in range(len(lengths))]
+    tables, next_block = [], 0
+    for n in lengths:
+        tables.append(list(range(next_block, next_block + -(-n // block_size))))
+        next_block += len(tables[-1])
+    cache = torch.full((2, next_block, block_size, num_kv_heads, D), float("nan"))
+    last = len(lengths) - 1  # its first 8 tokens in a step of its own, then its last token with the prompts
+    paged_run(layer, [q[last]], [k[last]], [v[last]], cache, [tables[last]], block_size, [0], [8])
+    new = lengths[:-1] + [1]
+    out = paged_run(layer, q, k, v, cache, tables, block_size, [0] * last + [8], new)
+    offsets = [0]
+    for n in new:
+        offsets.append(offsets[-1] + n)
+    for b in range(last):
+        torch.testing.assert_close(out[offsets[b]:offsets[b + 1]], expected[b], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[offsets[last]:], expected[last][-1:], rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_inputs_are_computed_in_float32():
