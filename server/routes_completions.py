@@ -117,8 +117,6 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
                 await events.send(chunk)
         if body.include_usage or force_usage:
             await events.send({**head, "choices": [], "usage": merger.usage.as_dict()})
-    except Exception as e:  # noqa: BLE001 - reported in-stream: the status line (200) is already sent
-        if events.client_gone():  # nothing can reach it; leaving the guard aborts its requests
-            return events.response
-        await events.send_error(e)
+    except Exception as e:  # noqa: BLE001 - the stream reports it, or ends quietly if the client left
+        return await events.fail(e)
     return await events.close()

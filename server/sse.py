@@ -24,20 +24,24 @@ class EventStream:
     async def open(self) -> None:
         await self.response.prepare(self.request)
 
-    def client_gone(self) -> bool:
-        """Whether the client closed its connection. A handler then returns `response` as it stands: aiohttp
-        logs the access and ends quietly, where an exception would be logged as a server error."""
-        transport = self.request.transport
-        return transport is None or transport.is_closing()
-
     async def send(self, payload: dict[str, Any]) -> None:
-        # A client that went away makes this raise (ConnectionResetError); see client_gone.
+        # A client that went away makes this raise (ConnectionResetError); the caller then calls fail().
         await self.response.write(f"data: {json.dumps(payload, ensure_ascii=False)}\n\n".encode())
 
-    async def send_error(self, error: BaseException) -> None:
-        """A mid-stream failure: an `error` event (the HTTP status is already 200), then [DONE] as usual."""
+    async def fail(self, error: Exception) -> web.StreamResponse:
+        """End the stream after `error`, the handler's response. A client that left gets nothing more: the
+        response is returned as it stands, so aiohttp logs the access and ends quietly (raising would log a server
+        error), and leaving the handler's output guard aborts its requests. Before the stream opened, `error`
+        propagates (the error middleware answers it). Else an `error` event (the HTTP status, 200, is already
+        sent), then [DONE] as usual."""
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return self.response
+        if not self.response.prepared:
+            raise error
         api_error = to_api_error(error)
         await self.send(error_body(api_error.status, api_error.message, api_error.param))
+        return await self.close()
 
     async def close(self) -> web.StreamResponse:
         await self.response.write(b"data: [DONE]\n\n")
