@@ -75,7 +75,7 @@ static inline vf load_padded(const float *p, int64_t n) {
     return v;
 }
 
-/* the first n <= LANES lanes of v to p */
+/* the first n <= LANES lanes of v to p; a whole vector as a copy of fixed size (one store, see load_padded) */
 static inline void store_first(float *p, vf v, int64_t n) {
     if (n == LANES)
         memcpy(p, &v, sizeof v);
