@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +24,7 @@ class TPGroup:
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
-            dist.all_reduce(tensor, group=self.group)
+            _blocking(lambda: dist.all_reduce(tensor, group=self.group), tensor)
         return tensor
 
     def all_gather_last_dim(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -31,7 +33,7 @@ class TPGroup:
             return tensor
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor, group=self.group)
+        _blocking(lambda: dist.all_gather(parts, tensor, group=self.group), tensor, *parts)
         return torch.cat(parts, dim=-1)
 
     def min_int(self, value: int) -> int:
@@ -67,20 +69,40 @@ class PPGroup:
         return (self.size - 1) * self.tp_size
 
     def send_next(self, tensor: torch.Tensor) -> None:
-        dist.send(tensor.contiguous(), dst=self.rank + self.tp_size)
+        tensor = tensor.contiguous()
+        _blocking(lambda: dist.send(tensor, dst=self.rank + self.tp_size), tensor)
 
     def recv_prev(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         out = torch.empty(shape, dtype=dtype, device=device)
-        dist.recv(out, src=self.rank - self.tp_size)
+        _blocking(lambda: dist.recv(out, src=self.rank - self.tp_size), out)
         return out
 
     def broadcast_from_last(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last stage's tensor on every rank of the world (same shape and dtype everywhere)."""
         tensor = tensor.contiguous()
-        dist.broadcast(tensor, src=self.output_rank)
+        _blocking(lambda: dist.broadcast(tensor, src=self.output_rank), tensor)
         return tensor
 
 
+def _blocking(call: Callable[[], object], *tensors: torch.Tensor) -> None:
+    """Run a blocking torch.distributed call on `tensors`; on CPU, return only once gloo let go of them.
+
+    Gloo runs a collective on a worker thread, which wakes the caller first and drops its own references to the
+    tensors after. When that is the last reference (the caller has already dropped its temporaries), dropping it
+    takes the GIL to free the tensor's Python object; if the interpreter is finalizing by then (a rank exiting
+    right after its last step, the worker thread held back by load), the thread is killed inside a destructor:
+    std::terminate, SIGABRT, and the peer rank waits on a dead one. So wait, the GIL released, until each
+    tensor's C++ reference count is back where it was (microseconds; bounded, in case another owner appears)."""
+    counts = [t._use_count() for t in tensors]
+    call()
+    if tensors[0].device.type != "cpu":  # NCCL holds CUDA tensors until the stream is done: never wait for that
+        return
+    deadline = time.monotonic() + _RELEASE_WAIT_S
+    while any(t._use_count() > n for t, n in zip(tensors, counts)) and time.monotonic() < deadline:
+        time.sleep(0)  # releases the GIL: the worker thread may need it to drop its references
+
+
+_RELEASE_WAIT_S = 1.0
 _TP = TPGroup(0, 1)
 _PP = PPGroup(0, 1)
 
@@ -103,7 +125,7 @@ def _min_int(value: int, size: int, group) -> int:
     if size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    _blocking(lambda: dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group), t)
     return int(t.item())
 
 
