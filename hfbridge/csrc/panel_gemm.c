@@ -77,19 +77,20 @@ void panel_gemm(const float *x, const float *panels, const float *bias, float *o
 #pragma omp parallel num_threads(num_threads)
     for (int64_t band = 0; band < m; band += BAND_ROWS) {
         const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;
-        /* blocks of near-equal size: 64 rows run as 12 + 4 x 13, not 4 x 14 + 8 */
-        const int64_t blocks = (band_rows + MAX_ROWS - 1) / MAX_ROWS;
+        /* whole blocks of MAX_ROWS first, the rest last: 16 rows run as 14 + 2, not 8 + 8. The first block reads the
+         * panel from memory, and the more rows it computes meanwhile, the more of that wait it covers. Measured on
+         * the 2-core AVX-512 EPYC (30 layers' projections, weights from memory, two runs): 16 rows 20.0-22.2 against
+         * 21.9-23.8 ms, 64 rows 68-73 against 71-77, 2048 rows 2167-2239 against 2197-2303 (near-equal blocks). */
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < num_panels; j++) {
             const float *panel = panels + j * k * COLS;
             const int64_t cols = n - j * COLS < COLS ? n - j * COLS : COLS;
             float panel_bias[COLS] = {0};
             if (bias) memcpy(panel_bias, bias + j * COLS, cols * sizeof(float));
-            for (int64_t b = 0, row = band; b < blocks; b++) {
-                const int64_t rows = (band + band_rows - row) / (blocks - b);
+            for (int64_t row = band; row < band + band_rows; row += MAX_ROWS) {
+                const int64_t rows = band + band_rows - row < MAX_ROWS ? band + band_rows - row : MAX_ROWS;
                 BY_ROWS[rows](x + row * k, k, panel, panel_bias, out + row * n + j * COLS, n, cols,
-                              b == 0 && j + 1 < num_panels ? panel + k * COLS : NULL);
-                row += rows;
+                              row == band && j + 1 < num_panels ? panel + k * COLS : NULL);
             }
         }
     }
