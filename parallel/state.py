@@ -93,10 +93,12 @@ def _blocking(call: Callable[[], object], *tensors: torch.Tensor) -> None:
     right after its last step, the worker thread held back by load), the thread is killed inside a destructor:
     std::terminate, SIGABRT, and the peer rank waits on a dead one. So wait, the GIL released, until each
     tensor's C++ reference count is back where it was (microseconds; bounded, in case another owner appears)."""
+    # not for CUDA: NCCL holds its tensors until the stream is done, never wait for that
+    if tensors[0].device.type != "cpu" or not hasattr(torch.Tensor, "_use_count"):  # (a private torch method)
+        call()
+        return
     counts = [t._use_count() for t in tensors]
     call()
-    if tensors[0].device.type != "cpu":  # NCCL holds CUDA tensors until the stream is done: never wait for that
-        return
     deadline = time.monotonic() + _RELEASE_WAIT_S
     while any(t._use_count() > n for t, n in zip(tensors, counts)) and time.monotonic() < deadline:
         time.sleep(0)  # releases the GIL: the worker thread may need it to drop its references
