@@ -51,8 +51,9 @@ class InProcessExecutor:
                 torch.cuda.set_device(config.device)
             parallel = config.parallel_config
             init_from_torchrun_env(parallel.tensor_parallel_size, config.device, parallel.pipeline_parallel_size)
-            # Scripts rarely destroy the process group: left to interpreter teardown, gloo's threads can still be
-            # joinable when it is freed (std::terminate, SIGABRT), and the peer rank then waits for it forever.
+            # Scripts rarely destroy the process group; torch asks for it before exit (NCCL warns otherwise). It does
+            # not stop gloo's worker threads: their abort in interpreter teardown is prevented where the
+            # collectives run (parallel/state.py, _blocking).
             atexit.register(destroy_distributed)
         self.config = config
         model = load_model(config.model_config, config.device)
