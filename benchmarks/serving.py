@@ -17,6 +17,10 @@ The peer, and vLLM's own client for both (what benchmarks/compare.py runs):
 /health, where hfbridge's is /ready. --client vllm-bench measures with `vllm bench serve --backend openai
 --dataset-name random --ignore-eos` (--input-len tokens in, --max-tokens out, greedy) instead of this file's client,
 after untimed warm-up requests (one per stream before the first run, two before each later run).
+
+Each run draws its own prompts (seed = the run's index): a run that repeated an earlier run's prompts would find
+them in a server's prefix cache, which hfbridge (16-token blocks) hits and vLLM-CPU (128-token blocks, for
+128-token prompts) cannot, and would measure the cache rather than the engine.
 """
 from __future__ import annotations
 
@@ -65,8 +69,8 @@ async def one_request(session, url, model, prompt, max_tokens, headers) -> tuple
     return first or 0.0, time.perf_counter() - start, tokens
 
 
-async def run_load(url, model, num_requests, concurrency, prompt_words, max_tokens, api_key) -> dict:
-    rng = random.Random(0)
+async def run_load(url, model, num_requests, concurrency, prompt_words, max_tokens, api_key, seed=0) -> dict:
+    rng = random.Random(seed)
     prompts = [make_prompt(rng, prompt_words) for _ in range(num_requests)]
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     gate = asyncio.Semaphore(concurrency)
@@ -152,7 +156,7 @@ def stop_server(process: subprocess.Popen) -> None:
 
 
 def run_vllm_bench(python: str, url: str, model: str, tokenizer: str, num_prompts: int, concurrency: int,
-                   input_len: int, output_len: int, warmups: int = 2) -> dict:
+                   input_len: int, output_len: int, warmups: int = 2, seed: int = 0) -> dict:
     """`vllm bench serve` against any OpenAI server (after `warmups` untimed requests); its saved JSON, in this
     file's keys."""
     from peer_vllm import vllm_cli_command
@@ -162,7 +166,7 @@ def run_vllm_bench(python: str, url: str, model: str, tokenizer: str, num_prompt
                 "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
                 "--dataset-name", "random", "--random-input-len", str(input_len),
                 "--random-output-len", str(output_len), "--ignore-eos", "--temperature", "0",
-                "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", "0",
+                "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency), "--seed", str(seed),
                 "--num-warmups", str(warmups),
                 "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99", "--disable-tqdm",
                 "--save-result", "--result-dir", folder, "--result-filename", "result.json"]
@@ -268,10 +272,11 @@ def measure(args, url: str) -> list[dict]:
             # run warms up with one request per concurrent stream, later runs on the same server with two
             warmups = concurrency if i == 0 else 2
             runs.append(run_vllm_bench(args.vllm_python, url, model, args.tokenizer or args.model or model,
-                                       args.num_requests, concurrency, args.input_len, args.max_tokens, warmups))
+                                       args.num_requests, concurrency, args.input_len, args.max_tokens, warmups,
+                                       seed=i))
         else:
             runs.append(asyncio.run(run_load(url, model, args.num_requests, concurrency, args.prompt_words,
-                                             args.max_tokens, args.api_key)))
+                                             args.max_tokens, args.api_key, seed=i)))
     return runs
 
 
