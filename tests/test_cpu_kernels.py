@@ -83,17 +83,22 @@ def test_torch_formulation_matches_definition():
                                rtol=1e-5, atol=1e-5)
 
 
-def test_chunks_of_requests(monkeypatch):
-    """A batch whose scores would exceed the chunk bound runs a few requests at a time, same values."""
-    g = torch.Generator().manual_seed(1)
-    kv_cache = torch.randn(2, 40, 16, 2, 64, generator=g)
-    block_tables = torch.randperm(40, generator=g)[:35].view(5, 7).to(torch.int32)
-    lens = torch.tensor([100, 3, 112, 64, 50], dtype=torch.int32)
-    query = torch.randn(5, 6, 64, generator=g)
-    monkeypatch.setattr(cpu_kernels, "SCORES_PER_CHUNK", 6 * 112 * 2)  # two requests per chunk
+@pytest.mark.parametrize("order", ["rising", "falling"])
+def test_scores_far_apart_across_the_context(order):
+    """Scores that rise (or fall) by hundreds along the context: the kernel's running softmax rescales what it summed
+    under an earlier, smaller maximum (rising) or adds terms that underflow (falling); the definition, in float64,
+    takes the maximum over the whole context first."""
+    g = torch.Generator().manual_seed(4)
+    lens = torch.tensor([200, 37, 16], dtype=torch.int32)
+    kv_cache = torch.randn(2, 40, 16, 3, 64, generator=g)
+    ramp = torch.linspace(0.0, 40.0, 40 * 16).view(40, 16, 1, 1)  # key size grows with the physical slot
+    kv_cache[0] *= ramp if order == "rising" else ramp.flip(0, 1)
+    block_tables = torch.arange(39, dtype=torch.int32)[:39].view(3, 13)  # blocks in slot order: the ramp holds
+    query = torch.randn(3, 9, 64, generator=g)
     got = cpu_kernels.paged_decode_cpu(query, kv_cache, block_tables, lens, 0.125)
-    torch.testing.assert_close(got.double(), reference(query, kv_cache, block_tables, lens, 0.125),
-                               rtol=1e-5, atol=1e-5)
+    want = reference(query, kv_cache, block_tables, lens, 0.125)
+    assert want.abs().max() > 0.5  # a few keys dominate: no output is an average of everything
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_call_matches_eager():
