@@ -123,3 +123,17 @@ async def test_add_requests_is_one_command_and_all_or_nothing(engine):
         await asyncio.sleep(0.01)
     assert not engine.engine.has_unfinished_requests()
     assert engine.engine.kv_cache_manager.usage() == 0
+
+
+async def test_a_shut_down_engine_refuses_work_with_a_clear_error(tiny_llama):
+    """After AsyncLLMEngine.shutdown the engine's KV cache is freed: a later add or step says so, instead of failing
+    inside the model."""
+    engine = engine_factory(tiny_llama[1])()
+    async_engine = AsyncLLMEngine(engine)
+    async_engine.start()
+    await async_engine.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.add_request("late", PROMPTS[0], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.step()
+    engine.shutdown()  # twice is harmless

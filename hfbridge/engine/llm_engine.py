@@ -66,6 +66,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = int(self.model_config.hf_text_config.vocab_size)
         self.stats = EngineStats()
+        self.is_shut_down = False  # shutdown() freed the KV cache: no more work
 
     @classmethod
     def from_engine_args(cls, engine_args: EngineArgs) -> LLMEngine:
@@ -94,6 +95,7 @@ class LLMEngine:
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
     ) -> None:
+        self._refuse_if_shut_down()
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         if isinstance(params, PoolingParams):
@@ -194,6 +196,7 @@ class LLMEngine:
         return self.scheduler.num_running + self.scheduler.num_waiting
 
     def step(self) -> list[RequestOutput]:
+        self._refuse_if_shut_down()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
@@ -240,4 +243,11 @@ class LLMEngine:
             check()
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        if not self.is_shut_down:
+            self.is_shut_down = True
+            self.executor.shutdown()
+
+    def _refuse_if_shut_down(self) -> None:
+        # Else a step would run the model without its KV cache and fail deep inside attention.
+        if self.is_shut_down:
+            raise RuntimeError("This engine was shut down (its KV cache is freed); create a new LLMEngine or LLM")
