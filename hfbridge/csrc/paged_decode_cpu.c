@@ -55,7 +55,7 @@ static inline int64_t next_slot(slot_walk *walk) {
 
 /* Lines asked for ahead go into L2, not L1 (locality 1: prefetcht2): a group's rows are more lines than L1 can
  * have in flight, and L1 requests stall the loads of the current rows. Measured at 64 requests x 192 tokens, random
- * blocks: 23-25 ms per 30 layers against 25-27 into L1 (prefetcht1) and 34-36 (prefetcht0).
+ * blocks: 23-25 ms per 30 layers, against 25-27 with prefetcht1 and 34-36 with prefetcht0 (into L1).
  *
  * A cursor over the lines of the next group's rows, row by row, so that each head can ask for its share. */
 typedef struct {
