@@ -85,9 +85,10 @@ def test_torch_formulation_matches_definition():
 
 @pytest.mark.parametrize("order", ["rising", "falling"])
 def test_scores_far_apart_across_the_context(order):
-    """Scores that rise (or fall) by hundreds along the context: the kernel's running softmax rescales what it summed
-    under an earlier, smaller maximum (rising) or adds terms that underflow (falling); the definition, in float64,
-    takes the maximum over the whole context first."""
+    """Scores that rise (or fall) by tens along the context (about 60 over the longest request: e^-60 between its
+    first and last terms): the kernel's running softmax rescales what it summed under an earlier, smaller maximum
+    (rising) or adds terms that underflow (falling); the definition, in float64, takes the maximum over the whole
+    context first."""
     g = torch.Generator().manual_seed(4)
     lens = torch.tensor([200, 37, 16], dtype=torch.int32)
     kv_cache = torch.randn(2, 40, 16, 3, 64, generator=g)
