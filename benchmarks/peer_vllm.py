@@ -109,12 +109,14 @@ def time_workload(llm, sampling_params_cls, prompts: list[list[int]], output_len
     """The timed steps both engines run alike (their LLM and SamplingParams speak the same API): a 2-request
     warm-up, the whole workload, then one request alone (single-stream ms/token, prefill included).
 
-    The warm-up and the single stream send the first prompts reversed: prompts the workload never sends, so neither
-    finds its prefill in a prefix cache (hfbridge's 16-token blocks would hit where vLLM-CPU's 128-token blocks
-    cannot, and the figures would measure the cache)."""
+    The warm-up and the single stream send prompts the workload never sends (the first prompts reversed, the i-th
+    also rotated by i, so the three differ even in a workload of one or two prompts): neither finds its prefill in a
+    prefix cache (hfbridge's 16-token blocks would hit where vLLM-CPU's 128-token blocks cannot, and the figures
+    would measure the cache)."""
     params = sampling_params_cls(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
     as_inputs = [{"prompt_token_ids": p} for p in prompts]
-    unseen = [{"prompt_token_ids": p[::-1]} for p in prompts[:3]]
+    reversed_ = [prompts[i % len(prompts)][::-1] for i in range(3)]
+    unseen = [{"prompt_token_ids": p[i:] + p[:i]} for i, p in enumerate(reversed_)]
     llm.generate(unseen[:2], params, use_tqdm=False)  # warm-up
     start = time.perf_counter()
     outs = llm.generate(as_inputs, params, use_tqdm=False)
