@@ -1,5 +1,6 @@
-"""The building blocks of the native decoders: fused RMSNorm + residual, the rotary table, SiLU-and-mul, and
-attention through hfbridge's backend (the same call and KV layout the "vllm" Transformers entry makes)."""
+"""The building blocks of the native decoders: fused RMSNorm + residual, the rotary table, and attention through
+hfbridge's backend (the same call and KV layout the "vllm" Transformers entry makes). SiLU-and-mul runs inside the
+gate_up projection (packed_linear.GateUpLinear)."""
 from __future__ import annotations
 
 import torch
@@ -68,12 +69,6 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> tor
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos[..., :half] + x2 * signed_sin[..., :half],
                       x2 * cos[..., half:] + x1 * signed_sin[..., half:]), dim=-1)
-
-
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate | up) -> [T, I]"""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return nn.functional.silu(gate) * up
 
 
 def backend_attention(

@@ -12,8 +12,8 @@ from hfbridge.attention_backends.metadata import LayerOptions
 from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
 from hfbridge.native_overrides.decode_graph import DecodeGraph
 from hfbridge.native_overrides.head_projection import HeadProjection
-from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention, silu_and_mul
-from hfbridge.native_overrides.packed_linear import PackedLinear, WeightPacks
+from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention
+from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear, WeightPacks
 from hfbridge.native_overrides.weights import load_stacked_weights
 
 
@@ -94,11 +94,11 @@ class MLP(nn.Module):
     def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
         super().__init__()
         size = opts.intermediate_size
-        self.gate_up_proj = PackedLinear(opts.hidden_size, 2 * size, bias=opts.mlp_bias, dtype=dtype)
+        self.gate_up_proj = GateUpLinear(opts.hidden_size, 2 * size, bias=opts.mlp_bias, dtype=dtype)  # + SiLU-and-mul
         self.down_proj = PackedLinear(size, opts.hidden_size, bias=opts.mlp_bias, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj(x))
 
 
 class DecoderLayer(nn.Module):

@@ -4,12 +4,18 @@ import pytest
 import torch
 
 from hfbridge.native_overrides import packed_linear
-from hfbridge.native_overrides.packed_linear import PackedLinear, WeightPacks
+from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear, WeightPacks
 
 
 def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
     y = x.double() @ layer.weight.double().T
     return (y + layer.bias.double() if layer.bias is not None else y).float()
+
+
+def _silu_mul_reference(layer: GateUpLinear, x: torch.Tensor) -> torch.Tensor:
+    """Transformers' LlamaMLP before down_proj: act_fn(gate_proj(x)) * up_proj(x), SiLU by its definition, in float64."""
+    gate, up = _reference(layer, x).double().chunk(2, dim=-1)
+    return (gate * torch.sigmoid(gate) * up).float()
 
 
 @pytest.mark.parametrize("tokens", [1, 2, 3, 13, 14, 15, 29, 64, 300, 400])
@@ -93,3 +99,45 @@ def test_compiled_call_matches_eager():
             x = torch.randn(tokens, 64)
             torch.testing.assert_close(compiled(layer, x), torch.nn.functional.silu(_reference(layer, x)) * 2,
                                        rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 14, 15, 64, 400])
+@pytest.mark.parametrize("in_features, half", [(576, 1536), (40, 23), (7, 16)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gate_up_with_silu_mul_matches_the_definition(tokens, in_features, half, bias):
+    """The fused gate_up projection + SiLU-and-mul (panel_gemm_silu_mul): SmolLM2's MLP shape, and halves that are
+    not a multiple of the vector width (a zero-padded last panel). Gates span +-20, where SiLU saturates both ways."""
+    torch.manual_seed(tokens + half)
+    layer = GateUpLinear(in_features, 2 * half, bias=bias)
+    WeightPacks(layer).refresh()
+    assert layer.packed is not None, "panel_gemm.c did not build: the packed path is the one under test"
+    x = torch.randn(tokens, in_features) * 20 / in_features**0.5
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (tokens, half)
+    torch.testing.assert_close(got, _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("vector_bytes", [16, 32, 64])
+def test_gate_up_with_silu_mul_at_every_vector_width(vector_bytes):
+    lib = packed_linear._panel_gemm(vector_bytes)
+    assert lib is not None, "panel_gemm.c did not build"
+    lanes = lib.panel_columns() // 2
+    torch.manual_seed(vector_bytes)
+    layer = GateUpLinear(40, 2 * (2 * lanes + 3), bias=True)  # a last panel of 3 outputs
+    packed = packed_linear.lay_out(packed_linear.interleave_gate_up(layer.weight, lanes), 2 * lanes)
+    packed_bias = packed_linear.interleave_gate_up(layer.bias, lanes)
+    for tokens in (1, 6, 7, 14, 15, 64):
+        x = torch.randn(tokens, 40)
+        got = packed_linear.run_panel_gemm(lib, x, packed, packed_bias, 2 * lanes + 3, silu_mul=True)
+        torch.testing.assert_close(got, _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_without_a_compiler_gate_up_is_f_linear_then_silu_mul(monkeypatch):
+    monkeypatch.setattr(packed_linear, "_panel_gemm", lambda: None)
+    layer = GateUpLinear(64, 48, bias=True)
+    WeightPacks(layer).refresh()
+    assert layer.packed is None
+    x = torch.randn(5, 64)
+    gate, up = torch.nn.functional.linear(x, layer.weight, layer.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(layer(x), torch.nn.functional.silu(gate) * up)

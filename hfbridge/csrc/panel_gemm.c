@@ -33,11 +33,13 @@
 
 int panel_columns(void) { return COLS; }
 
-/* out[r, c] = bias[c] + sum_k x[r, k] * panel[k, c] for r < ROWS, c < cols; `ahead` (or NULL): the next panel. */
+/* out[r, c] = bias[c] + sum_k x[r, k] * panel[k, c] for r < ROWS, c < cols; `ahead` (or NULL): the next panel.
+ * With silu_mul the panel's two vectors are a gate and an up projection of the same LANES output columns, and
+ * out[r, c] = silu(gate) * up for c < cols (cols <= LANES): the MLP's SiLU-and-mul on the tile in registers. */
 #define MICRO_KERNEL(ROWS)                                                                                         \
     static void rows_##ROWS(const float *restrict x, int64_t k, const float *restrict panel,                     \
                             const float *restrict bias, float *restrict out, int64_t ldo, int64_t cols,          \
-                            const float *restrict ahead) {                                                      \
+                            const float *restrict ahead, int silu_mul) {                                        \
         vf acc[ROWS][2];                                                                                             \
         for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (vf){0};                                           \
         for (int64_t p = 0; p < k; p++) {                                                                          \
@@ -56,8 +58,13 @@ int panel_columns(void) { return COLS; }
         for (int r = 0; r < ROWS; r++) {                                                                           \
             float row[COLS];                                                                                       \
             const vf lo = acc[r][0] + b0, hi = acc[r][1] + b1;                                                    \
-            memcpy(row, &lo, sizeof lo);                                                                           \
-            memcpy(row + LANES, &hi, sizeof hi);                                                                   \
+            if (silu_mul) { /* torch's silu: x / (1 + e^-x) */                                                   \
+                const vf y = lo / (splat(1.0f) + exp_lanes(-lo)) * hi;                                            \
+                memcpy(row, &y, sizeof y);                                                                         \
+            } else {                                                                                               \
+                memcpy(row, &lo, sizeof lo);                                                                       \
+                memcpy(row + LANES, &hi, sizeof hi);                                                               \
+            }                                                                                                      \
             memcpy(out + r * ldo, row, cols * sizeof(float));                                                      \
         }                                                                                                          \
     }
@@ -66,14 +73,17 @@ MICRO_KERNEL(1) MICRO_KERNEL(2) MICRO_KERNEL(3) MICRO_KERNEL(4) MICRO_KERNEL(5) 
 MICRO_KERNEL(8) MICRO_KERNEL(9) MICRO_KERNEL(10) MICRO_KERNEL(11) MICRO_KERNEL(12) MICRO_KERNEL(13) MICRO_KERNEL(14)
 
 typedef void (*micro_kernel)(const float *, int64_t, const float *, const float *, float *, int64_t, int64_t,
-                             const float *);
+                             const float *, int);
 static const micro_kernel BY_ROWS[15] = { /* by row count; up to MAX_ROWS are used */
     0, rows_1, rows_2, rows_3, rows_4, rows_5, rows_6, rows_7, rows_8, rows_9, rows_10, rows_11, rows_12, rows_13,
     rows_14};
 
-void panel_gemm(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
-                int64_t k, int num_threads) {
-    const int64_t num_panels = (n + COLS - 1) / COLS;
+/* out [m, out_cols]; panels of `panel_cols` (COLS, or LANES outputs of a gate / up pair with silu_mul) columns
+ * each, bias (or NULL) laid out like the panels' columns. */
+static void run(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t out_cols,
+                int64_t k, int num_threads, int silu_mul) {
+    const int64_t panel_cols = silu_mul ? LANES : COLS;
+    const int64_t num_panels = (out_cols + panel_cols - 1) / panel_cols;
 #pragma omp parallel num_threads(num_threads)
     for (int64_t band = 0; band < m; band += BAND_ROWS) {
         const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;
@@ -84,14 +94,27 @@ void panel_gemm(const float *x, const float *panels, const float *bias, float *o
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < num_panels; j++) {
             const float *panel = panels + j * k * COLS;
-            const int64_t cols = n - j * COLS < COLS ? n - j * COLS : COLS;
+            const int64_t cols = out_cols - j * panel_cols < panel_cols ? out_cols - j * panel_cols : panel_cols;
             float panel_bias[COLS] = {0};
-            if (bias) memcpy(panel_bias, bias + j * COLS, cols * sizeof(float));
+            if (bias) memcpy(panel_bias, bias + j * COLS, (silu_mul ? COLS : cols) * sizeof(float));
             for (int64_t row = band; row < band + band_rows; row += MAX_ROWS) {
                 const int64_t rows = band + band_rows - row < MAX_ROWS ? band + band_rows - row : MAX_ROWS;
-                BY_ROWS[rows](x + row * k, k, panel, panel_bias, out + row * n + j * COLS, n, cols,
-                              row == band && j + 1 < num_panels ? panel + k * COLS : NULL);
+                BY_ROWS[rows](x + row * k, k, panel, panel_bias, out + row * out_cols + j * panel_cols, out_cols, cols,
+                              row == band && j + 1 < num_panels ? panel + k * COLS : NULL, silu_mul);
             }
         }
     }
+}
+
+void panel_gemm(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
+                int64_t k, int num_threads) {
+    run(x, panels, bias, out, m, n, k, num_threads, 0);
+}
+
+/* out [m, n] = silu(x . Wg^T + bg) * (x . Wu^T + bu) for a gate and an up weight of n rows each, on panels whose
+ * columns are LANES gate rows then the same LANES up rows (zeros past n), bias (or NULL) laid out the same way. The
+ * MLP's gate_up projection and SiLU-and-mul in one pass: the [m, 2n] projection is never written out. */
+void panel_gemm_silu_mul(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
+                         int64_t k, int num_threads) {
+    run(x, panels, bias, out, m, n, k, num_threads, 1);
 }
