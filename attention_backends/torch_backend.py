@@ -142,13 +142,16 @@ class TorchReferenceBackend:
             write_kv(kv_cache, key, value, metadata.slot_mapping)
         out = torch.empty_like(query)
         starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
-        decodes = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1 and kv_cache is not None]
-        if decodes:
-            self._decode_batch(query, kv_cache, metadata, layer, decodes, out)
-        decode_set = set(decodes)
+        if kv_cache is not None and cpu_kernels.serves(layer, query, kv_cache):
+            done = self._kernel_rows(query, kv_cache, metadata, layer, out)
+        else:
+            done = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1 and kv_cache is not None]
+            if done:
+                self._decode_batch(query, kv_cache, metadata, layer, done, out)
+        done = set(done)
         for b in range(len(seq_lens)):
             start, end = starts[b], starts[b + 1]
-            if b in decode_set or end == start:
+            if b in done or end == start:
                 continue
             seq_len, num_new = seq_lens[b], end - start
             if kv_cache is None:  # no cache: the request's context is exactly its new tokens
@@ -166,12 +169,22 @@ class TorchReferenceBackend:
             out[start:end] = attend(query[None, start:end], k, v, positions, lens, layer)[0].to(out.dtype)
         return out
 
+    def _kernel_rows(self, query, kv_cache, metadata, layer, out) -> list[int]:
+        """The C kernel for every query token it serves (see _token_rows); returns the requests it attended."""
+        # The same for every layer of the step: built by the first layer, reused by the others.
+        row_bytes = 2 * kv_cache[0, 0, 0].numel() * kv_cache.element_size()
+        requests, token_idx, tables, lens = metadata.memo(("kernel rows", row_bytes),
+                                                          lambda: _token_rows(metadata, row_bytes))
+        if not requests:
+            return requests
+        if token_idx is None:  # every token, in order
+            out.copy_(cpu_kernels.paged_decode_cpu(query, kv_cache, tables, lens, layer.scaling))
+        else:
+            out[token_idx] = cpu_kernels.paged_decode_cpu(query[token_idx], kv_cache, tables, lens, layer.scaling)
+        return requests
+
     def _decode_batch(self, query, kv_cache, metadata, layer, decodes, out) -> None:
         # The same for every layer of the step: built by the first layer, reused by the others.
-        if cpu_kernels.serves(layer, query, kv_cache):
-            token_idx, tables, lens = metadata.memo("decode rows", lambda: _decode_rows(metadata, decodes))
-            out[token_idx] = cpu_kernels.paged_decode_cpu(query[token_idx], kv_cache, tables, lens, layer.scaling)
-            return
         token_idx, lens, slots = metadata.memo(("decode", kv_cache.shape[2]), lambda: _decode_plan(metadata, decodes,
                                                                                                     kv_cache.shape[2]))
         if self.compiled_decode is not None and self.compiled_decode.serves(layer):
@@ -182,6 +195,36 @@ class TorchReferenceBackend:
         k, v = gather_slots(kv_cache, slots, lens.shape[0])
         result = attend(query[token_idx][:, None], k, v, (lens - 1)[:, None], lens, layer)
         out[token_idx] = result[:, 0].to(out.dtype)
+
+
+# Prompt (and chunk) tokens whose whole context holds at most this many bytes of K and V per layer go through the C
+# decode kernel too, each token as a one-token request over its own causal prefix (context length = position + 1).
+# The request's rows stay in the core's L2 while its tokens pass over them; longer contexts take SDPA, which reads
+# them once per block of queries. SmolLM2-135M (1.5 KiB a token): up to 341 tokens. Measured on the 2-core EPYC,
+# 16 prompts x 128 tokens, one layer: 4.7-4.9 ms against 5.6-5.7 ms for per-request SDPA (before its Python loop).
+KERNEL_CONTEXT_BYTES = 512 << 10
+
+
+def _token_rows(metadata: AttentionMetadata, row_bytes: int):
+    """The kernel's share of a step: decode tokens, and every token of requests with short contexts. Returns
+    (requests, token_idx [N] or None when it is every token in order, block_tables [N, W] int32, seq_lens [N]
+    int32 with each token's own context length)."""
+    starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+    # Prompt tokens read their own K/V back from the cache: only where every token of the step was stored there
+    stored = bool((metadata.slot_mapping >= 0).all())
+    requests = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1
+                or (stored and starts[b + 1] > starts[b] and seq_lens[b] * row_bytes <= KERNEL_CONTEXT_BYTES)]
+    owners, tokens, lens = [], [], []
+    for b in requests:
+        start, end = starts[b], starts[b + 1]
+        owners += [b] * (end - start)
+        tokens += range(start, end)
+        lens += range(seq_lens[b] - (end - start) + 1, seq_lens[b] + 1)  # the token at end - 1 sees all seq_lens[b]
+    device = metadata.seq_lens.device
+    tables = metadata.block_tables[torch.tensor(owners, dtype=torch.long, device=device)]
+    every = len(tokens) == metadata.num_tokens  # then tokens is 0 .. T-1, in order
+    token_idx = None if every else torch.tensor(tokens, dtype=torch.long, device=device)
+    return requests, token_idx, tables, torch.tensor(lens, dtype=torch.int32, device=device)
 
 
 def _decode_rows(metadata: AttentionMetadata, decodes: list[int]):

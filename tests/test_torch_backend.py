@@ -12,6 +12,7 @@ from transformers.masking_utils import (
 from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
 
 from hfbridge.attention_backends.metadata import AttentionMetadata, LayerOptions
+from hfbridge.attention_backends import torch_backend
 from hfbridge.attention_backends.torch_backend import TorchReferenceBackend
 
 D = 16
@@ -76,7 +77,12 @@ CASES = {
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("block_size", [1, 4])
-def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_size):
+# The C kernel (D = 16 qualifies) takes prompt tokens of contexts up to KERNEL_CONTEXT_BYTES of K and V: all of
+# them (default), none (0: decode tokens only), or those of the two shorter requests (7 tokens' worth at MHA)
+@pytest.mark.parametrize("kernel_tokens", [None, 0, 7], ids=["kernel_default", "kernel_decode_only", "kernel_mixed"])
+def test_paged_prefill_chunks_and_decode_equal_transformers(heads, case, block_size, kernel_tokens, monkeypatch):
+    if kernel_tokens is not None:
+        monkeypatch.setattr(torch_backend, "KERNEL_CONTEXT_BYTES", kernel_tokens * 2 * heads[1] * D * 4)
     torch.manual_seed(0)
     num_heads, num_kv_heads = heads
     lengths = [1, 5, 9, 13]
