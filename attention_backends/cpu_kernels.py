@@ -1,4 +1,5 @@
 """Decode attention on CPU through the hand-written kernels of hfbridge/csrc/paged_decode_cpu.c, built on first use.
+(The torch backend also sends it the prompt tokens of short contexts, one row per token: torch_backend.py.)
 
 A decode step reads every cached K and V row of every request once per layer (64 requests x 200 tokens of
 SmolLM2-135M: 20 MB per layer), so its time is memory traffic. Eager torch copies the rows out first (gather +

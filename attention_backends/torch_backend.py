@@ -1,7 +1,9 @@
 """Reference attention over the paged KV cache in plain torch: runs anywhere, the oracle for faster backends.
 
 Decode requests (one query token) are attended in one padded batch; every other request (prefill, chunked
-prefill, prefill after a prefix-cache hit) is attended on its own. Math runs in float32.
+prefill, prefill after a prefix-cache hit) is attended on its own. Where the C kernels serve a layer (cpu_kernels.py),
+the tokens of requests with short contexts join the decode batch, each as a one-token request over its own causal
+prefix (KERNEL_CONTEXT_BYTES). Math runs in float32.
 """
 from __future__ import annotations
 
