@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hfbridge.sample.argmax_cpu import row_argmax
 from hfbridge.sample.bad_words import apply_bad_words
 from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.sample.logprobs import SampledLogprobs, gather_logprobs
@@ -83,7 +84,7 @@ class Sampler:
         if any(_changes_logits(r) for r in rows):  # else (plain greedy / temperature rows): no copy, no loop
             logits = self._process(logits.clone(), rows)
 
-        tokens = logits.argmax(dim=-1)
+        tokens = row_argmax(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
         if random_rows:
             idx = torch.tensor(random_rows, device=logits.device)
