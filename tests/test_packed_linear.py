@@ -68,13 +68,19 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
                 assert torch.equal(middle[i - 3], alone)
 
 
-def test_without_a_compiler_the_projection_is_f_linear(monkeypatch):
+@pytest.mark.parametrize("cls", [PackedLinear, GateUpLinear])
+def test_without_a_compiler_the_projection_is_plain_torch(monkeypatch, cls):
+    """F.linear, and for the gate_up projection F.linear then SiLU-and-mul."""
     monkeypatch.setattr(packed_linear, "_panel_gemm", lambda: None)
-    layer = PackedLinear(64, 48, bias=True)
+    layer = cls(64, 48, bias=True)
     WeightPacks(layer).refresh()
     assert layer.packed is None
     x = torch.randn(5, 64)
-    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    if cls is GateUpLinear:
+        gate, up = expected.chunk(2, dim=-1)
+        expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(layer(x), expected)
 
 
 def test_a_weight_changed_in_place_is_packed_again():
@@ -131,13 +137,3 @@ def test_gate_up_with_silu_mul_at_every_vector_width(vector_bytes):
         x = torch.randn(tokens, 40)
         got = packed_linear.run_panel_gemm(lib, x, packed, packed_bias, 2 * lanes + 3, silu_mul=True)
         torch.testing.assert_close(got, _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
-
-
-def test_without_a_compiler_gate_up_is_f_linear_then_silu_mul(monkeypatch):
-    monkeypatch.setattr(packed_linear, "_panel_gemm", lambda: None)
-    layer = GateUpLinear(64, 48, bias=True)
-    WeightPacks(layer).refresh()
-    assert layer.packed is None
-    x = torch.randn(5, 64)
-    gate, up = torch.nn.functional.linear(x, layer.weight, layer.bias).chunk(2, dim=-1)
-    torch.testing.assert_close(layer(x), torch.nn.functional.silu(gate) * up)
