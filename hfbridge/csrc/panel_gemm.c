@@ -15,6 +15,9 @@
  * Each output element is one sequential sum over k, whatever M is or which block its row falls in: a row gets
  * the same bits alone or in any batch (batch invariance).
  *
+ * panel_gemm_silu_mul is the same loop for the MLP's gate_up projection on panels that pair LANES gate rows with the
+ * same LANES up rows: the tile's two vectors per row are a gate and its up, and the epilogue writes silu(gate) * up.
+ *
  * Measured on the 2-core AVX-512 EPYC against oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise), SmolLM2-135M's
  * four projections, 30 copies each so the weights come from memory, ms per decoder step:
  *   1 row 19.0 vs 28.8 (oneDNN's time there is the earlier small-GEMM kernel's), 4 rows 21.7 vs 27.5,
