@@ -155,15 +155,16 @@ class GateUpLinear(PackedLinear):
 
 
 class WeightPacks:
-    """The packed copies of a model's PackedLinear weights, laid out again whenever a weight's version moved (a
-    load, or an in-place edit through apply_model). `refresh` costs one version read per projection."""
+    """The packed copies of a model's PackedLinear weights (and GateUpLinear's reordered bias), laid out again
+    whenever a weight's or bias's version moved (a load, or an in-place edit through apply_model). `refresh` costs
+    one version read per parameter."""
 
     def __init__(self, model: nn.Module):
         self.linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        self.versions: list[int] | None = None
+        self.versions: list[tuple[int, int | None]] | None = None
 
     def refresh(self) -> None:
-        versions = [m.weight._version for m in self.linears]
+        versions = [(m.weight._version, None if m.bias is None else m.bias._version) for m in self.linears]
         if versions != self.versions:
             for m in self.linears:
                 m.pack()

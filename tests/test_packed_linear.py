@@ -95,6 +95,21 @@ def test_a_weight_changed_in_place_is_packed_again():
     torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-4)
 
 
+def test_a_gate_up_bias_changed_in_place_is_packed_again():
+    """The fused gate_up keeps its bias in the panels' column order: an in-place edit of the bias alone (apply_model)
+    must reach that copy too."""
+    torch.manual_seed(5)
+    layer = GateUpLinear(32, 2 * 40, bias=True)
+    packs = WeightPacks(layer)
+    packs.refresh()
+    with torch.no_grad():
+        layer.bias.add_(3.0)
+    packs.refresh()
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
 def test_compiled_call_matches_eager():
     """Inside torch.compile the packed call stays one opaque op, for any token count with one graph."""
     layer = PackedLinear(64, 80, bias=True)
