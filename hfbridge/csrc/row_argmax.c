@@ -38,8 +38,8 @@ static int64_t argmax_row(const float *restrict row, int64_t n) {
             top_at = best_at[i];
         }
     for (; j < n; j++) { /* the tail: later than every vector element, so only a larger value wins */
-        if (isnan(row[j])) nan_seen[0] = -1;
-        else if (row[j] > top) {
+        if (isnan(row[j])) return first_nan(row, n);
+        if (row[j] > top) {
             top = row[j];
             top_at = j;
         }
