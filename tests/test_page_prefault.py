@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
+from hfbridge import EngineArgs, LLMEngine
 from hfbridge.worker import page_prefault
-from hfbridge.worker.kv_cache_sizing import allocate_kv_caches
-from hfbridge.worker.layer_probe import LayerSpec
 
 MiB = 1 << 20
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mincore(2) on anonymous memory: Linux")
@@ -31,20 +30,41 @@ def resident_fraction(t: torch.Tensor) -> float:
 
 def test_prefault_makes_fresh_memory_resident():
     t = torch.empty(256 * MiB // 4)  # far above malloc's mmap threshold: a fresh mapping, no page touched yet
-    page_prefault.prefault([t], num_threads=2)
+    assert page_prefault.BackgroundPrefault([t]).wait(timeout=60)
     assert resident_fraction(t) == 1.0
 
 
-def test_kv_caches_on_cpu_are_resident_once_allocated():
-    layers = {i: LayerSpec(num_kv_heads=4, head_dim=64, dtype=torch.float32, is_causal=True) for i in range(4)}
-    caches = allocate_kv_caches(layers, num_blocks=2048, block_size=16, device=torch.device("cpu"))
-    assert [c.numel() * c.element_size() for c in caches.values()] == [64 * MiB] * 4
-    assert [resident_fraction(c) for c in caches.values()] == [1.0] * 4
+def test_rows_written_while_the_pages_fault_in_stay_as_written():
+    # The engine may write K/V rows while the thread still runs: MADV_POPULATE_WRITE must leave written pages alone.
+    # Rows are written in every 64 MiB chunk from the front, the thread working from the front too.
+    t = torch.empty(512 * MiB // 4)
+    prefault = page_prefault.BackgroundPrefault([t])
+    rows = torch.arange(0, t.numel(), 4096 + 7)
+    values = torch.rand(rows.numel())
+    t[rows] = values
+    assert prefault.wait(timeout=60)
+    assert torch.equal(t[rows], values)
+    assert resident_fraction(t) == 1.0
 
 
-def test_without_madvise_the_tensor_is_zero_filled(monkeypatch):
-    # An older kernel (or another OS) refuses MADV_POPULATE_WRITE: the memory is written instead, which faults it in.
+def test_cpu_executor_makes_its_kv_cache_resident(tiny_llama):
+    _, folder = tiny_llama
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(folder), kv_cache_memory_bytes=64 * MiB,
+                                                   enforce_eager=True))
+    try:
+        executor = engine.executor
+        assert executor.kv_prefault.wait(timeout=60)
+        caches = list(executor.runner.kv_caches.values())
+        assert sum(c.numel() * c.element_size() for c in caches) >= 16 * MiB  # fresh mappings, not malloc's heap
+        assert [resident_fraction(c) for c in caches] == [1.0] * len(caches)
+    finally:
+        engine.shutdown()
+
+
+def test_without_madvise_the_tensor_is_zero_filled_before_use(monkeypatch):
+    # An older kernel (or another OS) refuses MADV_POPULATE_WRITE: the memory is written instead, which faults it in,
+    # and that happens before the constructor returns, when nothing can have been written yet.
     monkeypatch.setattr(page_prefault, "_populate", lambda start, length: False)
     t = torch.full((64 * MiB // 4,), 7.0)
-    page_prefault.prefault([t], num_threads=2)
+    page_prefault.BackgroundPrefault([t])
     assert torch.equal(t, torch.zeros_like(t))

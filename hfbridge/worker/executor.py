@@ -24,6 +24,7 @@ from hfbridge.sample.sampler import Sampler
 from hfbridge.worker.kv_cache_sizing import allocate_kv_caches, determine_num_blocks
 from hfbridge.worker.layer_probe import LayerSpec, probe_attention_layers
 from hfbridge.worker.model_runner import ModelRunner, PoolingModelRunner
+from hfbridge.worker.page_prefault import BackgroundPrefault
 from hfbridge.worker.profile_run import run_profile_step
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,8 @@ class Executor(Protocol):
 class InProcessExecutor:
     """Runs the model in this process, on one device: load, probe its attention layers, size and allocate the
     KV cache, then build the runner for the config's runner kind."""
+
+    kv_prefault: BackgroundPrefault | None = None  # a CPU KV cache's pages being faulted in
 
     def __init__(self, config: EngineConfig):
         if config.parallel_config.distributed_executor_backend == "external_launcher":
@@ -76,6 +79,8 @@ class InProcessExecutor:
             determine_num_blocks(layers, config.cache_config, config.scheduler_config, device, profile)
         )
         kv_caches = allocate_kv_caches(layers, self.num_blocks, block_size, device)
+        if device.type == "cpu":  # resident before the steps write it, without holding up start-up
+            self.kv_prefault = BackgroundPrefault(list(kv_caches.values()))
         logger.info(
             "Stage %d, TP rank %d/%d KV cache: %d blocks x %d tokens over %d layers (%d tokens)",
             get_pp_group().stage, get_tp_group().rank, get_tp_group().size, self.num_blocks, block_size,
@@ -120,6 +125,8 @@ class InProcessExecutor:
     def shutdown(self) -> None:
         for compiling in self.background_compiles():
             compiling.stop()
+        if self.kv_prefault is not None:
+            self.kv_prefault.stop()
         self.runner.kv_caches.clear()
 
 

@@ -11,7 +11,6 @@ import torch
 
 from hfbridge.config import CacheConfig, SchedulerConfig
 from hfbridge.worker.layer_probe import LayerSpec
-from hfbridge.worker.page_prefault import prefault
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +128,10 @@ def allocate_kv_caches(
     layers: dict[int, LayerSpec], num_blocks: int, block_size: int, device: torch.device
 ) -> dict[int, torch.Tensor]:
     """Per layer [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V). Left uninitialised: backends
-    read only slots they wrote. On CPU the memory is made resident here (page_prefault.py), not by the steps."""
+    read only slots they wrote. (On CPU the executor makes the memory resident: page_prefault.py.)"""
     caches = {
         idx: torch.empty((2, num_blocks, block_size, s.num_kv_heads, s.head_dim), dtype=s.dtype, device=device)
         for idx, s in layers.items()
         if s.is_causal
     }
-    if device.type == "cpu":
-        prefault(list(caches.values()), torch.get_num_threads())
     return caches
