@@ -49,9 +49,9 @@ def _populate(start: int, length: int) -> bool:
     return madvise is not None and madvise(start, length, MADV_POPULATE_WRITE) == 0
 
 
-def _chunks(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
-    """(tensor, page-aligned start, length): the pages the bytes of contiguous CPU `tensors` touch, in pieces of
-    at most _CHUNK_BYTES."""
+def _chunks(tensors: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """(page-aligned start, length): the pages the bytes of contiguous CPU `tensors` touch, in pieces of at most
+    _CHUNK_BYTES."""
     page = mmap.PAGESIZE
     chunks = []
     for t in tensors:
@@ -60,7 +60,7 @@ def _chunks(tensors: list[torch.Tensor]) -> list[tuple[torch.Tensor, int, int]]:
         assert t.is_contiguous(), "prefault needs contiguous tensors"
         first = t.data_ptr() // page * page
         end = -(-(t.data_ptr() + t.numel() * t.element_size()) // page) * page
-        chunks += [(t, start, min(_CHUNK_BYTES, end - start)) for start in range(first, end, _CHUNK_BYTES)]
+        chunks += [(start, min(_CHUNK_BYTES, end - start)) for start in range(first, end, _CHUNK_BYTES)]
     return chunks
 
 
@@ -68,15 +68,21 @@ class BackgroundPrefault:
     """Makes the memory of freshly allocated, contiguous CPU `tensors` resident on a thread of its own, started at
     once: the caller goes on (a server gets ready) while the pages fault in. madvise never writes the contents, so
     the tensors may be in use meanwhile. Where madvise cannot serve (found on the first chunk, before any use) the
-    tensors are zero-filled instead, here and now. The thread holds the tensors until it ends; `stop` ends it after
-    the chunk in hand (64 MiB: tens of ms)."""
+    tensors are zero-filled instead, here and now.
+
+    The thread holds addresses, not the tensors: the tensors' memory is freed by whoever owns them (it must not be
+    freed on this thread, which may run while the interpreter exits; torch lets go of the GIL there, and a thread
+    that takes it back then aborts the process). Once memory is unmapped madvise fails and the thread ends; a range
+    mapped anew in between only gets its pages faulted in, its contents unchanged. `stop`, or the end of the main
+    thread (the process exiting), ends it after the chunk in hand (64 MiB: tens of ms)."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         self._chunks = _chunks(tensors)
         self._stopping = threading.Event()
-        # a daemon: an exiting process need not wait for pages it will never use
-        self._thread = threading.Thread(target=self._run, name="hfbridge-kv-prefault", daemon=True)
-        if self._chunks and not _populate(*self._chunks[0][1:]):  # an older kernel or another OS
+        # Not a daemon: one that comes back from madvise while the interpreter finalizes aborts the process. An
+        # exiting process waits for the chunk in hand instead.
+        self._thread = threading.Thread(target=self._run, name="hfbridge-kv-prefault")
+        if self._chunks and not _populate(*self._chunks[0]):  # an older kernel or another OS
             logger.debug("madvise(MADV_POPULATE_WRITE) is unavailable; zero-filling %d tensors", len(tensors))
             for t in tensors:
                 t.zero_()  # writing the memory faults it in too
@@ -84,9 +90,8 @@ class BackgroundPrefault:
         self._thread.start()
 
     def _run(self) -> None:
-        chunks, self._chunks = self._chunks[1:], []
-        for _, start, length in chunks:
-            if self._stopping.is_set() or not _populate(start, length):
+        for start, length in self._chunks[1:]:
+            if self._stopping.is_set() or not threading.main_thread().is_alive() or not _populate(start, length):
                 return
 
     def stop(self) -> None:
