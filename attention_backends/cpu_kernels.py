@@ -27,7 +27,7 @@ import torch
 
 from hfbridge.attention_backends.metadata import LayerOptions
 from hfbridge.compilation import graph_op
-from hfbridge.native_build import load_library
+from hfbridge.native_build import declare, load_library
 
 _I64, _F32, _PTR, _INT = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_int
 _ATTENTION_ARGS = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _F32, _INT]
@@ -99,8 +99,5 @@ def write_kv_cpu(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
 def _library(head_dim: int, vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The kernels for `head_dim`, built for this machine's vector width or for `vector_bytes` (16, 32, 64: the
     tests run all)."""
-    lib = load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",), vector_bytes)
-    if lib is not None:
-        lib.paged_attention.argtypes, lib.paged_attention.restype = _ATTENTION_ARGS, None
-        lib.write_kv.argtypes, lib.write_kv.restype = _WRITE_ARGS, _I64
-    return lib
+    return declare(load_library("paged_decode_cpu.c", (f"-DHEAD_DIM={head_dim}",), vector_bytes),
+                   {"paged_attention": (_ATTENTION_ARGS, None), "write_kv": (_WRITE_ARGS, _I64)})

@@ -43,6 +43,15 @@ def load_library(name: str, defines: tuple[str, ...] = (), vector_bytes: int | N
         return None
 
 
+def declare(lib: ctypes.CDLL | None, signatures: dict[str, tuple[list, type | None]]) -> ctypes.CDLL | None:
+    """`lib` with its functions' ctypes signatures set, {name: (argtypes, restype)}; None stays None (no build)."""
+    if lib is not None:
+        for name, (argtypes, restype) in signatures.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, restype
+    return lib
+
+
 def _build(source: Path, defines: tuple[str, ...]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hfbridge.compilation import graph_op
-from hfbridge.native_build import load_library
+from hfbridge.native_build import declare, load_library
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     """weight [out, in] -> its panels for this machine's panel_gemm (`lay_out`), or None where the kernel does not
@@ -108,13 +108,10 @@ def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias
 @functools.cache
 def _panel_gemm(vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The kernel built for this machine's vector width, or for `vector_bytes` (16, 32, 64: the tests run all)."""
-    lib = load_library("panel_gemm.c", vector_bytes=vector_bytes)
-    if lib is not None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        for gemm in (lib.panel_gemm, lib.panel_gemm_silu_mul):
-            gemm.argtypes, gemm.restype = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None
-        lib.panel_columns.argtypes, lib.panel_columns.restype = [], ctypes.c_int
-    return lib
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    gemm = ([ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None)
+    return declare(load_library("panel_gemm.c", vector_bytes=vector_bytes),
+                   {"panel_gemm": gemm, "panel_gemm_silu_mul": gemm, "panel_columns": ([], ctypes.c_int)})
 
 
 class PackedLinear(nn.Linear):

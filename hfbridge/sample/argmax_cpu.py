@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from hfbridge.native_build import load_library
+from hfbridge.native_build import declare, load_library
 
 
 def row_argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -30,8 +30,6 @@ def run_row_argmax(lib: ctypes.CDLL, logits: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _library(vector_bytes: int | None = None) -> ctypes.CDLL | None:
     """The kernel built for this machine's vector width, or for `vector_bytes` (16, 32, 64: the tests run all)."""
-    lib = load_library("row_argmax.c", vector_bytes=vector_bytes)
-    if lib is not None:
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        lib.row_argmax.argtypes, lib.row_argmax.restype = [ptr, i64, i64, ptr, ctypes.c_int], None
-    return lib
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    return declare(load_library("row_argmax.c", vector_bytes=vector_bytes),
+                   {"row_argmax": ([ptr, i64, i64, ptr, ctypes.c_int], None)})
