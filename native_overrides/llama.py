@@ -188,6 +188,19 @@ class NativeCausalLM(nn.Module):
         positions: torch.Tensor,  # [1, T]
         logits_indices: torch.Tensor | None = None,  # [N]
     ) -> torch.Tensor:  # [N, V] float32
+        return self._current_head()(self._sampled_hidden(input_ids, positions, logits_indices)).float()
+
+    def greedy_tokens(
+        self,
+        input_ids: torch.Tensor,  # [1, T]
+        positions: torch.Tensor,  # [1, T]
+        logits_indices: torch.Tensor,  # [N]
+    ) -> torch.Tensor:  # [N] int64
+        """The greedy token of each row forward would return: its first largest logit, as row_argmax takes it, where
+        the LM head computes only the logits that could be it (HeadProjection.greedy)."""
+        return self._current_head().greedy(self._sampled_hidden(input_ids, positions, logits_indices))
+
+    def _sampled_hidden(self, input_ids, positions, logits_indices) -> torch.Tensor:  # [N, hidden]
         self.packs.refresh()
         hidden = self.decode_graph.run(input_ids[0], positions[0]) if self.decode_graph is not None else None
         if hidden is None:  # not a decode step the compiled graph serves: layer by layer
@@ -195,9 +208,12 @@ class NativeCausalLM(nn.Module):
             hidden = self.model(input_ids[0], positions[0], self.rotary, regions)  # [T, hidden]
         if logits_indices is None:
             logits_indices = input_ids.new_zeros(0)
+        return hidden[logits_indices]
+
+    def _current_head(self) -> HeadProjection:
         if self._head is None or not self._head.is_current(self.head_weight):
             self._head = HeadProjection(self.head_weight)
-        return self._head(hidden[logits_indices]).float()
+        return self._head
 
     def compile_regions(self, background: bool = True) -> list[CompiledRegions | DecodeGraph]:
         """torch.compile the decoder layers' attention-free regions (compiled_regions.py) and the whole decode step

@@ -70,6 +70,12 @@ def _changes_logits(row: SamplingRow) -> bool:
     )
 
 
+def argmax_only(row: SamplingRow) -> bool:
+    """Whether the row's token is the argmax of its raw logits and nothing else is asked of them (greedy, no
+    logprobs, nothing that changes logits): a model may then give the token without the logits."""
+    return row.params.is_greedy and row.params.logprobs is None and not _changes_logits(row)
+
+
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for rows without a seed; seeded from the engine's `seed`

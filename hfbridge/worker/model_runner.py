@@ -10,7 +10,7 @@ from hfbridge.attention_backends.base import AttentionBackend
 from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from hfbridge.pooling.pooler import Pooler
 from hfbridge.sample.logprobs import gather_logprobs
-from hfbridge.sample.sampler import Sampler, SamplingRow
+from hfbridge.sample.sampler import Sampler, SamplingRow, argmax_only
 from hfbridge.worker.step_inputs import StepInputs, prepare_inputs
 
 
@@ -38,16 +38,35 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        logits, step = self.compute_logits(scheduler_output)
-        return sample_step(self.sampler, logits, step)
+        step = self.prepare_inputs(scheduler_output.scheduled)
+        greedy_tokens = getattr(self.model, "greedy_tokens", None)  # the native decoders' argmax-only head
+        if greedy_tokens is not None and argmax_only_step(step):
+            with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+                tokens = greedy_tokens(step.input_ids, step.positions, step.logits_indices).tolist()
+            return ModelRunnerOutput(sampled_token_ids={
+                s.request.request_id: token for s, token in zip(step.sample_requests, tokens)})
+        return sample_step(self.sampler, self._logits(step), step)
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
         """The forward alone (tensor-parallel workers run it; the driver samples): logits [N, V] float32."""
         step = self.prepare_inputs(scheduler_output.scheduled)
+        return self._logits(step), step
+
+    def _logits(self, step: StepInputs) -> torch.Tensor:  # [N, V]
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
-            logits = self.model(step.input_ids, step.positions, step.logits_indices)  # [N, V]
-        return logits, step
+            return self.model(step.input_ids, step.positions, step.logits_indices)
+
+
+def sampling_rows(step: StepInputs) -> list[SamplingRow]:
+    return [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
+                        s.request.generator) for s in step.sample_requests]
+
+
+def argmax_only_step(step: StepInputs) -> bool:
+    """Whether every logits row of the step is a sampled row that only needs its argmax (sampler.argmax_only)."""
+    return bool(step.sample_requests) and not step.prompt_logprob_rows and all(
+        argmax_only(row) for row in sampling_rows(step))
 
 
 @torch.inference_mode()
@@ -61,12 +80,7 @@ def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepInputs) -> Mod
             rows = logprobs[first : first + len(targets)]
             output.prompt_logprobs[request_id] = (start, gather_logprobs(rows, targets, [num_top] * len(targets)))
     if step.sample_requests:
-        rows = [
-            SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
-                        s.request.generator)
-            for s in step.sample_requests
-        ]
-        tokens, logprobs = sampler(logits[num_prompt_rows:], rows)
+        tokens, logprobs = sampler(logits[num_prompt_rows:], sampling_rows(step))
         for s, token, lp in zip(step.sample_requests, tokens, logprobs):
             output.sampled_token_ids[s.request.request_id] = token
             if lp is not None:

@@ -1,0 +1,69 @@
+"""Greedy tokens from the LM head without most of its float32 work (hfbridge/csrc/greedy_head.c): a bfloat16
+screen of every logit, a proven bound on its distance from the float32 logit, and the float32 logits recomputed
+(by panel_gemm's own tile, so with its bits) for the few columns the bound cannot rule out. The token is the one
+row_argmax would take from the full float32 logits, ties and all; rows the bound cannot serve (a non-finite
+value) come back as -1 and the caller computes them in full.
+
+Where it pays: the decode step's LM head, run for every greedy row (64 x 49152 x 576 for SmolLM2 at 64 requests:
+3.6 GFLOP, about 15% of a decode step in float32). Needs AVX512-BF16 (Zen 4, Sapphire Rapids and later); anything
+else keeps the full head. Memory: one bfloat16 copy of the head (half its float32 size)."""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from hfbridge.native_build import declare, load_library
+
+
+class GreedyHead:
+    """The screen's copy of a head weight [V, K] (with its float32 panels from pack_weight) and a scratch of
+    screen rows, reused across steps."""
+
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, packed: torch.Tensor):
+        vocab, in_features = weight.shape
+        columns = packed.shape[-1]
+        padded = weight.detach().new_zeros(packed.shape[0] * columns, in_features)
+        padded[:vocab] = weight.detach()
+        # [P, K/2, C, 2]: panel j, k pair p, column c -> (W[Cj + c, 2p], W[Cj + c, 2p + 1]); to(bfloat16) rounds to
+        # nearest even, as the kernel rounds x
+        halves = padded.to(torch.bfloat16).view(packed.shape[0], columns, in_features // 2, 2)
+        self.bf16_panels = halves.transpose(1, 2).contiguous()
+        # ||W[v]||, rounded up so that the bound stays a bound
+        self.norms = (weight.detach().double().norm(dim=1) * (1 + 2**-20)).float().contiguous()
+        self.lib, self.packed, self.vocab = lib, packed, vocab
+        self.screen = torch.empty(0)
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, packed: torch.Tensor | None) -> GreedyHead | None:
+        """None where the screen does not apply: no packed head, no AVX512-BF16 build, an odd hidden size, or a
+        weight with a value that is not finite in float32 or in bfloat16."""
+        lib = _library()
+        if packed is None or lib is None or weight.shape[1] % 2:
+            return None
+        if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(weight.to(torch.bfloat16)).all())):
+            return None
+        return cls(lib, weight, packed)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, K] float32 -> tokens [N] int64, -1 for the rows the caller must compute in full."""
+        hidden = hidden.contiguous()
+        rows, width = hidden.shape[0], self.packed.shape[0] * self.packed.shape[-1]
+        if self.screen.numel() < rows * width:
+            self.screen = torch.empty(rows * width)
+        tokens = torch.empty(rows, dtype=torch.int64)
+        self.lib.greedy_head(hidden.data_ptr(), rows, hidden.shape[1], self.bf16_panels.data_ptr(),
+                             self.packed.data_ptr(), self.norms.data_ptr(), self.vocab, self.screen.data_ptr(),
+                             tokens.data_ptr(), torch.get_num_threads())
+        return tokens
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The kernels for this machine, or None where it has no AVX512-BF16 (or no C compiler)."""
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib = declare(load_library("greedy_head.c"), {
+        "greedy_head": ([ptr, i64, i64, ptr, ptr, ptr, i64, ptr, ptr, ctypes.c_int], None),
+        "greedy_head_available": ([], ctypes.c_int)})
+    return lib if lib is not None and lib.greedy_head_available() else None
