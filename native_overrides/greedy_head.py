@@ -15,24 +15,22 @@ import functools
 import torch
 
 from hfbridge.native_build import declare, load_library
+from hfbridge.native_overrides.packed_linear import lay_out
 
 
 class GreedyHead:
     """The screen's copy of a head weight [V, K] (with its float32 panels from pack_weight) and a scratch of
     screen rows, reused across steps."""
 
-    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, packed: torch.Tensor):
-        vocab, in_features = weight.shape
-        columns = packed.shape[-1]
-        padded = weight.detach().new_zeros(packed.shape[0] * columns, in_features)
-        padded[:vocab] = weight.detach()
-        # [P, K/2, C, 2]: panel j, k pair p, column c -> (W[Cj + c, 2p], W[Cj + c, 2p + 1]); to(bfloat16) rounds to
-        # nearest even, as the kernel rounds x
-        halves = padded.to(torch.bfloat16).view(packed.shape[0], columns, in_features // 2, 2)
-        self.bf16_panels = halves.transpose(1, 2).contiguous()
+    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bf16_weight: torch.Tensor, packed: torch.Tensor):
+        num_panels, in_features, columns = packed.shape
+        # [P, K/2, C, 2]: panel j, k pair p, column c -> (W[Cj + c, 2p], W[Cj + c, 2p + 1]): the float32 panels'
+        # layout (lay_out, zero columns past V) with each k pair's two weights side by side
+        panels = lay_out(bf16_weight, columns).view(num_panels, in_features // 2, 2, columns)
+        self.bf16_panels = panels.transpose(2, 3).contiguous()
         # ||W[v]||, rounded up so that the bound stays a bound
         self.norms = (weight.detach().double().norm(dim=1) * (1 + 2**-20)).float().contiguous()
-        self.lib, self.packed, self.vocab = lib, packed, vocab
+        self.lib, self.packed, self.vocab = lib, packed, weight.shape[0]
         self.screen = torch.empty(0)
 
     @classmethod
@@ -42,9 +40,10 @@ class GreedyHead:
         lib = _library()
         if packed is None or lib is None or weight.shape[1] % 2:
             return None
-        if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(weight.to(torch.bfloat16)).all())):
+        bf16_weight = weight.detach().to(torch.bfloat16)  # rounded to nearest even, as the kernel rounds x
+        if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bf16_weight).all())):
             return None
-        return cls(lib, weight, packed)
+        return cls(lib, weight, bf16_weight, packed)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, K] float32 -> tokens [N] int64, -1 for the rows the caller must compute in full."""

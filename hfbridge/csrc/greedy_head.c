@@ -62,7 +62,7 @@ static inline uint32_t to_bf16(float value) {
 }
 
 /* screen[r, 0 .. COLS-1] for ROWS rows of x (xb: bfloat16 pairs, [ROWS, pairs] 32-bit words) on one panel;
- * `ahead` (or NULL): the next panel, asked for into L2 as panel_gemm's tile does */
+ * meanwhile the `lines` 64-byte lines from `ahead` on (a share of the next panel) are asked for into L2 */
 #define SCREEN_KERNEL(ROWS)                                                                                       \
     static void screen_##ROWS(const uint32_t *restrict xb, int64_t pairs, const uint16_t *restrict panel,        \
                               float *restrict out, int64_t ldo, const char *restrict ahead, int64_t lines) {   \
