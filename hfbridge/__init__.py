@@ -26,6 +26,7 @@ _EXPORTS = {
     "PoolingParams": "hfbridge.pooling.pooling_params",
     "RequestOutputKind": "hfbridge.sample.sampling_params",
     "SamplingParams": "hfbridge.sample.sampling_params",
+    "StructuredOutputsParams": "hfbridge.sample.structured_outputs_params",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     )
     from hfbridge.pooling.pooling_params import PoolingParams
     from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
+    from hfbridge.sample.structured_outputs_params import StructuredOutputsParams
 
 
 def __getattr__(name: str) -> Any:

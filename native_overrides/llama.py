@@ -198,7 +198,19 @@ class NativeCausalLM(nn.Module):
     ) -> torch.Tensor:  # [N] int64
         """The greedy token of each row forward would return: its first largest logit, as row_argmax takes it, where
         the LM head computes only the logits that could be it (HeadProjection.greedy)."""
-        return self._current_head().greedy(self._sampled_hidden(input_ids, positions, logits_indices))
+        return self.sample_heads(input_ids, positions, logits_indices, 0)[1]
+
+    def sample_heads(
+        self,
+        input_ids: torch.Tensor,  # [1, T]
+        positions: torch.Tensor,  # [1, T]
+        logits_indices: torch.Tensor,  # [N]
+        num_logits: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # logits [num_logits, V] float32, greedy tokens [N - num_logits] int64
+        """One forward, two heads: the full logits of the first num_logits rows, and the greedy token of the others."""
+        hidden = self._sampled_hidden(input_ids, positions, logits_indices)
+        head = self._current_head()
+        return head(hidden[:num_logits]).float(), head.greedy(hidden[num_logits:])
 
     def _sampled_hidden(self, input_ids, positions, logits_indices) -> torch.Tensor:  # [N, hidden]
         self.packs.refresh()

@@ -19,10 +19,10 @@ LAYERS = {
     3: ("native_overrides", "parallel"),
     4: ("model",),
     5: ("core",),
-    6: ("worker",),
+    6: ("worker", "structured_output"),
     7: ("engine",),
     8: ("server",),
-    9: ("entrypoints",),
+    9: ("entrypoints", "sampling_params"),
 }
 RANK = {package: rank for rank, packages in LAYERS.items() for package in packages}
 

@@ -23,10 +23,24 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class GrammarBitmask:
+    """The allowed next tokens of a step's constrained rows (structured outputs): row i is request_ids[i]'s."""
+
+    request_ids: list[str]
+    bits: torch.Tensor  # [C, ceil(V / 32)] int32: bit j of word w allows token 32 * w + j
+
+    def rows(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.request_ids, self.bits))
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_scheduled_tokens: int
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Set by the engine after scheduling; read where the step samples (the driver, for multi-process executors,
+    # which send it to no worker).
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -42,3 +56,5 @@ class ModelRunnerOutput:
     # entries are already known.
     prompt_logprobs: dict[str, tuple[int, list[SampledLogprobs]]] = field(default_factory=dict)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
+    # request id -> why it got no token: every token was masked (its grammar and its other parameters disagree)
+    failed: dict[str, str] = field(default_factory=dict)

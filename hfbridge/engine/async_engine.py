@@ -64,6 +64,7 @@ class AsyncLLMEngine:
     def start(self) -> None:
         assert self._thread is None, "AsyncLLMEngine.start() called twice"
         self._loop = asyncio.get_running_loop()
+        self.engine.structured_outputs.wake = self._wake  # a compiled grammar lets its requests be scheduled
         self._thread = threading.Thread(target=self._run, name="hfbridge-engine", daemon=True)
         self._thread.start()
 
@@ -151,6 +152,10 @@ class AsyncLLMEngine:
             if not stream.finished:
                 self.abort(request_id)
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify()
+
     # -- the engine thread
     def _submit(self, command: Callable[[], None]) -> bool:
         """Queue a command for the engine thread; False once the thread stopped taking commands."""
@@ -171,8 +176,9 @@ class AsyncLLMEngine:
         try:
             while True:
                 with self._cond:
-                    while not (self._commands or self._stopping or self.engine.has_unfinished_requests()):
-                        # Idle: wake each second to check the workers (a dead rank turns /ready 503 at once).
+                    while not (self._commands or self._stopping or self.engine.has_ready_work()):
+                        # Idle (or only waiting for grammars to compile, which wake it): wake each second to check
+                        # the workers (a dead rank turns /ready 503 at once) and grammars' compile deadlines.
                         if not self._cond.wait(timeout=1.0):
                             self.engine.check_health()
                     if self._stopping:
@@ -180,7 +186,7 @@ class AsyncLLMEngine:
                     commands, self._commands = self._commands, []
                 for command in commands:
                     command()
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_ready_work():
                     self._step()
         except BaseException as e:  # noqa: BLE001 - the thread must report, never die silently
             logger.exception("The engine thread failed; the server cannot generate any more")
@@ -208,7 +214,7 @@ class AsyncLLMEngine:
             # to write): end their streams with the error; every other request goes on.
             logger.error("Engine step failed; ending its %d requests", len(e.request_ids), exc_info=e.__cause__)
             failed = [(stream, e) for request_id in e.request_ids if (stream := self._streams.pop(request_id, None))]
-            if failed:
+            if failed := failed + self._request_errors():
                 self._call_soon(_deliver, failed)
             return
         except Exception as e:  # noqa: BLE001
@@ -216,7 +222,7 @@ class AsyncLLMEngine:
             logger.exception("Engine step failed; ending the %d requests in flight", len(self._streams))
             self._close_all(e)
             return
-        deliveries = []
+        deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:  # aborted while the step ran
@@ -224,8 +230,13 @@ class AsyncLLMEngine:
             if output.finished:
                 del self._streams[output.request_id]
             deliveries.append((stream, output))
-        if deliveries:
+        if deliveries := deliveries + self._request_errors():
             self._call_soon(_deliver, deliveries)
+
+    def _request_errors(self) -> list[tuple[RequestStream, BaseException]]:
+        """The streams of requests that failed alone (their grammar, say), each with its error."""
+        errors = self.engine.take_request_errors().items()
+        return [(stream, error) for request_id, error in errors if (stream := self._streams.pop(request_id, None))]
 
     def _close_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}

@@ -1,6 +1,7 @@
 """LLMEngine: requests in, RequestOutputs out, one `step()` at a time (the server drives it too)."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable
@@ -24,6 +25,7 @@ from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.core.scheduler import Scheduler
 from hfbridge.engine.tokenizer import eos_token_ids, load_tokenizer
 from hfbridge.sample.bad_words import tokenize_bad_words
+from hfbridge.structured_output.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, config.scheduler_config.max_model_len)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = int(self.model_config.hf_text_config.vocab_size)
+        self.structured_outputs = StructuredOutputManager(
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.scheduler_config.max_num_seqs
+        )
+        self._request_errors: dict[str, Exception] = {}  # user id -> why it failed; see take_request_errors
         self.stats = EngineStats()
         self.is_shut_down = False  # shutdown() freed the KV cache: no more work
 
@@ -107,6 +113,8 @@ class LLMEngine:
                 "`--runner generate` to use the model as a generative model.", parameter="model",
             )
         params.verify_for_vocab(self.vocab_size, self.model_config.max_logprobs)
+        if params.structured_outputs is not None:
+            self.structured_outputs.validate(params.structured_outputs)  # cached when the server checked it first
         bad_words_token_ids = self._bad_words_token_ids(params)
         processed = process_prompt(
             prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
@@ -129,7 +137,9 @@ class LLMEngine:
                 child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id
             )
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
-            self.scheduler.add_request(request)
+            # A constrained request reaches the scheduler once its grammar is compiled (at once when cached).
+            if child_params.structured_outputs is None or self.structured_outputs.add(request):
+                self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += len(processed.prompt_token_ids)
 
     def _add_pooling_request(self, request_id, prompt, params: PoolingParams, arrival_time, add_special_tokens) -> None:
@@ -187,33 +197,72 @@ class LLMEngine:
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         engine_ids = [e for request_id in ids for e in self.output_processor.engine_ids(request_id)]
         self.scheduler.finish_requests(engine_ids, RequestStatus.FINISHED_ABORTED)
+        self.structured_outputs.remove(engine_ids)
         return self.output_processor.abort(engine_ids)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self.structured_outputs.num_waiting > 0
+
+    def has_ready_work(self) -> bool:
+        """Whether step() has something to do now: requests to schedule, or grammars that finished compiling.
+        False while the only requests wait for their grammars (a driving loop may sleep until woken)."""
+        return self.scheduler.has_unfinished_requests() or self.structured_outputs.has_settled()
 
     def get_num_unfinished_requests(self) -> int:
-        return self.scheduler.num_running + self.scheduler.num_waiting
+        return self.scheduler.num_running + self.scheduler.num_waiting + self.structured_outputs.num_waiting
+
+    def take_request_errors(self) -> dict[str, Exception]:
+        """Requests that failed on their own since the last call (user id -> error): their grammar did not compile,
+        or no token was left to sample. They are aborted already; the caller reports the errors."""
+        errors, self._request_errors = self._request_errors, {}
+        return errors
 
     def step(self) -> list[RequestOutput]:
         self._refuse_if_shut_down()
+        if not self._admit_compiled() and not self.scheduler.has_unfinished_requests():
+            self.structured_outputs.wait(timeout=0.1)  # nothing to run but compiles: sleep until one ends
+            self._admit_compiled()
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        bitmask = self.structured_outputs.bitmask(scheduler_output.scheduled)
+        if bitmask is not None:
+            scheduler_output = dataclasses.replace(scheduler_output, grammar_bitmask=bitmask)
         try:
             runner_output = self.executor.execute(scheduler_output)
         except Exception as e:
             raise EngineStepError(self._fail_step(scheduler_output), e) from e
         advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs, finished = self.output_processor.process(advanced, runner_output)
+        grammar_ended, failed = self.structured_outputs.accept(advanced)
+        failed.update({request_id: ValidationError(why, parameter="structured_outputs")
+                       for request_id, why in runner_output.failed.items()})
+        outputs, finished = self.output_processor.process(advanced, runner_output, grammar_ended)
         by_status: dict[RequestStatus, list[str]] = {}
         for request_id, status in finished.items():
             by_status.setdefault(status, []).append(request_id)
         for status, request_ids in by_status.items():  # one pass over the running list per status, not per request
             self.scheduler.finish_requests(request_ids, status)
+        self.structured_outputs.remove(finished)
+        self._fail_requests(failed)
         self.stats.num_generation_tokens += len(advanced)
         self.stats.num_finished += len(finished)
         return outputs
+
+    def _admit_compiled(self) -> bool:
+        """Requests whose grammar compiled go to the scheduler, those whose compile failed fail; True if any did."""
+        ready, failed = self.structured_outputs.take_settled()
+        for request in ready:
+            self.scheduler.add_request(request)
+        self._fail_requests(failed)
+        return bool(ready or failed)
+
+    def _fail_requests(self, errors: dict[str, Exception]) -> None:
+        """Abort the user requests of these engine requests (every sample) and keep their errors for the caller."""
+        for request_id, error in errors.items():
+            user_id = self.output_processor.user_id(request_id)
+            if user_id is not None and user_id not in self._request_errors:
+                self._request_errors[user_id] = error
+                self.abort_request(user_id)
 
     def _fail_step(self, scheduler_output) -> list[str]:
         """After a failed step: forget the prefix-cache entries registered for blocks this step was to write
@@ -245,6 +294,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         if not self.is_shut_down:
             self.is_shut_down = True
+            self.structured_outputs.shutdown()
             self.executor.shutdown()
 
     def _refuse_if_shut_down(self) -> None:

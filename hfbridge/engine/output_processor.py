@@ -115,9 +115,10 @@ class OutputProcessor:
         return pooling.user_id if pooling is not None else None
 
     def process(
-        self, advanced: list[Request], runner_output: ModelRunnerOutput
+        self, advanced: list[Request], runner_output: ModelRunnerOutput, grammar_ended: set[str] = frozenset()
     ) -> tuple[list[RequestOutput], dict[str, RequestStatus]]:
-        """Returns the outputs to emit and the requests that finished this step (with how)."""
+        """Returns the outputs to emit and the requests that finished this step (with how). grammar_ended: requests
+        whose structured-outputs grammar accepted its end with this token (they stop, as vLLM stops them)."""
         finished: dict[str, RequestStatus] = {}
         touched: dict[str, None] = {}
         for request_id, (start, entries) in runner_output.prompt_logprobs.items():
@@ -128,7 +129,8 @@ class OutputProcessor:
             state = self.states[request.request_id]
             if state.num_cached_tokens is None:
                 state.num_cached_tokens = max(request.num_cached_tokens, 0)
-            status = self._append(state, request, runner_output.logprobs.get(request.request_id))
+            status = self._append(state, request, runner_output.logprobs.get(request.request_id),
+                                  request.request_id in grammar_ended)
             if status is not None:
                 finished[request.request_id] = status
             touched[state.parent_id] = None
@@ -174,7 +176,8 @@ class OutputProcessor:
         assert start <= num_known, f"prompt logprobs of {state.request_id} skip positions {num_known}..{start}"
         state.prompt_logprobs.extend(self._logprob_dict(e) for e in entries[num_known - start :])
 
-    def _append(self, state: RequestState, request: Request, logprobs: SampledLogprobs | None) -> RequestStatus | None:
+    def _append(self, state: RequestState, request: Request, logprobs: SampledLogprobs | None,
+                grammar_ended: bool = False) -> RequestStatus | None:
         token = request.output_token_ids[-1]
         params = state.params
         state.token_ids.append(token)
@@ -188,6 +191,8 @@ class OutputProcessor:
         elif request.num_output_tokens >= params.min_tokens and token in params.all_stop_token_ids:
             status = RequestStatus.FINISHED_STOPPED
             stop_reason = token if token in params.stop_token_ids else None
+        elif grammar_ended:
+            status = RequestStatus.FINISHED_STOPPED
         stopped_by_token = status is RequestStatus.FINISHED_STOPPED
         if state.detokenizer is not None and (not stopped_by_token or params.include_stop_str_in_output):
             previous = len(state.text)

@@ -213,7 +213,11 @@ class LLM:
         start = time.perf_counter()
         try:
             while engine.has_unfinished_requests():
-                for out in engine.step():
+                outputs = engine.step()
+                errors = engine.take_request_errors()
+                if errors:  # e.g. a grammar that did not compile: raised, as vLLM raises for an invalid schema
+                    raise next(iter(errors.values()))
+                for out in outputs:
                     if out.finished:
                         finished[out.request_id] = out
                         num_in += len(out.prompt_token_ids)

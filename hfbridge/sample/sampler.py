@@ -1,7 +1,9 @@
-"""Logits -> tokens, in vLLM's order: allowed ids, bad words, min_tokens, logit_bias, penalties; then greedy rows
-take the argmax, random rows apply temperature, min_p, top-k, top-p and draw with their own generator.
+"""Logits -> tokens, in vLLM's order: the grammar's bitmask (structured outputs), allowed ids, bad words,
+min_tokens, logit_bias, penalties; then greedy rows take the argmax, random rows apply temperature, min_p, top-k,
+top-p and draw with their own generator. A row whose every token is masked gets no token (None), never a draw
+from NaN probabilities.
 
-Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`)."""
+Logprobs are those of the raw model distribution (vLLM's default `raw_logprobs`), before any of the above."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ class SamplingRow:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     generator: torch.Generator | None = None
+    grammar_bits: torch.Tensor | None = None  # [ceil(V / 32)] int32: the tokens its grammar allows next
 
 
 def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -60,11 +63,22 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
 
+def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], bits: torch.Tensor) -> None:
+    """Masks, in place, the tokens that rows' grammars forbid: bits [len(rows), ceil(V / 32)] int32."""
+    import xgrammar as xgr  # its CPU and CUDA kernels; imported only once a constrained row exists
+
+    index = torch.tensor(rows, device=logits.device)
+    sub = logits[index]
+    xgr.apply_token_bitmask_inplace(sub, bits.to(logits.device))
+    sub[:, bits.shape[-1] * 32 :] = float("-inf")  # logits past the grammar's vocabulary (a padded head)
+    logits[index] = sub
+
+
 def _changes_logits(row: SamplingRow) -> bool:
     """Whether _process would touch this row's logits at all."""
     p = row.params
     return bool(
-        p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias
+        row.grammar_bits is not None or p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias
         or (len(row.output_token_ids) < p.min_tokens and p.min_tokens_stop_ids)
         or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
     )
@@ -82,13 +96,17 @@ class Sampler:
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]
-    ) -> tuple[list[int], list[SampledLogprobs | None]]:
+    ) -> tuple[list[int | None], list[SampledLogprobs | None]]:
         """logits [N, V] float32, one row per request that samples this step."""
         vocab_size = logits.shape[-1]
         want_logprobs = [r.params.logprobs is not None for r in rows]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_logprobs) else None
+        dead: list[int] = []
         if any(_changes_logits(r) for r in rows):  # else (plain greedy / temperature rows): no copy, no loop
             logits = self._process(logits.clone(), rows)
+            dead = torch.isneginf(logits.amax(dim=-1)).nonzero().flatten().tolist()
+            if dead:  # drawn from NaN probabilities otherwise; the rows are dropped below
+                logits[dead] = 0.0
 
         tokens = row_argmax(logits)
         random_rows = [i for i, r in enumerate(rows) if not r.params.is_greedy]
@@ -105,10 +123,12 @@ class Sampler:
             probs = torch.softmax(scaled, dim=-1)
             tokens[idx] = self._draw(probs, [rows[i].generator for i in random_rows])
 
-        token_list = tokens.tolist()
+        token_list: list[int | None] = tokens.tolist()
+        for i in dead:
+            token_list[i] = None
         logprobs: list[SampledLogprobs | None] = [None] * len(rows)
         if raw_logprobs is not None:
-            wanted = [i for i, w in enumerate(want_logprobs) if w]
+            wanted = [i for i, w in enumerate(want_logprobs) if w and token_list[i] is not None]
             num_top = [vocab_size if rows[i].params.logprobs == -1 else rows[i].params.logprobs for i in wanted]
             gathered = gather_logprobs(raw_logprobs[wanted], [token_list[i] for i in wanted], num_top)
             for i, item in zip(wanted, gathered):
@@ -117,6 +137,9 @@ class Sampler:
 
     @staticmethod
     def _process(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        constrained = [i for i, row in enumerate(rows) if row.grammar_bits is not None]
+        if constrained:
+            apply_grammar_bitmask(logits, constrained, torch.stack([rows[i].grammar_bits for i in constrained]))
         for i, row in enumerate(rows):
             p = row.params
             if p.allowed_token_ids is not None:

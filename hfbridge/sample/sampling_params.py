@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hfbridge.errors import ValidationError
+from hfbridge.sample.structured_outputs_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
     extra_args: dict[str, Any] | None = None
     # Filled by the engine: EOS ids of the model (tokenizer + generation_config), honoured unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
@@ -139,6 +141,13 @@ class SamplingParams:
             self.temperature = _MIN_TEMPERATURE
         if self.logit_bias is not None:
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValidationError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}",
+                parameter="structured_outputs",
+            )
         if self.best_of is not None and self.best_of != self.n:
             if self.best_of < self.n:
                 raise ValidationError(

@@ -11,7 +11,7 @@ import torch
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.sample.sampler import Sampler
-from hfbridge.worker.model_runner import sample_step
+from hfbridge.worker.model_runner import sample_step, sampling_rows
 from hfbridge.worker.step_inputs import prepare_inputs
 
 
@@ -27,4 +27,5 @@ class DriverSampler:
         if not self.is_generation:
             return reply
         step = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
-        return sample_step(self.sampler, reply.to(self.device), step)
+        return sample_step(self.sampler, reply.to(self.device), step,
+                           sampling_rows(step, scheduler_output.grammar_bitmask))

@@ -2,12 +2,14 @@
 or pool (pooling models). The two runners share the packing and the forward context, nothing else."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
 from hfbridge.attention_backends import ForwardContext, forward_context
 from hfbridge.attention_backends.base import AttentionBackend
-from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from hfbridge.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from hfbridge.pooling.pooler import Pooler
 from hfbridge.sample.logprobs import gather_logprobs
 from hfbridge.sample.sampler import Sampler, SamplingRow, argmax_only
@@ -39,13 +41,28 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         step = self.prepare_inputs(scheduler_output.scheduled)
-        greedy_tokens = getattr(self.model, "greedy_tokens", None)  # the native decoders' argmax-only head
-        if greedy_tokens is not None and argmax_only_step(step):
-            with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
-                tokens = greedy_tokens(step.input_ids, step.positions, step.logits_indices).tolist()
-            return ModelRunnerOutput(sampled_token_ids={
-                s.request.request_id: token for s, token in zip(step.sample_requests, tokens)})
-        return sample_step(self.sampler, self._logits(step), step)
+        rows = sampling_rows(step, scheduler_output.grammar_bitmask)
+        if getattr(self.model, "sample_heads", None) is not None and any(argmax_only(row) for row in rows):
+            return self._execute_split(step, rows)
+        return sample_step(self.sampler, self._logits(step), step, rows)
+
+    def _execute_split(self, step: StepInputs, rows: list[SamplingRow]) -> ModelRunnerOutput:
+        """The native decoders' two heads in one step: rows that only need their argmax take the greedy head
+        (which computes only the logits that could be it); the others (prompt logprobs, sampling, constrained
+        rows) get their full logits and the sampler."""
+        num_prompt_rows = len(step.logits_indices) - len(rows)
+        fast = [i for i, row in enumerate(rows) if argmax_only(row)]
+        slow = [i for i, row in enumerate(rows) if not argmax_only(row)]
+        sample_indices = step.logits_indices[num_prompt_rows:]
+        order = torch.cat([step.logits_indices[:num_prompt_rows], sample_indices[slow], sample_indices[fast]])
+        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+            logits, tokens = self.model.sample_heads(step.input_ids, step.positions, order,
+                                                     num_prompt_rows + len(slow))
+        sub_step = dataclasses.replace(step, sample_requests=[step.sample_requests[i] for i in slow])
+        output = sample_step(self.sampler, logits, sub_step, [rows[i] for i in slow])
+        for i, token in zip(fast, tokens.tolist()):
+            output.sampled_token_ids[step.sample_requests[i].request.request_id] = token
+        return output
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
@@ -58,33 +75,35 @@ class ModelRunner:
             return self.model(step.input_ids, step.positions, step.logits_indices)
 
 
-def sampling_rows(step: StepInputs) -> list[SamplingRow]:
+def sampling_rows(step: StepInputs, grammar: GrammarBitmask | None = None) -> list[SamplingRow]:
+    bits = grammar.rows() if grammar is not None else {}
     return [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
-                        s.request.generator) for s in step.sample_requests]
-
-
-def argmax_only_step(step: StepInputs) -> bool:
-    """Whether every logits row of the step is a sampled row that only needs its argmax (sampler.argmax_only)."""
-    return bool(step.sample_requests) and not step.prompt_logprob_rows and all(
-        argmax_only(row) for row in sampling_rows(step))
+                        s.request.generator, bits.get(s.request.request_id)) for s in step.sample_requests]
 
 
 @torch.inference_mode()
-def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepInputs) -> ModelRunnerOutput:
+def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepInputs, rows: list[SamplingRow]) -> ModelRunnerOutput:
+    """logits [prompt-logprob rows + sampled rows, V]; rows: the sampled rows' SamplingRow, in order."""
     output = ModelRunnerOutput()
     num_prompt_rows = logits.shape[0] - len(step.sample_requests)
     if step.prompt_logprob_rows:
         logprobs = torch.log_softmax(logits[:num_prompt_rows], dim=-1)
         for request_id, (first, start, targets, k) in step.prompt_logprob_rows.items():
             num_top = logits.shape[-1] if k == -1 else k
-            rows = logprobs[first : first + len(targets)]
-            output.prompt_logprobs[request_id] = (start, gather_logprobs(rows, targets, [num_top] * len(targets)))
+            rows_logprobs = logprobs[first : first + len(targets)]
+            output.prompt_logprobs[request_id] = (start, gather_logprobs(rows_logprobs, targets, [num_top] * len(targets)))
     if step.sample_requests:
-        tokens, logprobs = sampler(logits[num_prompt_rows:], sampling_rows(step))
+        tokens, logprobs = sampler(logits[num_prompt_rows:], rows)
         for s, token, lp in zip(step.sample_requests, tokens, logprobs):
-            output.sampled_token_ids[s.request.request_id] = token
+            request_id = s.request.request_id
+            if token is None:
+                output.failed[request_id] = ("no token is allowed: the structured outputs constraint and the other "
+                                             "sampling parameters (allowed_token_ids, min_tokens, bad_words, "
+                                             "logit_bias) exclude every token")
+                continue
+            output.sampled_token_ids[request_id] = token
             if lp is not None:
-                output.logprobs[s.request.request_id] = lp
+                output.logprobs[request_id] = lp
     return output
 
 

@@ -7,6 +7,7 @@ samples (so seeded generators live in one place, as with one process). Waits wat
 dead worker raises WorkerDiedError at once instead of hanging, and the rest are stopped."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -151,7 +152,7 @@ class MultiprocExecutor:
                 raise WorkerDiedError(f"tensor-parallel worker {rank} is gone: {exc}") from exc
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self._send_all(("execute", scheduler_output))
+        self._send_all(("execute", dataclasses.replace(scheduler_output, grammar_bitmask=None)))
         return self.driver.finish(scheduler_output, self._recv(self.output_rank, errors_from_all=True))
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:

@@ -10,6 +10,7 @@ check_health reports it (the server's /ready turns 503).
 Every node needs hfbridge (and the model's files at the same path, or a hub name) installed."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -209,7 +210,8 @@ class RayExecutor:
             raise WorkerDiedError(f"tensor-parallel worker {index} (Ray actor) died: {exc}") from exc
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.driver.finish(scheduler_output, self._call_all("execute", scheduler_output)[0])
+        return self.driver.finish(scheduler_output, self._call_all(
+            "execute", dataclasses.replace(scheduler_output, grammar_bitmask=None))[0])
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         return self._call_all("apply", cloudpickle.dumps(func))
