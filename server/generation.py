@@ -94,6 +94,8 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
     if prompt_logprobs is not None and kwargs.get("prompt_logprobs") is None:
         kwargs["prompt_logprobs"] = prompt_logprobs
     params = SamplingParams(**kwargs)  # ValidationError (vLLM's wording) -> 400 in the middleware
+    if params.structured_outputs is not None:  # parsed here, off the engine thread; cached for the engine
+        engine.engine.structured_outputs.validate(params.structured_outputs)
     params.output_kind = RequestOutputKind.DELTA  # the route assembles full texts itself when not streaming
     return PreparedPrompt(text, token_ids, params)
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfbridge.server.errors import APIError
+from hfbridge.server.structured_outputs import GUIDED_FIELDS, GUIDED_OPTIONS, structured_outputs_of
 
 logger = logging.getLogger(__name__)
 
@@ -107,17 +108,18 @@ SAMPLING_FIELDS: dict[str, Check] = {
 _COMMON_FIELDS: dict[str, Check] = {
     "model": as_str, "max_tokens": as_int, "stream": as_bool, "stream_options": _dict, "echo": as_bool,
     "add_special_tokens": as_bool, "request_id": as_str, "user": as_str,
+    # decoding constraints, read together by structured_outputs_of
+    **dict.fromkeys(["response_format", "structured_outputs", *GUIDED_FIELDS, *GUIDED_OPTIONS,
+                     "guided_decoding_backend"], lambda name, value: value),
 }
 # Fields that would change the output in ways the engine cannot deliver yet: refused, never ignored.
 _REFUSED = {
-    "guided_json": "structured outputs", "guided_regex": "structured outputs", "guided_choice": "structured outputs",
-    "guided_grammar": "structured outputs", "structured_outputs": "structured outputs",
     "suffix": "fill-in-the-middle (suffix)", "prompt_embeds": "prompt embeddings", "lora_request": "LoRA adapters",
 }
 # OpenAI fields with no meaning here: dropped with one warning each per process (vLLM drops them silently).
 _DROPPED = frozenset({"store", "metadata", "modalities", "audio", "prediction", "web_search_options", "service_tier",
                       "functions", "function_call", "parallel_tool_calls", "reasoning_effort", "priority",
-                      "guided_whitespace_pattern", "guided_decoding_backend", "cache_salt", "return_token_ids",
+                      "cache_salt", "return_token_ids",
                       "include_reasoning", "documents", "mm_processor_kwargs", "kv_transfer_params", "vllm_xargs"})
 _warned: set[str] = set()
 
@@ -174,9 +176,13 @@ def _generation_fields(values: dict[str, Any]) -> dict[str, Any]:
         raise APIError(400, "Stream options can only be defined when `stream=True`.", "stream_options")
     if stream and values.get("prompt_logprobs") is not None:
         raise APIError(400, "`prompt_logprobs` are not available when `stream=True`.", "prompt_logprobs")
+    sampling = {k: values[k] for k in SAMPLING_FIELDS if k in values}
+    constraint = structured_outputs_of(values)
+    if constraint is not None:
+        sampling["structured_outputs"] = constraint
     return dict(
         model=values.get("model"),
-        sampling={k: values[k] for k in SAMPLING_FIELDS if k in values},
+        sampling=sampling,
         max_tokens=values.get("max_tokens"),
         stream=stream,
         # An empty stream_options adds no usage chunk (vLLM PR #36379 fixed exactly this).
@@ -210,7 +216,6 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         **SAMPLING_FIELDS, **_COMMON_FIELDS, "messages": _messages, "max_completion_tokens": as_int,
         "logprobs": as_bool, "top_logprobs": as_int, "add_generation_prompt": as_bool, "continue_final_message": as_bool,
         "chat_template": as_str, "chat_template_kwargs": _dict, "tools": _tools, "tool_choice": _any,
-        "response_format": _dict,
     }
     values = _take(body, schema)
     if "messages" not in values:
@@ -243,10 +248,6 @@ def _check_num_sequences(n: int, num_prompts: int) -> None:
 
 
 def _check_unsupported_chat_options(values: dict[str, Any]) -> None:
-    response_format = values.get("response_format")
-    if response_format is not None and response_format.get("type", "text") != "text":
-        raise APIError(400, f"response_format type {response_format.get('type')!r} needs structured outputs, "
-                            "which hfbridge does not support yet; use type 'text'", "response_format")
     tool_choice = values.get("tool_choice", "auto" if values.get("tools") else "none")
     if tool_choice != "none":
         raise APIError(400, f"tool_choice={tool_choice!r}: hfbridge does not parse tool calls yet. Send "

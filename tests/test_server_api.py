@@ -289,7 +289,8 @@ async def test_greedy_with_n_above_one_is_400(client):
 
 
 @pytest.mark.parametrize("body,param", [
-    ({"prompt": PROMPT, "guided_json": {"type": "object"}}, "guided_json"),
+    ({"prompt": PROMPT, "guided_json": {"type": "object"}, "guided_decoding_backend": "outlines"},
+     "guided_decoding_backend"),
     ({"prompt": PROMPT, "suffix": "end"}, "suffix"),
     ({"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"prompt": PROMPT, "stream": True, "prompt_logprobs": 1}, "prompt_logprobs"),
@@ -357,7 +358,7 @@ async def test_chat_content_parts_and_logprobs(client):
     ({"messages": [{"content": "no role"}]}, "messages[0]"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
-    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]},
      "tool_choice"),
     ({"messages": [{"role": "user", "content": "x"}], "chat_template": "{{ 'x' }}"}, "chat_template"),

@@ -108,8 +108,8 @@ def corpus():
         ("n x prompts", "POST", comp, json.dumps({"prompt": ["a"] * 600, "n": 2, "max_tokens": 1}).encode()),
         ("too many prompts", "POST", comp, json.dumps({"prompt": ["a"] * 1025, "max_tokens": 1}).encode()),
         ("request chat template", "POST", chat, json.dumps({"messages": user, "chat_template": "{{ 1 }}"}).encode()),
-        ("json response format", "POST", chat, json.dumps({"messages": user,
-                                                            "response_format": {"type": "json_object"}}).encode()),
+        ("json_schema response format without a schema", "POST", chat, json.dumps({
+            "messages": user, "response_format": {"type": "json_schema"}}).encode()),
         ("logprobs too many", "POST", comp, b'{"prompt": "hi", "logprobs": 1000}'),
         ("top_logprobs without logprobs", "POST", chat, json.dumps({"messages": user, "top_logprobs": 2}).encode()),
         ("wrong method completions", "GET", comp, None), ("wrong method models", "DELETE", "/v1/models", None),
