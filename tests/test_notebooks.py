@@ -16,6 +16,7 @@ NOTEBOOKS = [
     "03_serving.ipynb",
     "04_embeddings_and_rerank.ipynb",
     "05_scaling_out.ipynb",
+    "06_structured_outputs.ipynb",
 ]
 # The longest cell converts the default model on first use (30-60 s on 2 cores) or, in 03, waits for the
 # server to load it (the notebook gives up after 240 s): 300 s per cell is generous, and still bounded.
