@@ -19,7 +19,7 @@ from aiohttp import web
 
 from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.llm_engine import LLMEngine
-from hfbridge.server import routes_misc, routes_pooling
+from hfbridge.server import routes_misc, routes_pooling, routes_responses
 from hfbridge.server.auth import make_auth_middleware
 from hfbridge.server.errors import error_middleware
 from hfbridge.server.routes_chat import create_chat_completion
@@ -47,6 +47,7 @@ def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Ap
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     routes_misc.add_routes(app)
     routes_pooling.add_routes(app)
+    routes_responses.add_routes(app)
     app.cleanup_ctx.append(partial(_engine_lifecycle, engine_factory))
     return app
 

@@ -6,6 +6,7 @@ usable type. JSON null means "not set" everywhere.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -155,6 +156,7 @@ class ChatRequest(GenerationRequest):
     chat_template: str | None
     chat_template_kwargs: dict[str, Any]
     tools: list[dict[str, Any]] | None
+    tool_choice: Any  # "none" | "auto" | "required" | {"type": "function", ...}; None: unset (server/tool_choice.py)
 
 
 def _take(body: dict[str, Any], schema: dict[str, Check]) -> dict[str, Any]:
@@ -220,7 +222,6 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
     values = _take(body, schema)
     if "messages" not in values:
         raise APIError(400, "`messages` is required: a non-empty list of {role, content} objects", "messages")
-    _check_unsupported_chat_options(values)
     _check_num_sequences(values.get("n", 1), 1)
     top_logprobs = values.get("top_logprobs")
     if top_logprobs not in (None, 0) and not values.get("logprobs", False):
@@ -238,6 +239,7 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         chat_template=values.get("chat_template"),
         chat_template_kwargs=values.get("chat_template_kwargs", {}),
         tools=values.get("tools"),
+        tool_choice=values.get("tool_choice"),
     )
 
 
@@ -245,14 +247,6 @@ def _check_num_sequences(n: int, num_prompts: int) -> None:
     if n * num_prompts > MAX_SEQUENCES_PER_REQUEST:
         raise APIError(400, f"n x prompts = {n} x {num_prompts} = {n * num_prompts} sequences, more than the "
                             f"{MAX_SEQUENCES_PER_REQUEST} one request may ask for; split the request", "n")
-
-
-def _check_unsupported_chat_options(values: dict[str, Any]) -> None:
-    tool_choice = values.get("tool_choice", "auto" if values.get("tools") else "none")
-    if tool_choice != "none":
-        raise APIError(400, f"tool_choice={tool_choice!r}: hfbridge does not parse tool calls yet. Send "
-                            "tool_choice 'none' to let the chat template show the tools to the model as text.",
-                       "tool_choice")
 
 
 def _any(name: str, value: Any) -> Any:
@@ -292,11 +286,16 @@ def _messages(name: str, value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _fail(where, "an object with a string `role`", message)
         message = dict(message)
-        message["content"] = _content(f"{where}.content", message.get("content"))
+        # null content (an assistant turn that only calls tools) renders as "", as vLLM renders it
+        message["content"] = _content(f"{where}.content", message.get("content")) or ""
         # `reasoning` (vLLM >= 0.12) and `reasoning_content` (before): accept either, give templates both.
         reasoning = message.get("reasoning", message.get("reasoning_content"))
         if reasoning is not None:
             message["reasoning"] = message["reasoning_content"] = reasoning
+        if message.get("tool_calls") is not None:
+            message["tool_calls"] = _tool_calls(f"{where}.tool_calls", message["tool_calls"])
+        if message["role"] == "tool" and not isinstance(message.get("tool_call_id"), str):
+            raise APIError(400, f"{where}: a tool message needs the `tool_call_id` of the call it answers", name)
         out.append(message)
     return out
 
@@ -315,6 +314,26 @@ def _content(name: str, value: Any) -> str | None:
                            "messages")
         texts.append(part["text"])
     return "\n".join(texts)
+
+
+def _tool_calls(name: str, value: Any) -> list[dict[str, Any]]:
+    """An assistant message's tool_calls, with each call's `arguments` as the object templates expect (vLLM
+    turns the JSON text into a dict the same way)."""
+    if not isinstance(value, list):
+        raise _fail(name, "a list of tool calls", value)
+    calls = []
+    for i, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise _fail(f"{name}[{i}]", "a call with a `function` object naming the function", call)
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError as e:
+                raise APIError(400, f"{name}[{i}].function.arguments is not valid JSON: {e}", "messages") from e
+        calls.append({**call, "function": {**function, "arguments": arguments}})
+    return calls
 
 
 def _tools(name: str, value: Any) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the chat template, then generated like a completion."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -13,7 +14,9 @@ from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.generation import OutputMerger, PreparedPrompt, collect, new_response_id, prepare_prompt, start
 from hfbridge.server.logprobs import chat_logprobs, prompt_logprobs_json
 from hfbridge.server.protocol import ChatRequest, parse_chat_request
+from hfbridge.server.chat_outputs import ChatOutputs
 from hfbridge.server.sse import EventStream
+from hfbridge.server.tool_choice import ToolPlan, plan_tools
 from hfbridge.server.state import STATE, ModelCard, ServingState
 
 
@@ -23,19 +26,9 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     body = parse_chat_request(raw)
     model = state.resolve_model(body.model)
     engine, card = state.require_engine()
-
-    def render_and_prepare() -> PreparedPrompt:  # seconds for a huge conversation: on the tokenizer thread
-        return prepare_prompt(
-            state, body, render_messages(state, card, body),
-            logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
-            # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit;
-            # either way the request holds its seat in the queue like any other.
-            default_max_tokens=card.default_sampling.get("max_tokens"),
-            max_tokens_param="max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens",
-            prompt_param="messages",
-        )
-
-    prepared = await state.off_loop(render_and_prepare)
+    body, plan = with_tools(state, body)
+    max_tokens_param = "max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens"
+    prepared = await prepare_chat(state, card, body, max_tokens_param)
     response_id = new_response_id("chatcmpl", body, request.headers.get("X-Request-Id"))
     head = {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model}
     tokenizer = engine.engine.get_tokenizer()
@@ -50,21 +43,41 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     async with merger.outputs() as outputs:
         if body.stream:
             return await _stream(request, outputs, merger, {**head, "object": "chat.completion.chunk"}, body,
-                                 prepared.params.n, role, echo, decode)
+                                 prepared.params.n, role, echo, decode, plan.outputs)
         choices, last = await collect(outputs, prepared.params.n)
     rendered = []
     for index, choice in choices.items():
         logprobs = None
         if body.logprobs:
             logprobs = {"content": chat_logprobs(choice.token_ids, choice.logprobs, body.top_logprobs or 0, decode)}
-        message = {"role": role, "content": echo + choice.text, "refusal": None, "annotations": None,
-                   "audio": None, "function_call": None}
+        fields, finish_reason = {"content": choice.text}, choice.finish_reason
+        if plan.outputs.active:
+            fields, finish_reason = plan.outputs.message(choice.text, choice.finish_reason)
+        fields["content"] = echo + fields["content"] if fields["content"] is not None else (echo or None)
+        message = {"role": role, **fields, "refusal": None, "annotations": None, "audio": None,
+                   "function_call": None}
         rendered.append({"index": index, "message": message, "logprobs": logprobs,
-                         "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason})
+                         "finish_reason": finish_reason, "stop_reason": choice.stop_reason})
     response = {**head, "choices": rendered, "usage": merger.usage.as_dict()}
     if body.sampling.get("prompt_logprobs") is not None:  # vLLM: on the response, not on a choice
         response["prompt_logprobs"] = prompt_logprobs_json(last[0].prompt_logprobs, decode)
     return web.json_response(response)
+
+
+async def prepare_chat(state: ServingState, card: ModelCard, body: ChatRequest, max_tokens_param: str) -> PreparedPrompt:
+    """Render and tokenize on the tokenizer thread (seconds for a huge conversation)."""
+
+    def render_and_prepare() -> PreparedPrompt:
+        return prepare_prompt(
+            state, body, render_messages(state, card, body),
+            logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
+            # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit;
+            # either way the request holds its seat in the queue like any other.
+            default_max_tokens=card.default_sampling.get("max_tokens"),
+            max_tokens_param=max_tokens_param, prompt_param="messages",
+        )
+
+    return await state.off_loop(render_and_prepare)
 
 
 def render_messages(state: ServingState, card: ModelCard, body: ChatRequest) -> str:
@@ -79,7 +92,7 @@ def render_messages(state: ServingState, card: ModelCard, body: ChatRequest) -> 
         return render_chat(
             engine.engine.get_tokenizer(), body.messages, chat_template=template,
             add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            tools=body.tools,
+            tools=body.tools,  # as with_tools left them for the template
             chat_template_kwargs={**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs},
         )
     except (jinja2.TemplateError, TypeError, KeyError, IndexError) as e:
@@ -95,8 +108,25 @@ def _echo_text(body: ChatRequest, role: str) -> str:
     return ""
 
 
+def with_tools(state: ServingState, body: ChatRequest) -> tuple[ChatRequest, ToolPlan]:
+    """The request as the engine should run it once its tools and tool_choice are read: the tools the template
+    sees, the constraint of a "required" or named choice, special tokens kept where the tool parser reads them."""
+    settings = state.settings.tools
+    has_constraint = body.sampling.get("structured_outputs") is not None
+    if has_constraint and settings.reasoning_parser is not None:
+        raise APIError(400, "Structured outputs with --reasoning-parser are not supported yet: the constraint would "
+                            "start before the reasoning ends", "response_format")
+    plan = plan_tools(settings, body.tools, body.tool_choice, has_constraint)
+    sampling = dict(body.sampling)
+    if plan.constraint is not None:
+        sampling["structured_outputs"] = plan.constraint
+    if not plan.skip_special_tokens:
+        sampling.setdefault("skip_special_tokens", False)
+    return dataclasses.replace(body, tools=plan.template_tools, sampling=sampling), plan
+
+
 async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head: dict[str, Any], body: ChatRequest,
-                  n: int, role: str, echo: str, decode: Any) -> web.StreamResponse:
+                  n: int, role: str, echo: str, decode: Any, parsed: ChatOutputs) -> web.StreamResponse:
     force_usage = request.app[STATE].settings.enable_force_include_usage
     continuous = body.continuous_usage or force_usage
     events = EventStream(request)
@@ -115,6 +145,10 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
                         "finish_reason": None})
         async for _, output in outputs:
             for completion in output.outputs:
+                if parsed.active:
+                    for choice in _parsed_choices(body, completion, decode, parsed):
+                        await send(choice)
+                    continue
                 choice = _stream_choice(body, completion, decode)
                 if choice is not None:
                     await send(choice)
@@ -123,6 +157,24 @@ async def _stream(request: web.Request, outputs: Any, merger: OutputMerger, head
     except Exception as e:  # noqa: BLE001 - the stream reports it, or ends quietly if the client left
         return await events.fail(e)
     return await events.close()
+
+
+def _parsed_choices(body: ChatRequest, completion: Any, decode: Any, parsed: ChatOutputs) -> list[dict[str, Any]]:
+    """The streamed choices of one delta read through the reasoning and tool parsers: one per new part (reasoning,
+    content, a call's name, its arguments), the finish reason on a last, empty delta."""
+    finished = completion.finish_reason is not None
+    deltas = parsed.deltas(completion.index, completion.text, finished)
+    logprobs = None
+    if body.logprobs and completion.token_ids:
+        logprobs = {"content": chat_logprobs(completion.token_ids, completion.logprobs or [], body.top_logprobs or 0,
+                                             decode)}
+        deltas = deltas or [{}]  # the tokens' logprobs go out even while their text is held back
+    choices = [{"index": completion.index, "delta": delta, "logprobs": logprobs if i == 0 else None,
+                "finish_reason": None} for i, delta in enumerate(deltas)]
+    if finished:
+        choices.append({"index": completion.index, "delta": {}, "logprobs": None, "stop_reason": completion.stop_reason,
+                        "finish_reason": parsed.finish_reason(completion.index, completion.finish_reason)})
+    return choices
 
 
 def _stream_choice(body: ChatRequest, completion: Any, decode: Any) -> dict[str, Any] | None:

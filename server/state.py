@@ -17,6 +17,7 @@ from hfbridge.engine.chat_utils import load_chat_template
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
 from hfbridge.server.security import CorsSettings
+from hfbridge.server.tool_choice import ToolSettings
 
 T = TypeVar("T")
 
@@ -56,6 +57,7 @@ class ServerSettings:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     response_role: str = "assistant"
     cors: CorsSettings = field(default_factory=CorsSettings)
+    tools: ToolSettings = field(default_factory=ToolSettings)
 
 
 @dataclass(frozen=True)

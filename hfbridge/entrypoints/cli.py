@@ -50,6 +50,16 @@ SERVER_OPTIONS = [
                  help="CORS: allowed request headers (JSON list)."),
     click.option("--allow-credentials", is_flag=True, help="CORS: allow cookies and credentials."),
     click.option("--response-role", default="assistant", show_default=True, help="Role of chat replies."),
+    click.option("--enable-auto-tool-choice", is_flag=True,
+                 help="Parse tool calls from replies when tool_choice is auto (needs --tool-call-parser)."),
+    click.option("--tool-call-parser", help="How replies write tool calls: hermes, llama3_json, mistral, pythonic, "
+                                            "or a name --tool-parser-plugin registers."),
+    click.option("--tool-parser-plugin", type=click.Path(exists=True, dir_okay=False),
+                 help="A Python file whose ToolParser subclasses (from hfbridge.server.tool_parsers) are registered "
+                      "by their `name`."),
+    click.option("--reasoning-parser", help="Split reasoning from content: deepseek_r1 or qwen3."),
+    click.option("--exclude-tools-when-tool-choice-none", is_flag=True,
+                 help="Do not show the tools to the chat template when tool_choice is none."),
 ]
 
 
@@ -106,6 +116,7 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
     from hfbridge.server import ServerSettings, build_app
     from hfbridge.server import serve as serve_app
     from hfbridge.server.security import CorsSettings, build_ssl_context
+    from hfbridge.server.tool_choice import ToolSettings
 
     _setup_logging(options["log_level"])
     engine_args = engine_args_from(ctx, model, options)
@@ -117,6 +128,12 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
     api_keys = tuple(options["api_key"]) or tuple(
         k.strip() for k in os.environ.get("HFBRIDGE_API_KEY", "").split(",") if k.strip()
     )
+    try:
+        tools = ToolSettings.build(options["enable_auto_tool_choice"], options["tool_call_parser"],
+                                   options["tool_parser_plugin"], options["reasoning_parser"],
+                                   options["exclude_tools_when_tool_choice_none"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
     settings = ServerSettings(
         served_model_names=names,
         extra_model_aliases=(DEFAULT_MODEL_HUB_ID,) if engine_args.model is None else (),
@@ -130,6 +147,7 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
         cors=CorsSettings(tuple(options["allowed_origins"]), tuple(options["allowed_methods"]),
                           tuple(options["allowed_headers"]), options["allow_credentials"]),
         response_role=options["response_role"],
+        tools=tools,
     )
     try:
         ssl_context = build_ssl_context(options["ssl_certfile"], options["ssl_keyfile"], options["ssl_ca_certs"],

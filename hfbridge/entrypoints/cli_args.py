@@ -22,7 +22,7 @@ LIST_FLAGS = frozenset({"--api-key", "--served-model-name"})
 IGNORED_FLAGS: dict[str, int] = {
     **dict.fromkeys(
         ["--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
-         "--disable-custom-all-reduce", "--enable-auto-tool-choice", "--enable-prompt-tokens-details",
+         "--disable-custom-all-reduce", "--enable-prompt-tokens-details",
          "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-sleep-mode",
          "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
          "--disable-sliding-window", "--use-v2-block-manager", "--enable-server-load-tracking",
@@ -35,13 +35,13 @@ IGNORED_FLAGS: dict[str, int] = {
          "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
          "--max-lora-rank", "--max-cpu-loras", "--data-parallel-size", "--uvicorn-log-level", "--root-path",
          "--chat-template-content-format",
-         "--tool-call-parser", "--reasoning-parser", "--worker-cls",
+         "--worker-cls",
          "--logits-processors", "--structured-outputs-config", "--guided-decoding-backend", "--speculative-config",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
          "--scheduling-policy", "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
          "--collect-detailed-traces", "--max-log-len", "--lora-dtype", "--tokenizer-pool-size",
          "--kv-transfer-config", "--hf-config-path", "--allowed-local-media-path", "--disable-log-stats-interval", "--lora-extra-vocab-size",
-         "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo", "--tool-parser-plugin",
+         "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo",
          "--numa-bind", "--ignore-patterns"], 1),
     **dict.fromkeys(["--lora-modules", "--prompt-adapters"], -1),
 }
