@@ -44,6 +44,7 @@ class ModelConfig:
     served_model_name: str = ""
     max_logprobs: int = 20
     chat_template: str | None = None
+    reasoning_parser: str | None = None  # structured outputs constrain what follows the reasoning
     # Sampling defaults from the model's generation_config.json (vLLM's generation_config="auto").
     default_sampling: dict[str, Any] = field(default_factory=dict)
     generation_eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json

@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import ClassVar
 
 from hfbridge.server.tool_parsers import held_back
+from hfbridge.structured_output.reasoning import REASONING_TAGS
 
 
 class ReasoningParser:
     name: ClassVar[str]
-    start: ClassVar[str] = "<think>"
-    end: ClassVar[str] = "</think>"
+    start: ClassVar[str] = REASONING_TAGS["qwen3"].start
+    end: ClassVar[str] = REASONING_TAGS["qwen3"].end
 
     def split(self, text: str, final: bool) -> tuple[str, str]:
         """(reasoning, content) of the text so far."""

@@ -113,10 +113,13 @@ def with_tools(state: ServingState, body: ChatRequest) -> tuple[ChatRequest, Too
     sees, the constraint of a "required" or named choice, special tokens kept where the tool parser reads them."""
     settings = state.settings.tools
     has_constraint = body.sampling.get("structured_outputs") is not None
-    if has_constraint and settings.reasoning_parser is not None:
-        raise APIError(400, "Structured outputs with --reasoning-parser are not supported yet: the constraint would "
-                            "start before the reasoning ends", "response_format")
+    engine, _ = state.require_engine()
     plan = plan_tools(settings, body.tools, body.tool_choice, has_constraint)
+    if (has_constraint or plan.constraint is not None) and settings.reasoning_parser is not None \
+            and engine.engine.model_config.reasoning_parser != settings.reasoning_parser:
+        raise APIError(400, f"Structured outputs with --reasoning-parser {settings.reasoning_parser} need the engine "
+                            "to know the reasoning format too (hfbridge serve passes it; an engine built by hand "
+                            "needs reasoning_parser=...)", "response_format")
     sampling = dict(body.sampling)
     if plan.constraint is not None:
         sampling["structured_outputs"] = plan.constraint

@@ -95,10 +95,6 @@ def plan_tools(settings: ToolSettings, tools: list[dict[str, Any]] | None, tool_
     if has_constraint and tool_choice != "auto":
         raise APIError(400, f"tool_choice {tool_choice!r} constrains the reply itself; it cannot be combined with "
                             "response_format or structured_outputs", "tool_choice")
-    if reasoning is not None and tool_choice != "auto":
-        raise APIError(400, "tool_choice 'required' or a named function with --reasoning-parser is not supported: "
-                            "the constraint would start before the reasoning ends. Use tool_choice 'auto'.",
-                       "tool_choice")
     if tool_choice == "auto":
         if not (settings.enable_auto_tool_choice and settings.tool_call_parser):
             raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be '

@@ -63,6 +63,7 @@ def write_scripted_model(folder: Path, replies: list[tuple[list[dict], str]]) ->
     for name in ("configuration_scripted.py", "modeling_scripted.py"):
         shutil.copy(SOURCE / name, folder / name)
     tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["<think>", "</think>"])  # one token each, as in reasoning models' vocabularies
     tokenizer.chat_template = TEMPLATE
     script, end = [], 0
     for messages, text in replies:
@@ -77,7 +78,8 @@ def write_scripted_model(folder: Path, replies: list[tuple[list[dict], str]]) ->
         modeling = importlib.import_module(f"{package}.modeling_scripted")
     finally:
         sys.path.remove(str(folder.parent))
-    model = modeling.ScriptedForCausalLM(modeling.ScriptedConfig(script=script, eos_token_id=2))
+    vocab_size = (len(tokenizer) + 7) // 8 * 8  # a multiple of the attention heads
+    model = modeling.ScriptedForCausalLM(modeling.ScriptedConfig(vocab_size=vocab_size, script=script, eos_token_id=2))
     with torch.no_grad():
         model.lm_head.weight.copy_(torch.eye(model.config.vocab_size))
     model.save_pretrained(folder)
@@ -292,3 +294,21 @@ async def test_reasoning_is_split_from_the_content(aiohttp_client, tmp_path, str
             content += delta.content or ""
     assert reasoning == "Paris is in France; the tool knows its weather."
     assert content == "It is sunny in Paris."
+
+
+@pytest.mark.asyncio
+async def test_structured_outputs_start_after_the_reasoning(aiohttp_client, tmp_path):
+    """The script thinks, then says "Rome": the grammar (Paris or London) must leave the thinking alone and
+    constrain only the answer (vLLM's semantics). Applied from the first token, it would leave no reasoning."""
+    folder = write_scripted_model(tmp_path / "thinker", [(ASK, "<think>Hmm, a city.</think>Rome")])
+    settings = ServerSettings(tools=ToolSettings.build(reasoning_parser="qwen3"))
+    c = await aiohttp_client(make_app(folder, settings, trust_remote_code=True, max_model_len=1024,
+                                      reasoning_parser="qwen3"))
+    await wait_ready(c)
+    api, model = api_of(c), await model_of(c)
+    reply = await api.chat.completions.create(model=model, messages=ASK, tools=TOOLS, tool_choice="none",
+                                              temperature=0, max_tokens=40,
+                                              extra_body={"structured_outputs": {"choice": ["Paris", "London"]}})
+    message = reply.choices[0].message
+    assert message.model_extra["reasoning"] == "Hmm, a city."
+    assert message.content in ("Paris", "London")

@@ -151,3 +151,9 @@ def test_a_plugin_file_registers_its_parser(tmp_path):
     assert calls_of(fields) == [("get_time", {})] and finish == "tool_calls"
     with pytest.raises(ValueError, match="unknown"):
         ToolSettings.build(tool_call_parser="shout")  # not registered without the plugin
+
+
+def test_the_server_and_the_engine_know_the_same_reasoning_formats():
+    from hfbridge.structured_output.reasoning import REASONING_TAGS
+
+    assert set(REASONING_PARSERS) == set(REASONING_TAGS)

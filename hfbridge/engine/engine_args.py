@@ -21,6 +21,7 @@ from hfbridge.config import (
     SchedulerConfig,
 )
 from hfbridge.model.model_source import resolve_model_source
+from hfbridge.structured_output.reasoning import check_reasoning_parser
 from hfbridge.pooling.task_resolution import read_sentence_transformers_config, resolve_runner
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class EngineArgs:
     served_model_name: str | list[str] | None = None
     max_logprobs: int = 20
     chat_template: str | None = None
+    reasoning_parser: str | None = None  # structured outputs start after the reasoning (deepseek_r1, qwen3)
     generation_config: str = "auto"
     override_generation_config: dict[str, Any] | None = None
     device: str = "auto"
@@ -137,6 +139,7 @@ class EngineArgs:
         parallel_config = self._parallel_config()
         device = _resolve_device(self.device)
         attention_backend = resolve_backend_name(self.attention_backend, device)  # fail before loading anything
+        check_reasoning_parser(self.reasoning_parser)
         model_config = self._model_config(device)
         pooling = model_config.runner == "pooling"
         if pooling and parallel_config.pipeline_parallel_size > 1:
@@ -229,6 +232,7 @@ class EngineArgs:
             served_model_name=served or model,
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
+            reasoning_parser=self.reasoning_parser,
             default_sampling=defaults,
             generation_eos_token_ids=generation_eos_token_ids(generation_config),
             runner=runner.runner,

@@ -26,6 +26,7 @@ from hfbridge.core.scheduler import Scheduler
 from hfbridge.engine.tokenizer import eos_token_ids, load_tokenizer
 from hfbridge.sample.bad_words import tokenize_bad_words
 from hfbridge.structured_output.manager import StructuredOutputManager
+from hfbridge.structured_output.reasoning import ReasoningEnd
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,8 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = int(self.model_config.hf_text_config.vocab_size)
         self.structured_outputs = StructuredOutputManager(
-            self.tokenizer, self.vocab_size, self.eos_token_ids, config.scheduler_config.max_num_seqs
+            self.tokenizer, self.vocab_size, self.eos_token_ids, config.scheduler_config.max_num_seqs,
+            reasoning=ReasoningEnd.for_parser(self.model_config.reasoning_parser, self.tokenizer),
         )
         self._request_errors: dict[str, Exception] = {}  # user id -> why it failed; see take_request_errors
         self.stats = EngineStats()

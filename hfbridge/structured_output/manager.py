@@ -24,6 +24,7 @@ from hfbridge.core.request import Request
 from hfbridge.core.scheduler_output import GrammarBitmask, ScheduledRequest
 from hfbridge.errors import ValidationError
 from hfbridge.structured_output.grammar import parse_grammar
+from hfbridge.structured_output.reasoning import ReasoningEnd
 from hfbridge.sample.structured_outputs_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -41,12 +42,13 @@ class _Waiting:
 
 class StructuredOutputManager:
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: Iterable[int], max_num_seqs: int,
-                 compile_timeout_s: float = COMPILE_TIMEOUT_S):
+                 compile_timeout_s: float = COMPILE_TIMEOUT_S, reasoning: ReasoningEnd | None = None):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size  # of the model's logits, which may exceed len(tokenizer)
         self.stop_token_ids = sorted(stop_token_ids)
         self.max_num_seqs = max_num_seqs
         self.compile_timeout_s = compile_timeout_s
+        self.reasoning = reasoning  # a reasoning model's end tag: its grammars start after it
         self.wake: Callable[[], None] | None = None  # called from the compile thread when a compile ends
         self._lock = threading.Lock()  # guards the two caches (validate runs on callers' threads)
         self._parsed: OrderedDict[tuple, Any] = OrderedDict()  # key -> xgrammar Grammar
@@ -58,6 +60,7 @@ class StructuredOutputManager:
         # engine thread only
         self.waiting: dict[str, _Waiting] = {}
         self.matchers: dict[str, Any] = {}
+        self.thinking: set[str] = set()  # constrained requests still reasoning: unconstrained until the end tag
 
     # -- any thread
     def validate(self, params: StructuredOutputsParams) -> None:
@@ -124,6 +127,8 @@ class StructuredOutputManager:
         import xgrammar as xgr
 
         self.matchers[request.request_id] = xgr.GrammarMatcher(compiled)
+        if self.reasoning is not None and not self.reasoning.ended_in(request.all_token_ids):
+            self.thinking.add(request.request_id)
 
     @property
     def num_waiting(self) -> int:
@@ -162,7 +167,8 @@ class StructuredOutputManager:
 
     def bitmask(self, scheduled: list[ScheduledRequest]) -> GrammarBitmask | None:
         """The allowed next tokens of the step's constrained rows that sample (chunks that do not, need none)."""
-        ids = [s.request.request_id for s in scheduled if s.produces_output and s.request.request_id in self.matchers]
+        ids = [s.request.request_id for s in scheduled if s.produces_output and s.request.request_id in self.matchers
+               and s.request.request_id not in self.thinking]
         if not ids:
             return None
         if self._bitmask is None:
@@ -182,6 +188,10 @@ class StructuredOutputManager:
             matcher = self.matchers.get(request.request_id)
             if matcher is None:
                 continue
+            if request.request_id in self.thinking:  # reasoning: free, until this token ends it
+                if self.reasoning.ends_with(request.all_token_ids):
+                    self.thinking.discard(request.request_id)
+                continue
             token = request.output_token_ids[-1]
             if not matcher.accept_token(token):
                 failed[request.request_id] = RuntimeError(f"the grammar refused token {token}, which it had allowed")
@@ -193,6 +203,7 @@ class StructuredOutputManager:
         for request_id in request_ids:
             self.waiting.pop(request_id, None)
             self.matchers.pop(request_id, None)
+            self.thinking.discard(request_id)
 
     def shutdown(self) -> None:
         """Queued compiles are dropped; one already running ends on its own (milliseconds to seconds)."""
