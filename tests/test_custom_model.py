@@ -1,15 +1,12 @@
 """A custom remote-code model (auto_map.AutoModel, customisation in MyModel, checkpoint saved from its
 MyForCausalLM) loads with trust_remote_code=True and matches Transformers greedily; it is refused without
 the flag, and a model without `_supports_attention_backend` is refused naming that flag."""
-import importlib
 import json
-import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import build_tokenizer
+from tiny_models import build_tokenizer, import_remote_code
 
 from hfbridge import LLM, SamplingParams
 
@@ -24,13 +21,7 @@ def write_remote_code_model(folder: Path, supports_backend: bool = True) -> torc
         if not supports_backend:
             text = text.replace("_supports_attention_backend = True", "_supports_attention_backend = False")
         (folder / name).write_text(text)
-    package = f"remote_{folder.name}"
-    shutil.copytree(folder, folder.parent / package)
-    sys.path.insert(0, str(folder.parent))
-    try:
-        modeling = importlib.import_module(f"{package}.modeling_my")
-    finally:
-        sys.path.remove(str(folder.parent))
+    modeling = import_remote_code(folder, "modeling_my")
     torch.manual_seed(0)
     model = modeling.MyForCausalLM(modeling.MyConfig()).eval()
     model.save_pretrained(folder)

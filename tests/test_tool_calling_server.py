@@ -6,7 +6,6 @@ import importlib
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jsonschema
@@ -16,7 +15,7 @@ import pytest_asyncio
 import torch
 from server_utils import make_app, wait_idle, wait_ready
 from test_server_api import assert_error
-from tiny_models import build_tokenizer
+from tiny_models import build_tokenizer, import_remote_code
 
 from hfbridge import LLM, SamplingParams
 from hfbridge.server import ServerSettings
@@ -71,13 +70,7 @@ def write_scripted_model(folder: Path, replies: list[tuple[list[dict], str]]) ->
         assert tokenizer.decode(ids) == text and start > end, "the replies' positions must not overlap"
         script.append([start - 1, ids])
         end = start + len(ids)
-    package = f"scripted_{folder.parent.name}"
-    shutil.copytree(folder, folder.parent / package)
-    sys.path.insert(0, str(folder.parent))
-    try:
-        modeling = importlib.import_module(f"{package}.modeling_scripted")
-    finally:
-        sys.path.remove(str(folder.parent))
+    modeling = import_remote_code(folder, "modeling_scripted")
     vocab_size = (len(tokenizer) + 7) // 8 * 8  # a multiple of the attention heads
     model = modeling.ScriptedForCausalLM(modeling.ScriptedConfig(vocab_size=vocab_size, script=script, eos_token_id=2))
     with torch.no_grad():

@@ -4,6 +4,9 @@ Nothing is downloaded: configs come from Transformers, the tokenizer is trained 
 from __future__ import annotations
 
 import functools
+import importlib
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -111,3 +114,15 @@ def build_model(arch: str, seed: int = 0) -> torch.nn.Module:
 def make_tiny_model(arch: str, folder: Path, seed: int = 0) -> tuple[torch.nn.Module, Path]:
     model = build_model(arch, seed)
     return model, save_model(model, folder)
+
+
+def import_remote_code(folder: Path, module: str):
+    """The remote-code module `module` of a model folder, imported as Transformers would see it: a package of its
+    own (a copy of the folder beside it), so its relative imports resolve."""
+    package = f"remote_{folder.parent.name}_{folder.name}"
+    shutil.copytree(folder, folder.parent / package)
+    sys.path.insert(0, str(folder.parent))
+    try:
+        return importlib.import_module(f"{package}.{module}")
+    finally:
+        sys.path.remove(str(folder.parent))
