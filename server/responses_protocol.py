@@ -78,7 +78,9 @@ def chat_body(body: dict[str, Any], store: ResponseStore) -> tuple[dict[str, Any
         chat["tools"] = [_chat_tool(i, tool) for i, tool in enumerate(_list("tools", body["tools"]))]
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _chat_tool_choice(body["tool_choice"])
-    text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if body.get("text") is not None and not isinstance(body["text"], dict):
+        raise APIError(400, "`text` must be an object such as {\"format\": {\"type\": \"json_object\"}}", "text")
+    text_format = (body.get("text") or {}).get("format")
     if text_format is not None:
         chat["response_format"] = _response_format(text_format)
     return chat, messages

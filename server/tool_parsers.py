@@ -9,6 +9,7 @@ a call is held back (`pending`) and, if the end shows it is not one, returned as
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -159,6 +160,7 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
 }
 
 
+@functools.lru_cache(maxsize=256)  # a stream re-reads its complete calls after every token
 def _json_call(body: str) -> ToolCall | None:
     try:
         return call_from_object(json.loads(body))

