@@ -1,7 +1,7 @@
 """Hand-written modules for performance-critical architectures.
 
-`NATIVE_MODELS` maps a Transformers architecture name to (module inside this package, class name); modules are
-imported only when chosen. `unsupported_reason` says why a config of a registered architecture still needs
+`NATIVE_MODELS` maps a Transformers architecture name to (module, class name); modules are imported only when
+chosen. The modules are named in full, so tests/test_import_layers.py reads these lazy imports like any other. `unsupported_reason` says why a config of a registered architecture still needs
 Transformers (None: the native class reproduces it).
 """
 from __future__ import annotations
@@ -9,10 +9,10 @@ from __future__ import annotations
 import importlib
 
 NATIVE_MODELS: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
-    "Qwen2ForCausalLM": ("llama", "Qwen2ForCausalLM"),
-    "Qwen3ForCausalLM": ("llama", "Qwen3ForCausalLM"),
+    "LlamaForCausalLM": ("hfbridge.native_overrides.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("hfbridge.native_overrides.llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("hfbridge.native_overrides.llama", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("hfbridge.native_overrides.llama", "Qwen3ForCausalLM"),
 }
 
 # model_type -> architecture, for configs that record no architectures (a GGUF file's)
@@ -26,7 +26,7 @@ def find_native_model(architectures: list[str], model_type: str | None = None) -
     for arch in architectures:
         if arch in NATIVE_MODELS:
             module_name, class_name = NATIVE_MODELS[arch]
-            module = importlib.import_module(f"hfbridge.native_overrides.{module_name}")
+            module = importlib.import_module(module_name)
             return getattr(module, class_name)
     return None
 

@@ -1,11 +1,14 @@
 """The package map is the architecture: every import inside hfbridge points down this list, never up.
 
-server -> engine -> core/worker -> model/attention (DESIGN.md). A package may import its own modules and any
-package of a lower rank; an import of a higher rank (even a lazy one inside a function) fails here."""
+server -> engine -> core/worker -> model/attention (README, "How it is built"). A package may import its own modules
+and any package of a lower rank; an import of a higher rank (even a lazy one inside a function) fails here. A module
+named in a string ("hfbridge.native_overrides.llama", for importlib) counts as an import too: registries that import
+lazily must name their modules in full, where this check sees them."""
 from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ LAYERS = {
     8: ("server",),
     9: ("entrypoints", "sampling_params"),
 }
+_MODULE_NAME = re.compile(r"^hfbridge(\.[a-z_]+)+$")
 RANK = {package: rank for rank, packages in LAYERS.items() for package in packages}
 
 
@@ -58,6 +62,8 @@ def _imports(path: Path, module: str) -> list[str]:
             if node.level:  # relative import: resolve against this module's package
                 base = ".".join(module.split(".")[: -node.level] + [node.module])
             names.append(base)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _MODULE_NAME.match(node.value):
+            names.append(node.value)  # importlib.import_module("hfbridge....") and the registries that feed it
     return [n for n in names if n == "hfbridge" or n.startswith("hfbridge.")]
 
 
