@@ -91,3 +91,17 @@ def test_profile_step_runs_a_full_token_budget(tiny_llama):
     model.forward = spy
     run_profile_step(model, scheduler_config, runner.sampler, torch.device("cpu"))
     assert seen == [(torch.Size([1, 100]), 47, torch.Size([7, 384]))]
+
+
+def test_available_ram_is_what_the_kernel_reports(monkeypatch):
+    """The CPU KV budget's source: psutil, which works where os.sysconf("SC_AVPHYS_PAGES") does not (macOS); on
+    Linux it must agree with the kernel's own MemAvailable (within what a few ms of other processes change)."""
+    import os
+
+    from hfbridge.worker import kv_cache_sizing
+
+    monkeypatch.setattr(os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(f"unrecognized {name}")))
+    ours = kv_cache_sizing._available_ram()
+    with open("/proc/meminfo") as f:
+        kernel = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    assert abs(ours - kernel) < 0.05 * kernel

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,14 +87,10 @@ def kv_memory_budget(
 
 
 def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    """Memory the system can give without swapping (Linux's MemAvailable; macOS and Windows have no sysconf for it)."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def determine_num_blocks(
