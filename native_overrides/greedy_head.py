@@ -47,10 +47,13 @@ class GreedyHead:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, K] float32 -> tokens [N] int64, -1 for the rows the caller must compute in full."""
+        if hidden.dim() != 2 or hidden.dtype != torch.float32 or hidden.shape[1] != self.packed.shape[1]:
+            raise ValueError(f"the greedy head takes hidden states [N, {self.packed.shape[1]}] float32, got "
+                             f"{tuple(hidden.shape)} {hidden.dtype}")
         hidden = hidden.contiguous()
         rows, width = hidden.shape[0], self.packed.shape[0] * self.packed.shape[-1]
         if self.screen.numel() < rows * width:
-            self.screen = torch.empty(rows * width)
+            self.screen = torch.empty(rows * width, dtype=torch.float32)  # whatever torch's default dtype is
         tokens = torch.empty(rows, dtype=torch.int64)
         self.lib.greedy_head(hidden.data_ptr(), rows, hidden.shape[1], self.bf16_panels.data_ptr(),
                              self.packed.data_ptr(), self.norms.data_ptr(), self.vocab, self.screen.data_ptr(),

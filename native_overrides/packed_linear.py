@@ -95,7 +95,8 @@ packed_silu_mul = graph_op(
 def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                    out_features: int, silu_mul: bool = False) -> torch.Tensor:
     """x [T, in] -> [T, out_features] through `lib`'s panel_gemm (or panel_gemm_silu_mul), on panels laid out for
-    it."""
+    it. Shapes and dtypes are checked here: the kernel would read out of bounds instead."""
+    check_panel_inputs(x, packed, bias, out_features)
     x, out = x.contiguous(), x.new_empty(x.shape[0], out_features)
     if x.shape[0] > 0:
         bias = None if bias is None else bias.contiguous()
@@ -103,6 +104,20 @@ def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias
         gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0],
              out_features, x.shape[1], torch.get_num_threads())
     return out
+
+
+def check_panel_inputs(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:
+    """x [T, in] float32 on CPU, panels [P, in, C] float32 holding at least out_features columns, bias [out]."""
+    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
+        raise ValueError(f"panel_gemm takes x [T, in] float32 on CPU, got {tuple(x.shape)} {x.dtype} on {x.device}")
+    if packed.dim() != 3 or packed.dtype != torch.float32 or packed.shape[1] != x.shape[1]:
+        raise ValueError(f"panel_gemm's panels {tuple(packed.shape)} {packed.dtype} do not match x's width "
+                         f"{x.shape[1]} (panels [P, in, C] float32)")
+    if not 0 <= out_features <= packed.shape[0] * packed.shape[2]:
+        raise ValueError(f"out_features={out_features} exceeds the panels' {packed.shape[0] * packed.shape[2]} columns")
+    if bias is not None and (bias.dtype != torch.float32 or bias.numel() < out_features):
+        raise ValueError(f"panel_gemm's bias must be float32 with {out_features} values, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
 
 
 @functools.cache

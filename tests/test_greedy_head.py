@@ -142,3 +142,21 @@ def test_greedy_engine_steps_take_the_screen_and_equal_generate(tiny_llama, monk
         with torch.no_grad():
             reference = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=config)
         assert list(out.outputs[0].token_ids) == reference[0, len(prompt):].tolist()
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the screen runs where the CPU has AVX512-BF16")
+def test_mismatched_hidden_states_are_refused_and_the_default_dtype_does_not_matter():
+    weight = torch.randn(640, 64)
+    head = HeadProjection(weight)
+    with pytest.raises(ValueError, match=r"\[N, 64\] float32"):
+        head.greedy_head(torch.randn(3, 32))  # would read past each row
+    with pytest.raises(ValueError, match="float32"):
+        head.greedy_head(torch.randn(3, 64, dtype=torch.float64))
+    hidden = torch.randn(5, 64)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # the screen's scratch must stay float32 all the same
+    try:
+        tokens = head.greedy(hidden)
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(tokens, float64_argmax(hidden, weight))

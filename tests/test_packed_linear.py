@@ -152,3 +152,17 @@ def test_gate_up_with_silu_mul_at_every_vector_width(vector_bytes):
         x = torch.randn(tokens, 40)
         got = packed_linear.run_panel_gemm(lib, x, packed, packed_bias, 2 * lanes + 3, silu_mul=True)
         torch.testing.assert_close(got, _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("x,out_features,message", [
+    (torch.randn(4, 24, dtype=torch.float64), 40, "float32"),
+    (torch.randn(4, 16), 40, "do not match x's width"),
+    (torch.randn(24), 40, r"x \[T, in\]"),
+    (torch.randn(4, 24), 10_000, "exceeds"),
+])
+def test_kernel_inputs_that_do_not_fit_the_panels_are_refused(x, out_features, message):
+    lib = packed_linear._panel_gemm()
+    assert lib is not None, "panel_gemm.c did not build: the kernel is the one under test"
+    packed = packed_linear.pack_weight(torch.randn(40, 24))
+    with pytest.raises(ValueError, match=message):
+        packed_linear.run_panel_gemm(lib, x, packed, None, out_features)

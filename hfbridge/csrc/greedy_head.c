@@ -145,6 +145,12 @@ void greedy_head(const float *x, int64_t m, int64_t k, const uint16_t *bf16_pane
     const int64_t pairs = k / 2, num_panels = (vocab + COLS - 1) / COLS, width = num_panels * COLS;
     uint32_t *xb = malloc((size_t)(m * pairs) * sizeof *xb);
     float *scale = malloc((size_t)m * sizeof *scale);
+    if (xb == NULL || scale == NULL) { /* out of memory: every row is left to the caller's full head */
+        free(xb);
+        free(scale);
+        for (int64_t r = 0; r < m; r++) tokens[r] = -1;
+        return;
+    }
     for (int64_t r = 0; r < m; r++) { /* bfloat16 pairs of the row, and its bound's scale (NaN if not finite) */
         const float *row = x + r * k;
         double squares = 0.0;
@@ -175,8 +181,9 @@ void greedy_head(const float *x, int64_t m, int64_t k, const uint16_t *bf16_pane
         }
         unsigned char *marked = malloc((size_t)num_panels);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t r = 0; r < m; r++)
-            tokens[r] = pick(x + r * k, k, screen + r * width, scale[r], panels, norms, vocab, marked);
+        for (int64_t r = 0; r < m; r++) /* without its scratch, a thread leaves its rows to the full head */
+            tokens[r] = marked == NULL ? -1 : pick(x + r * k, k, screen + r * width, scale[r], panels, norms, vocab,
+                                                   marked);
         free(marked);
     }
     free(xb);
