@@ -3,14 +3,9 @@
 
 A decode step reads every cached K and V row of every request once per layer (64 requests x 200 tokens of
 SmolLM2-135M: 20 MB per layer), so its time is memory traffic. Eager torch copies the rows out first (gather +
-SDPA), and Inductor's loops over paged_decode.py's formulation re-read them (3.4 ms per layer at 64 x 200 on 2
-EPYC cores); the C kernel reads each row once, whole, in one pass per request, and prefetches along the block
-table. Per layer on 2 EPYC (Zen 4) cores, float32, 9 query / 3 KV heads, 30 layers' caches, random blocks:
-
-    requests x context    these kernels
-    64 x 200              1.0-1.2 ms
-    16 x 200              0.25 ms
-     1 x 200              0.04 ms
+SDPA), and Inductor's loops over paged_decode.py's formulation re-read them; the C kernel reads each row once,
+whole, in one pass per request, and prefetches along the block table (per-layer figures:
+docs/kernel-measurements.md).
 
 The library is built once per head size (a constant of the inner loops) by hfbridge/native_build.py (the system C
 compiler, a cache of builds, ctypes). With no C compiler, or one that fails, `available` says False and the torch

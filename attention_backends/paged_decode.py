@@ -3,7 +3,8 @@
 The eager decode path gathers every request's K and V into padded copies ([B, L, Hkv, D] each, per layer per
 step: at 64 requests x 256 tokens that is 25 MB written and read again) before scaled_dot_product_attention.
 Written as below, with the gathers feeding the two reductions directly, Inductor emits loops that read each
-cached K/V row once, where it lies: measured here about 2.5x faster per layer than gather + SDPA at that size.
+cached K/V row once, where it lies: several times faster per layer than gather + SDPA at that size
+(docs/kernel-measurements.md).
 Eager, this formulation would materialise [B, L, Hkv, G, D] products, so it only ever runs compiled; until the
 compiled code is warm (compiled in the background) the eager gather + SDPA path serves.
 
@@ -29,7 +30,7 @@ def paged_decode_attention(
     head_dim: int,
 ) -> torch.Tensor:  # [B, H, D] float32
     # The head sizes come in as constants of the compiled code, never read off the (symbolic) tensor sizes: with
-    # symbolic heads every index of the inner loops pays integer divisions (measured 1.4-1.6x slower).
+    # symbolic heads every index of the inner loops pays integer divisions (markedly slower).
     batch, max_len = slots.shape
     group = num_heads // num_kv_heads
     keys = kv_cache[0].view(-1, num_kv_heads, head_dim)[slots].float()  # [B, L, Hkv, D]

@@ -70,8 +70,8 @@ def graph_op(qualname: str, schema: str, impl: Callable, fake: Callable) -> Call
     only: no autograd formula.
 
     Registered with torch.library's define / impl / register_fake rather than custom_op: custom_op wraps every
-    call in guards of its own (torch._dynamo disabled, an autograd check), measured at 20-70 us more per call from
-    a compiled graph, where a decode step of a 30-layer model makes about 180 of these calls."""
+    call in guards of its own (torch._dynamo disabled, an autograd check), tens of microseconds more per call from
+    a compiled graph, where a decode step makes several such calls per layer (figures: docs/kernel-measurements.md)."""
     torch.library.define(qualname, schema)
     torch.library.impl(qualname, "CPU", impl)
     torch.library.register_fake(qualname, fake)

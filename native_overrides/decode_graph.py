@@ -4,12 +4,12 @@ In a decode step every request brings exactly one new token, and every layer run
 decision in between: the attention-free region before attention, the KV write, the paged decode attention
 (the C kernels of cpu_kernels.py where they serve, else paged_decode.py's formulation; both read the cache in
 place), the region after. Compiled whole, the step is one
-Dynamo call where the per-layer path makes three per layer (each 25-100 us of guards and bytecode on this CPU:
-about 10 ms of a 16-request step), and single-token steps, which the per-layer regions leave eager, get fused
-elementwise code too.
+Dynamo call where the per-layer path makes three per layer (each tens of microseconds of guards and bytecode:
+milliseconds a step), and single-token steps, which the per-layer regions leave eager, get fused elementwise code
+too.
 
 The KV write is a custom op that mutates the cache (one C call on CPU): written as a plain index_copy_ on a graph
-input, Inductor copies the whole cache every step (measured: 90 ms instead of 0.2 ms for four 98 MB caches).
+input, Inductor copies the whole cache every step (hundreds of times slower: docs/kernel-measurements.md).
 
 Two graphs: one request (torch.compile specialises size 1) and B >= 2 requests; the context length is symbolic in
 both, and so are the cache's block count and block size. Steps with prompt tokens, models with sliding-window

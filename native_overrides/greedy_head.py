@@ -4,8 +4,8 @@ screen of every logit, a proven bound on its distance from the float32 logit, an
 row_argmax would take from the full float32 logits, ties and all; rows the bound cannot serve (a non-finite
 value) come back as -1 and the caller computes them in full.
 
-Where it pays: the decode step's LM head, run for every greedy row (64 x 49152 x 576 for SmolLM2 at 64 requests:
-3.6 GFLOP, about 15% of a decode step in float32). Needs AVX512-BF16 (Zen 4, Sapphire Rapids and later); anything
+Where it pays: the decode step's LM head, run for every greedy row ([rows, V] x [V, H]: a sizeable share of a
+float32 decode step for a small model's large vocabulary). Needs AVX512-BF16 (Zen 4, Sapphire Rapids and later); anything
 else keeps the full head. Memory: one bfloat16 copy of the head (half its float32 size)."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The LM head: the one projection as wide as the vocabulary ([V, H], e.g. 49152 x 576), run for every sampled
-row of every step. On the CPU in float32 it runs on a packed copy of its weight (packed_linear.py: SmolLM2's head
-in 3.9 ms for one row, where F.linear takes about 9); results equal F.linear's up to float32 summation order.
+row of every step. On the CPU in float32 it runs on a packed copy of its weight (packed_linear.py: about twice as
+fast as F.linear for one row); results equal F.linear's up to float32 summation order.
 Anything else (GPU, half precision, no C compiler) calls F.linear. `greedy` gives the argmax tokens alone, through
 greedy_head.py's screen where it applies."""
 from __future__ import annotations

@@ -63,8 +63,8 @@ class RotaryTable(nn.Module):
 def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Transformers' x * cos + rotate_half(x) * sin, bit for bit: for halves (x1, x2), rotate_half(x) * sin is
     (-x2 * sin1, x1 * sin2), and -x2 * sin1 == x2 * -sin1 exactly. Written per half, Inductor fuses each half into
-    one loop, where materialising rotate_half's negated, concatenated copy took three (2048 tokens, 9 + 3 heads:
-    220-360 against 590-1140 us a layer)."""
+    one loop, where materialising rotate_half's negated, concatenated copy took three (about 2-3x the time:
+    docs/kernel-measurements.md)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return torch.cat((x1 * cos[..., :half] + x2 * signed_sin[..., :half],

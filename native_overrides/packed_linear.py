@@ -3,17 +3,9 @@ prepacked-weight idea (`onednn_mm`) with a kernel of our own. The weight [out, i
 C output columns ([ceil(out / C), in, C], zero-padded; C is two of the machine's vectors: 32 floats with AVX-512,
 16 with AVX2), and every call, from one token to a 2048-token prefill, runs the one C kernel on it.
 
-Why not oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise, which this module called before): measured on
-the 2-core AVX-512 machine with SmolLM2-135M's four projections, 30 copies each so the weights come from memory
-as in a real step, ms per decoder step (F.linear's MKL sgemm is slower than both):
-
-| rows | oneDNN packed | panel_gemm.c |
-|---|---|---|
-| 1 | 28.8 (the earlier one-row C kernel) | 19.0 |
-| 4 | 27.5 | 21.7 |
-| 16 | 42.3 | 33.6 |
-| 64 | 94.5 | 90.2 |
-| 2048 | 2767 | 2833 |
+Why not oneDNN's packed GEMM (torch.ops.mkldnn._linear_pointwise, which this module called before): the kernel
+is faster from 1 to 64 rows and within a few percent at 2048 (the table: docs/kernel-measurements.md), and
+F.linear's MKL sgemm is slower than both.
 
 It is also batch invariant: a row's output has the same bits whatever else is in the batch (one sequential sum
 over `in` per element), where oneDNN picks its algorithm by row count.

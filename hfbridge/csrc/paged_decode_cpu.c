@@ -20,8 +20,8 @@
  * group's K rows are asked for during the scores and its V rows during the weighted sum (__builtin_prefetch: the
  * hardware prefetcher alone does not follow a block table), spread over the heads' work so that the requests in
  * flight stay within what a core keeps. Against a K pass over the whole context, then softmax, then a V pass, this
- * measured 27-30% less time on 2 EPYC (Zen 4) cores: 64 requests x 192 tokens, 30 layers, random blocks, 31.7 ->
- * 23.1 ms; 16 x 140: 5.7 -> 4.0 ms (reading the same bytes with no arithmetic at all takes about 20 ms). */
+ * takes under three quarters of the time, close to what reading the same bytes alone takes (figures:
+ * docs/kernel-measurements.md). */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -54,8 +54,8 @@ static inline int64_t next_slot(slot_walk *walk) {
 }
 
 /* Lines asked for ahead go into L2, not L1 (locality 1: prefetcht2): a group's rows are more lines than L1 can
- * have in flight, and L1 requests stall the loads of the current rows. Measured at 64 requests x 192 tokens, random
- * blocks: 23-25 ms per 30 layers, against 25-27 with prefetcht1 and 34-36 with prefetcht0 (into L1).
+ * have in flight, and L1 requests stall the loads of the current rows (prefetcht0 and prefetcht1 measured slower:
+ * docs/kernel-measurements.md).
  *
  * A cursor over the lines of the next group's rows, row by row, so that each head can ask for its share. */
 typedef struct {

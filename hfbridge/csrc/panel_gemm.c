@@ -43,9 +43,8 @@ static void run(const float *x, const float *panels, const float *bias, float *o
     for (int64_t band = 0; band < m; band += BAND_ROWS) {
         const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;
         /* whole blocks of MAX_ROWS first, the rest last: 16 rows run as 14 + 2, not 8 + 8. The first block reads the
-         * panel from memory, and the more rows it computes meanwhile, the more of that wait it covers. Measured on
-         * the 2-core AVX-512 EPYC (30 layers' projections, weights from memory, two runs): 16 rows 20.0-22.2 against
-         * 21.9-23.8 ms, 64 rows 68-73 against 71-77, 2048 rows 2167-2239 against 2197-2303 (near-equal blocks). */
+         * panel from memory, and the more rows it computes meanwhile, the more of that wait it covers (a few
+         * percent against near-equal blocks: docs/kernel-measurements.md). */
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < num_panels; j++) {
             const float *panel = panels + j * k * COLS;

@@ -2,7 +2,7 @@
  * and the first NaN where a row has one (NaN counts as larger than everything).
  *
  * Greedy sampling takes it over the LM head's logits every step (64 rows x 49152 for SmolLM2 at 64 requests), where
- * torch's CPU argmax walks each row one element at a time: 1.3 ms for those 12.6 MB. Here each row is one pass of
+ * torch's CPU argmax walks each row one element at a time (docs/kernel-measurements.md). Here each row is one pass of
  * vector compares: every lane keeps its running maximum and the first index it was met at (a strictly larger value
  * replaces it, an equal one does not), and the lanes are merged at the end, the smallest index winning a tie. */
 #include <math.h>

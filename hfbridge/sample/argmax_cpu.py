@@ -1,6 +1,6 @@
 """Greedy tokens: the row argmax of the logits, through hfbridge/csrc/row_argmax.c on CPU float32 (built on first
-use), torch.argmax anywhere else. Same answer as torch.argmax, ties and NaN included; measured on the 2-core EPYC,
-64 x 49152 logits: 1.3 ms for torch.argmax."""
+use), torch.argmax anywhere else. Same answer as torch.argmax, ties and NaN included; torch's CPU argmax walks a
+row one element at a time (figures: docs/kernel-measurements.md)."""
 from __future__ import annotations
 
 import ctypes

@@ -6,11 +6,9 @@ fresh server writes into never-touched blocks for its first `num_blocks` allocat
 of K and V, inside write_kv, on one thread while the other waits at the step's next barrier. vLLM zero-fills its
 caches when it allocates them (torch.zeros) and serves from resident memory; this does the same, cheaper.
 
-Measured on the 2-core EPYC, SmolLM2-135M with the default 4 GiB cache, 64 x 128 -> 128 tokens after warm-up, two
-runs each: 293-294 tok/s with faults as they come (285-330 thousand faults a run) against 306-317 prefaulted
-(68-118 thousand, from activations). Prefaulting 4 GiB cost 0.66 s on two threads (madvise
-MADV_POPULATE_WRITE, Linux 5.14+, which faults pages in without writing them), 0.96 s with zero_() (the
-fallback); 2.3-3.1 s on one busier day. That is start-up time a server need not wait for: `BackgroundPrefault`
+Prefaulting raises a fresh server's throughput by a few percent and costs a fraction of a second to seconds for the
+default cache (madvise MADV_POPULATE_WRITE, Linux 5.14+, which faults pages in without writing them; zero_() is the
+fallback; figures: docs/kernel-measurements.md). That is start-up time a server need not wait for: `BackgroundPrefault`
 runs the madvise calls on a thread while the engine serves. MADV_POPULATE_WRITE never changes what a page holds (a
 page already written is left as it is), so rows the first steps write meanwhile stay intact.
 
