@@ -37,10 +37,43 @@ def load_library(name: str, defines: tuple[str, ...] = (), vector_bytes: int | N
         defines = (*defines, f"-DHFBRIDGE_VECTOR_BYTES={vector_bytes}")
     source = CSRC / name
     try:
-        return ctypes.CDLL(str(_build(source, defines)))
+        lib = ctypes.CDLL(str(_build(source, defines)))
     except (OSError, subprocess.SubprocessError) as exc:
         logger.warning("Could not build the C kernels of %s (%s); torch code runs instead", source.name, exc)
         return None
+    warn_if_two_openmp_runtimes()
+    return lib
+
+
+# OpenMP runtimes by family: GNU's (gcc, torch's Linux wheels), LLVM's (clang), Intel's (icc, some torch builds)
+OPENMP_RUNTIMES = {"libgomp": "GNU", "libomp": "LLVM", "libiomp5": "Intel"}
+
+
+def openmp_runtimes(maps: str | None = None) -> set[str]:
+    """The OpenMP runtime families mapped into this process (/proc/self/maps; empty where it cannot be read)."""
+    if maps is None:
+        try:
+            with open("/proc/self/maps") as f:
+                maps = f.read()
+        except OSError:
+            return set()
+    names = {Path(line.split()[-1]).name for line in maps.splitlines() if "/" in line}
+    return {family for prefix, family in OPENMP_RUNTIMES.items() for name in names
+            if name.startswith((prefix + ".", prefix + "-"))}  # libgomp.so.1, or a wheel's libgomp-a34b3233.so.1
+
+
+@functools.cache
+def warn_if_two_openmp_runtimes(maps: str | None = None) -> bool:
+    """Warn once when the kernels brought a second OpenMP runtime next to torch's: each keeps its own thread pool,
+    and the two pools' spinning threads compete for the same cores. True when it warned."""
+    found = openmp_runtimes(maps)
+    if len(found) < 2:
+        return False
+    logger.warning(
+        "Two OpenMP runtimes are loaded (%s): hfbridge's C kernels and torch each run their own thread pool, which "
+        "slows both. Build the kernels with the compiler torch's runtime belongs to (for torch's Linux wheels: gcc, "
+        "e.g. CC=gcc) and clear %s", ", ".join(sorted(found)), cache_root() / "kernels")
+    return True
 
 
 def declare(lib: ctypes.CDLL | None, signatures: dict[str, tuple[list, type | None]]) -> ctypes.CDLL | None:

@@ -164,3 +164,21 @@ def test_write_kv_refuses_a_slot_past_the_cache():
     with pytest.raises(IndexError, match="slot 30 is out of range for a cache of 30 slots"):
         cpu_kernels.write_kv_cpu(cache, rows, rows, torch.tensor([3, 30]))
     assert cache.abs().sum() == 0  # nothing written
+
+
+def test_a_second_openmp_runtime_is_named_once(caplog):
+    """Read from the process's mapped libraries (/proc/self/maps lines, as the kernel writes them)."""
+    from hfbridge import native_build
+
+    gnu = "7f00-7f10 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0\n"
+    llvm = "7f20-7f30 r-xp 00000000 08:01 2 /usr/lib/llvm-17/lib/libomp.so.5\n"
+    assert native_build.openmp_runtimes(gnu + gnu) == {"GNU"}
+    assert native_build.openmp_runtimes(gnu.replace("libgomp.so.1.0.0", "libgomp-a34b3233.so.1")) == {"GNU"}
+    assert native_build.openmp_runtimes("7f-7f r-xp 0 0:0 0 /lib/libomptarget.so\n") == set()
+    assert native_build.openmp_runtimes(gnu + llvm) == {"GNU", "LLVM"}
+    assert not native_build.warn_if_two_openmp_runtimes(gnu)
+    with caplog.at_level("WARNING", logger="hfbridge.native_build"):
+        assert native_build.warn_if_two_openmp_runtimes(gnu + llvm)
+        native_build.warn_if_two_openmp_runtimes(gnu + llvm)  # cached: said once
+    assert sum("Two OpenMP runtimes" in r.message for r in caplog.records) == 1
+    assert native_build.openmp_runtimes() == {"GNU"}  # this process: torch's libgomp, shared by the kernels
