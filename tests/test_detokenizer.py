@@ -59,3 +59,21 @@ def test_multibyte_character_is_held_until_complete():
     detok = IncrementalDetokenizer(tokenizer, [])
     pieces = [detok.add_token(t) for t in ids]
     assert pieces[:-1] == [""] * (len(ids) - 1) and pieces[-1] == "🚀"
+
+
+def test_fast_tokenizers_stream_through_decode_stream_and_others_fall_back():
+    """Both paths against the tokenizer's own decode of the whole output."""
+    tokenizer = build_tokenizer()
+    ids = tokenizer(TEXTS[1], add_special_tokens=False).input_ids
+    fast = IncrementalDetokenizer(tokenizer, [])
+    assert fast.stream is not None  # tokenizers' DecodeStream
+
+    class PythonOnly:  # a tokenizer with decode() alone, as a slow or custom one has
+        def decode(self, token_ids, **kwargs):
+            return tokenizer.decode(token_ids, **kwargs)
+
+    slow = IncrementalDetokenizer(PythonOnly(), [])
+    assert slow.stream is None
+    expected = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+    for detok in (fast, slow):
+        assert "".join(detok.add_token(t) for t in ids) + detok.flush() == expected
