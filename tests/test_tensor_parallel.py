@@ -230,3 +230,16 @@ def test_a_dead_worker_raises_instead_of_hanging(llama, prompts):
     with pytest.raises(RuntimeError, match=r"tensor-parallel worker 1 exited"):
         llm.generate({"prompt_token_ids": prompts[0]}, GREEDY, use_tqdm=False)
     assert not psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=15)[1]
+
+
+def test_a_flat_script_is_told_to_guard_its_main(tmp_path):
+    """tensor_parallel_size=2 at the top level of a script: the spawned workers import it again; the error says
+    what to write (multiprocessing's own message is about bootstrapping)."""
+    _, folder = make_tiny_model("LlamaForCausalLM", tmp_path / "model")
+    script = tmp_path / "flat_script.py"
+    script.write_text("from hfbridge import LLM\n"
+                      f"llm = LLM(model={str(folder)!r}, tensor_parallel_size=2, max_model_len=64)\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HFBRIDGE_WORKER_TIMEOUT": "120"})
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in result.stderr, result.stderr[-3000:]

@@ -183,10 +183,10 @@ class EngineArgs:
             read_generation_config,
         )
 
-        if self.model is None:
-            from hfbridge.model.default_model import default_model_path
+        from hfbridge.model.default_model import DEFAULT_MODEL_NAME, default_model_path
 
-            model = default_model_path()
+        if self.model is None or (self.model == DEFAULT_MODEL_NAME and not os.path.exists(self.model)):
+            model = default_model_path()  # the bundled model, also by the name it is served under
         else:
             model = str(self.model)
         if self.model_impl not in ("auto", "transformers", "native"):

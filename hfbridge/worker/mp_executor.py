@@ -99,8 +99,10 @@ class MultiprocExecutor:
             self.processes.append(process)
             self.conns.append(parent_conn)
         self._finalizer = weakref.finalize(self, _stop, self.processes, self.conns)
+        self.started = False  # every worker reported in
         try:
             self.num_blocks = [self._recv(rank) for rank in range(self.world_size)][0]
+            self.started = True
         except BaseException:
             self.shutdown()
             raise
@@ -137,8 +139,14 @@ class MultiprocExecutor:
 
     def _raise_died(self, rank: int) -> None:
         self.shutdown()
+        hint = ""
+        script = getattr(sys.modules.get("__main__"), "__file__", None)
+        if not self.started and script is not None:  # the usual cause of a worker that dies while starting
+            hint = (f". Workers are spawned processes that import {os.path.basename(script)} again: a script must "
+                    "create the LLM under `if __name__ == \"__main__\":`, or every worker starts an engine of its own "
+                    "and multiprocessing stops it while it is still bootstrapping")
         raise WorkerDiedError(
-            f"tensor-parallel worker {rank} exited (code {self.processes[rank].exitcode}); the engine stopped"
+            f"tensor-parallel worker {rank} exited (code {self.processes[rank].exitcode}); the engine stopped{hint}"
         )
 
     def _send_all(self, message: tuple) -> None:
