@@ -34,6 +34,17 @@ class CompletionOutput:
         return self.finish_reason is not None
 
 
+@dataclass(frozen=True)
+class RequestMetrics:
+    """When a request (its first sample) arrived, first got a step, got its first and its latest token:
+    time.monotonic() seconds of the engine's process; None until it happened."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+
+
 class RequestOutput:
     def __init__(
         self,

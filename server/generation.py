@@ -178,7 +178,7 @@ class OutputMerger:
                 num_new = sum(len(c.token_ids) for c in item.outputs)
                 self.usage.completion_tokens += num_new
                 reason = (item.outputs[0].finish_reason or "abort") if item.finished and item.outputs else None
-                self.timers[index].on_output(num_new, reason)
+                self.timers[index].on_output(num_new, reason, item)
                 if item.finished:
                     remaining -= 1
                     self._free(index)

@@ -130,7 +130,7 @@ class ServingState:
             chat_template=chat_template,
             created=int(time.time()),
         )
-        self.metrics.model_name = names[0]
+        self.metrics.set_model(names[0], engine.engine)
         self.engine = engine
 
     @property

@@ -427,27 +427,38 @@ async def test_tokenize_and_detokenize(client, offline):
 
 
 async def test_metrics(client):
-    await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})
+    """/metrics read with prometheus_client's own parser: vLLM's names, types and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = await client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 5})
+    num_prompt_tokens = (await response.json())["usage"]["prompt_tokens"]
     response = await client.get("/metrics")
     assert response.status == 200 and response.content_type == "text/plain"
-    text = await response.text()
-    label = 'model_name="' + str(engine_of(client).model_config.served_model_name) + '"'
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    assert samples[f"vllm:num_requests_running{{{label}}}"] == 0
-    assert samples[f"vllm:num_requests_waiting{{{label}}}"] == 0
-    assert samples[f"vllm:kv_cache_usage_perc{{{label}}}"] == 0
-    assert samples[f"vllm:prompt_tokens_total{{{label}}}"] >= 6
-    assert samples[f"vllm:generation_tokens_total{{{label}}}"] >= 5
-    assert samples[f'vllm:request_success_total{{{label},finished_reason="length"}}'] == 1
+    model = str(engine_of(client).model_config.served_model_name)
+    families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+
+    def value(name: str, **labels: str) -> float:
+        return samples[(name, tuple(sorted({"model_name": model, **labels}.items())))]
+
+    assert value("vllm:num_requests_running") == 0 and families["vllm:num_requests_running"].type == "gauge"
+    assert value("vllm:num_requests_waiting") == 0
+    assert value("vllm:kv_cache_usage_perc") == 0
+    assert value("vllm:prompt_tokens_total") >= 6 and families["vllm:prompt_tokens"].type == "counter"
+    assert value("vllm:generation_tokens_total") >= 5
+    assert value("vllm:request_success_total", finished_reason="length") == 1
+    assert value("vllm:request_success_total", finished_reason="stop") == 0
     for hist, count in [("time_to_first_token_seconds", 1), ("inter_token_latency_seconds", 4),
-                        ("e2e_request_latency_seconds", 1)]:
-        assert samples[f"vllm:{hist}_count{{{label}}}"] == count
-        assert samples[f'vllm:{hist}_bucket{{{label},le="+Inf"}}'] == count
-    assert "# TYPE vllm:e2e_request_latency_seconds histogram" in text
+                        ("e2e_request_latency_seconds", 1), ("request_queue_time_seconds", 1),
+                        ("request_prefill_time_seconds", 1), ("request_decode_time_seconds", 1),
+                        ("request_prompt_tokens", 1), ("request_generation_tokens", 1)]:
+        assert families[f"vllm:{hist}"].type == "histogram", hist
+        assert value(f"vllm:{hist}_count") == count, hist
+        assert value(f"vllm:{hist}_bucket", le="+Inf") == count, hist
+    assert value("vllm:request_prompt_tokens_sum") == num_prompt_tokens
+    assert value("vllm:request_generation_tokens_sum") == 5
+    assert value("vllm:iteration_tokens_total_count") >= 5  # one step for the prompt, one per later token
+    assert value("vllm:iteration_tokens_total_sum") >= num_prompt_tokens + 4
 
 
 # -- auth

@@ -47,6 +47,7 @@ class Request:
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # time.monotonic() when it first got a step
         self.generator = generator  # per-request RNG when SamplingParams.seed is set
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)

@@ -2,6 +2,8 @@
 decode and prefix-cache hits. When blocks run out, the newest running request is preempted and recomputed."""
 from __future__ import annotations
 
+import time
+
 from hfbridge.config import SchedulerConfig
 from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.core.request import Request, RequestStatus
@@ -70,6 +72,7 @@ class Scheduler:
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             scheduled.append(_scheduled(request, num_new, num_hit_tokens, blocks))

@@ -1,11 +1,12 @@
 """LLMEngine: requests in, RequestOutputs out, one `step()` at a time (the server drives it too)."""
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -31,11 +32,22 @@ from hfbridge.structured_output.reasoning import ReasoningEnd
 logger = logging.getLogger(__name__)
 
 
+# vLLM's buckets for vllm:iteration_tokens_total (tokens scheduled in one step)
+ITERATION_TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
 @dataclass
 class EngineStats:
     num_prompt_tokens: int = 0
     num_generation_tokens: int = 0
     num_finished: int = 0
+    # tokens per step, as a histogram: counts per ITERATION_TOKEN_BUCKETS bound (not cumulative; the last is +Inf)
+    iteration_tokens: list[int] = field(default_factory=lambda: [0] * (len(ITERATION_TOKEN_BUCKETS) + 1))
+    iteration_tokens_sum: int = 0
+
+    def observe_step(self, num_tokens: int) -> None:
+        self.iteration_tokens[bisect.bisect_left(ITERATION_TOKEN_BUCKETS, num_tokens)] += 1
+        self.iteration_tokens_sum += num_tokens
 
 
 class EngineStepError(RuntimeError):
@@ -227,6 +239,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        self.stats.observe_step(scheduler_output.num_scheduled_tokens)
         bitmask = self.structured_outputs.bitmask(scheduler_output.scheduled)
         if bitmask is not None:
             scheduler_output = dataclasses.replace(scheduler_output, grammar_bitmask=bitmask)

@@ -1,11 +1,12 @@
 """Turns new tokens into RequestOutputs: detokenizes, applies stop conditions, builds vLLM's output shapes."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from hfbridge.engine.detokenizer import IncrementalDetokenizer, decode_token
-from hfbridge.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from hfbridge.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestMetrics, RequestOutput
 from hfbridge.pooling.pooling_outputs import PoolingOutput, PoolingRequestOutput
 from hfbridge.core.request import Request, RequestStatus
 from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
@@ -34,6 +35,10 @@ class RequestState:
     num_cached_tokens: int | None = None
     sent_text: int = 0  # offsets already emitted, for DELTA outputs
     sent_tokens: int = 0
+    arrival_time: float = 0.0  # engine time.monotonic() stamps, for RequestOutput.metrics
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def stop_buffer(self) -> int:
@@ -81,6 +86,7 @@ class OutputProcessor:
             request.request_id, parent_id, index, prompt, request.prompt_token_ids, params, detok,
             logprobs=[] if params.logprobs is not None else None,
             cumulative_logprob=0.0 if params.logprobs is not None else None,
+            arrival_time=request.arrival_time,
         )
         self.states[request.request_id] = state
         parent = self.parents.setdefault(parent_id, ParentState(parent_id, num_samples, params.output_kind))
@@ -181,6 +187,9 @@ class OutputProcessor:
         token = request.output_token_ids[-1]
         params = state.params
         state.token_ids.append(token)
+        state.last_token_time = time.monotonic()
+        if state.first_token_time is None:
+            state.first_token_time, state.first_scheduled_time = state.last_token_time, request.first_scheduled_time
         if logprobs is not None:
             state.logprobs.append(self._logprob_dict(logprobs))
             state.cumulative_logprob += logprobs.logprobs[0]
@@ -236,6 +245,8 @@ class OutputProcessor:
             outputs=completions,
             finished=all_done,
             num_cached_tokens=first.num_cached_tokens,
+            metrics=RequestMetrics(first.arrival_time, first.first_scheduled_time, first.first_token_time,
+                                   first.last_token_time),
         )
 
     @staticmethod
