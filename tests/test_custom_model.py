@@ -13,13 +13,18 @@ from hfbridge import LLM, SamplingParams
 SOURCE = Path(__file__).parent / "custom_model"
 
 
-def write_remote_code_model(folder: Path, supports_backend: bool = True) -> torch.nn.Module:
-    """Save MyForCausalLM's weights with the modeling files beside them, as a Hub repo would hold them."""
+def write_remote_code_model(folder: Path, supports_backend: bool = True,
+                            edits: tuple[tuple[str, str], ...] = ()) -> torch.nn.Module:
+    """Save MyForCausalLM's weights with the modeling files beside them, as a Hub repo would hold them. `edits`:
+    (old, new) replacements in the modeling file, for variants."""
     folder.mkdir(parents=True)
     for name in ("configuration_my.py", "modeling_my.py"):
         text = (SOURCE / name).read_text()
         if not supports_backend:
             text = text.replace("_supports_attention_backend = True", "_supports_attention_backend = False")
+        for old, new in edits if name == "modeling_my.py" else ():
+            assert old in text, old
+            text = text.replace(old, new)
         (folder / name).write_text(text)
     modeling = import_remote_code(folder, "modeling_my")
     torch.manual_seed(0)

@@ -247,6 +247,25 @@ def test_llm_refuses_before_loading(tmp_path, monkeypatch):
         LLM(model=str(llama), max_model_len=64, pipeline_parallel_size=2)
 
 
+POSITIONS_OUTSIDE_THE_PLAN = (  # learned positions added after embed_tokens, in the base forward the plan splits
+    ("        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n",
+     "        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)\n"
+     "        self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)\n"),
+    ("        mask = create_causal_mask(",
+     "        hidden_states = hidden_states + self.embed_positions(position_ids)\n        mask = create_causal_mask("),
+)
+
+
+def test_a_split_that_would_change_the_output_is_refused_before_loading(tmp_path):
+    """The model runs at pp=1 (its positions added once); at pp=2 the second stage would add them again: refused,
+    naming the reason and the fix, before any worker starts."""
+    write_remote_code_model(tmp_path / "positions", edits=POSITIONS_OUTSIDE_THE_PLAN)
+    with pytest.raises(ValueError, match=r"pipeline_parallel_size=2 would change MyModel's output.*base_model_pp_plan"):
+        LLM(model=str(tmp_path / "positions"), trust_remote_code=True, max_model_len=64, pipeline_parallel_size=2)
+    llm = LLM(model=str(tmp_path / "positions"), trust_remote_code=True, max_model_len=64)
+    assert llm.generate({"prompt_token_ids": [5, 6, 7]}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+
+
 # ---- equality with the model's own forward -----------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

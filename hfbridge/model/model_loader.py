@@ -19,6 +19,7 @@ from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, Transform
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
 from hfbridge.model.pipeline_stage import install_stage_forward
+from hfbridge.model.pp_probe import check_pp_split
 from hfbridge.parallel.pp_plan import check_pp_plan as check_stage_plan
 from hfbridge.parallel.pp_plan import split_stages
 from hfbridge.parallel.state import PPGroup, TPGroup, get_pp_group, get_tp_group
@@ -107,6 +108,7 @@ def check_pp_plan(model_config: ModelConfig, pp: int) -> None:
     model_class = resolve_model_class(model_config, tensor_parallel_size=pp)
     hf_model = build_on_meta(model_class, model_config)
     check_stage_plan(hf_model.base_model, _num_layers(model_config), pp)
+    check_pp_split(model_class.cls, model_config.hf_config, pp)
 
 
 def _num_layers(model_config: ModelConfig) -> int | None:
