@@ -76,3 +76,47 @@ def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path) -
 def test_serve_tp2_answers_like_tp1_and_dies_cleanly_with_a_worker(tiny_llama, tmp_path):
     log = serve_two_ranks_then_kill_one(str(tiny_llama[1]), "-tp", 1, tmp_path)
     assert "tensor-parallel worker" in log and "world size 2" in log
+
+
+def test_a_worker_killed_under_traffic_stops_the_server(tiny_llama, tmp_path):
+    """Streams in flight when a rank dies end with an error, /ready stops answering 200 and the server exits 1 by
+    itself with no worker left (before, every later request got a 500 while /ready said 200)."""
+    import threading
+
+    process, url = start_server([str(tiny_llama[1]), "--max-model-len", "64", "-tp", "2"], tmp_path / "busy.log",
+                                env={"OMP_NUM_THREADS": "1"})
+    workers = workers_of(process.pid)
+    outcomes: list[str] = []
+    started = threading.Event()
+
+    def client() -> None:
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+        for _ in range(50):
+            try:
+                for chunk in api.completions.create(model=api.models.list().data[0].id, prompt="Hello", stream=True,
+                                                    max_tokens=40, temperature=0, extra_body={"ignore_eos": True}):
+                    started.set()
+                outcomes.append("done")
+            except Exception as e:  # noqa: BLE001 - how each stream ended is what the test reads
+                outcomes.append(type(e).__name__)
+                if process.poll() is not None or ready_status(url) != 200:
+                    return
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        assert started.wait(60)
+        workers[1].kill()
+        assert process.wait(timeout=60) == 1  # exits by itself
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        errors = [o for o in outcomes if o != "done"]
+        assert errors and len(errors) <= 3 * 2, outcomes  # each client saw its stream fail, then a closed server
+        assert not psutil.wait_procs(workers, timeout=15)[1]
+    finally:
+        if process.poll() is None:
+            stop_server(process)
+    log = (tmp_path / "busy.log").read_text()
+    assert "The engine stopped" in log

@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from hfbridge.engine.llm_engine import EngineStepError, LLMEngine
+from hfbridge.engine.llm_engine import EngineStepError, ExecutorDeadError, LLMEngine
 from hfbridge.outputs import RequestOutput
 from hfbridge.sample.sampling_params import SamplingParams
 
@@ -209,6 +209,8 @@ class AsyncLLMEngine:
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
+        except ExecutorDeadError:
+            raise  # fatal: the thread stops, every stream ends with the error, /ready turns 503, the server exits
         except EngineStepError as e:
             # The engine already aborted the step's requests (and dropped the prefix-cache entries the step was
             # to write): end their streams with the error; every other request goes on.

@@ -61,6 +61,11 @@ class EngineStepError(RuntimeError):
         self.request_ids = request_ids
 
 
+class ExecutorDeadError(RuntimeError):
+    """The executor lost a worker (a rank died or failed and the others were stopped): no step can run again.
+    Fatal for the engine, unlike EngineStepError; the cause is chained."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor: Executor | None = None):
         self.config = config
@@ -246,7 +251,12 @@ class LLMEngine:
         try:
             runner_output = self.executor.execute(scheduler_output)
         except Exception as e:
-            raise EngineStepError(self._fail_step(scheduler_output), e) from e
+            failed = self._fail_step(scheduler_output)
+            try:
+                self.check_health()  # a multi-process executor stops every worker when one fails
+            except Exception as dead:  # noqa: BLE001 - whatever the executor says killed it
+                raise ExecutorDeadError(f"{dead} (the step failed with {type(e).__name__}: {e})") from e
+            raise EngineStepError(failed, e) from e
         advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
         grammar_ended, failed = self.structured_outputs.accept(advanced)
         failed.update({request_id: ValidationError(why, parameter="structured_outputs")
