@@ -45,6 +45,7 @@ class ModelConfig:
     max_logprobs: int = 20
     chat_template: str | None = None
     reasoning_parser: str | None = None  # structured outputs constrain what follows the reasoning
+    tokenizer_mode: str = "auto"  # "slow": the Python tokenizer (use_fast=False)
     # Sampling defaults from the model's generation_config.json (vLLM's generation_config="auto").
     default_sampling: dict[str, Any] = field(default_factory=dict)
     generation_eos_token_ids: frozenset[int] = frozenset()  # from generation_config.json

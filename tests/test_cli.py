@@ -1,7 +1,9 @@
 """`hfbridge serve` / `hfbridge generate`: vLLM's flag spellings reach EngineArgs and the server settings;
 vLLM-only flags warn instead of failing; `generate` prints what the offline API generates."""
 import logging
+import re
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -71,15 +73,41 @@ def test_unset_flags_keep_engine_defaults(captured):
 
 
 def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
+    """Flags that cannot change the output are dropped with a warning; flags that could are accepted only with the
+    value that changes nothing (vLLM's default)."""
     with caplog.at_level(logging.WARNING):
         result = run(["serve", "/models/x", "--disable-log-stats", "--swap-space", "4", "--kv_cache_dtype=auto",
-                      "--disable-log-requests", "--lora-modules", "a=b", "c=d", "--max-num-seqs", "4", "-O3",
-                      "--no-enable-sleep-mode"])
+                      "--disable-log-requests", "--data-parallel-size", "1", "--max-num-seqs", "4", "-O3",
+                      "--no-enable-sleep-mode", "--guided-decoding-backend", "xgrammar"])
     assert result.exit_code == 0, result.output
     assert captured["engine_args"].max_num_seqs == 4
-    for flag in ("--disable-log-stats", "--swap-space", "--kv-cache-dtype", "--disable-log-requests", "--lora-modules",
-                 "--compilation-config", "--no-enable-sleep-mode"):
+    for flag in ("--disable-log-stats", "--swap-space", "--disable-log-requests", "--compilation-config",
+                 "--no-enable-sleep-mode"):
         assert f"Ignoring {flag}" in caplog.text
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-q", "awq"], "--quantization is not supported: quantized checkpoints"),
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported"),
+    (["-dp", "2"], "--data-parallel-size 2 is not supported"),
+    (["--speculative-config", "{}"], "speculative decoding"),
+    (["--lora-modules", "a=b"], "LoRA adapters"),
+    (["--enable-lora"], "LoRA adapters"),
+    (["--scheduling-policy", "priority"], "priority scheduling is not supported"),
+    (["--load-format", "dummy"], "--load-format dummy is not supported"),
+    (["--structured-outputs-config", '{"backend": "guidance"}'], "xgrammar"),
+    (["--guided-decoding-backend=outlines"], "xgrammar"),
+])
+def test_vllm_flags_that_would_change_the_output_are_refused(flags, message):
+    with pytest.raises(click.UsageError, match=re.escape(message)):
+        normalize_argv(["serve", "/models/x", *flags])
+
+
+def test_tokenizer_mode_and_download_dir_reach_the_engine(captured, tmp_path):
+    result = run(["serve", "/models/x", "--tokenizer-mode", "slow", "--download-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert captured["engine_args"].tokenizer_mode == "slow"
+    assert captured["engine_args"].download_dir == str(tmp_path)
 
 
 def test_unknown_flags_fail_like_argparse(captured):

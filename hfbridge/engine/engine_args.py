@@ -73,12 +73,17 @@ IGNORED_ARGS = frozenset(
 )
 
 
+TOKENIZER_MODES = ("auto", "hf", "slow")  # vLLM's "mistral" and "custom" need tokenizers hfbridge does not have
+
+
 @dataclass
 class EngineArgs:
     model: str | None = None
     tokenizer: str | None = None
     revision: str | None = None
     tokenizer_revision: str | None = None
+    tokenizer_mode: str = "auto"  # auto / hf: the fast tokenizer where there is one; slow: the Python one
+    download_dir: str | None = None  # the cache folder for Hub downloads (instead of HF_HUB_CACHE)
     hf_token: str | bool | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None
@@ -193,7 +198,10 @@ class EngineArgs:
             raise ValueError(
                 f"model_impl={self.model_impl!r} is not supported; use 'auto', 'transformers' or 'native'"
             )
-        source = resolve_model_source(model, revision=self.revision, hf_token=self.hf_token, gguf_file=self.gguf_file)
+        if self.tokenizer_mode not in TOKENIZER_MODES:
+            raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported; use one of {TOKENIZER_MODES}")
+        source = resolve_model_source(model, revision=self.revision, hf_token=self.hf_token, gguf_file=self.gguf_file,
+                                      download_dir=self.download_dir)
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         if self.override_pooler_config is not None:
             logger.warning("override_pooler_config is deprecated; use pooler_config")
@@ -208,7 +216,7 @@ class EngineArgs:
         tokenizer_path = source.folder
         if self.tokenizer is not None:
             tokenizer_path = resolve_model_source(
-                self.tokenizer, revision=self.tokenizer_revision, hf_token=self.hf_token
+                self.tokenizer, revision=self.tokenizer_revision, hf_token=self.hf_token, download_dir=self.download_dir
             ).folder
         served = self.served_model_name
         if isinstance(served, list):
@@ -233,6 +241,7 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             chat_template=self.chat_template,
             reasoning_parser=self.reasoning_parser,
+            tokenizer_mode=self.tokenizer_mode,
             default_sampling=defaults,
             generation_eos_token_ids=generation_eos_token_ids(generation_config),
             runner=runner.runner,

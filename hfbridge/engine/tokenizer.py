@@ -11,7 +11,8 @@ from hfbridge.config import ModelConfig
 def load_tokenizer(model_config: ModelConfig) -> Any | None:
     if model_config.skip_tokenizer_init:
         return None
-    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code, "revision": model_config.revision}
+    kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code, "revision": model_config.revision,
+                              "use_fast": model_config.tokenizer_mode != "slow"}
     if model_config.gguf_file and model_config.tokenizer_path == model_config.model_path:
         kwargs["gguf_file"] = model_config.gguf_file
     try:

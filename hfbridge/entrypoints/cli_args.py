@@ -23,27 +23,50 @@ IGNORED_FLAGS: dict[str, int] = {
     **dict.fromkeys(
         ["--disable-log-stats", "--disable-log-requests", "--enable-log-requests",
          "--disable-custom-all-reduce", "--enable-prompt-tokens-details",
-         "--return-tokens-as-token-ids", "--disable-frontend-multiprocessing", "--enable-sleep-mode",
-         "--disable-uvicorn-access-log", "--enable-request-id-headers", "--enable-lora",
-         "--disable-sliding-window", "--use-v2-block-manager", "--enable-server-load-tracking",
-         "--enable-prompt-embeds", "--disable-fastapi-docs", "--disable-async-output-proc",
+         "--disable-frontend-multiprocessing", "--enable-sleep-mode",
+         "--disable-uvicorn-access-log", "--enable-request-id-headers",
+         "--use-v2-block-manager", "--enable-server-load-tracking",
+         "--disable-fastapi-docs", "--disable-async-output-proc",
          "--trust-request-mm-kwargs", "--enable-log-outputs", "--disable-mm-preprocessor-cache",
          "--enable-expert-parallel", "--enable-eplb", "--async-scheduling"], 0),
     **dict.fromkeys(
-        ["--swap-space", "--cpu-offload-gb", "--kv-cache-dtype", "--quantization", "--load-format",
-         "--download-dir", "--tokenizer-mode", "--code-revision", "--max-seq-len-to-capture",
+        ["--swap-space", "--cpu-offload-gb", "--max-seq-len-to-capture",
          "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
-         "--max-lora-rank", "--max-cpu-loras", "--data-parallel-size", "--uvicorn-log-level", "--root-path",
-         "--chat-template-content-format",
+         "--max-lora-rank", "--max-cpu-loras", "--uvicorn-log-level", "--root-path",
          "--worker-cls",
-         "--logits-processors", "--structured-outputs-config", "--guided-decoding-backend", "--speculative-config",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
-         "--scheduling-policy", "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
+         "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
          "--collect-detailed-traces", "--max-log-len", "--lora-dtype", "--tokenizer-pool-size",
-         "--kv-transfer-config", "--hf-config-path", "--allowed-local-media-path", "--disable-log-stats-interval", "--lora-extra-vocab-size",
+         "--kv-transfer-config", "--allowed-local-media-path", "--disable-log-stats-interval", "--lora-extra-vocab-size",
          "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo",
          "--numa-bind", "--ignore-patterns"], 1),
-    **dict.fromkeys(["--lora-modules", "--prompt-adapters"], -1),
+}
+# vLLM flags that would change what is computed: accepted with the values that change nothing here (vLLM's
+# defaults), refused with the reason otherwise; never dropped with a warning. name -> (values accepted, reason).
+# A switch (no value) lists no values: it is always refused.
+OUTPUT_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "--quantization": ((), "quantized checkpoints are not served yet; use an unquantized model"),
+    "--kv-cache-dtype": (("auto",), "the KV cache keeps the model's dtype (auto)"),
+    "--data-parallel-size": (("1",), "data parallelism is not supported; run one server per replica"),
+    "--speculative-config": ((), "speculative decoding is not supported"),
+    "--enable-lora": ((), "LoRA adapters are not supported yet"),
+    "--lora-modules": ((), "LoRA adapters are not supported yet"),
+    "--prompt-adapters": ((), "prompt adapters are not supported"),
+    "--enable-prompt-embeds": ((), "prompt embeddings are not supported"),
+    "--scheduling-policy": (("fcfs",), "requests are scheduled first come, first served (round-robin across "
+                                      "requests); priority scheduling is not supported"),
+    "--load-format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
+    "--logits-processors": ((), "custom logits processors are not supported"),
+    "--hf-config-path": ((), "the config is read from the model folder; change it with --hf-overrides"),
+    "--code-revision": ((), "remote code is read at --revision"),
+    "--guided-decoding-backend": (("auto", "xgrammar"), "structured outputs are decoded with xgrammar"),
+    "--structured-outputs-config": (('{"backend": "xgrammar"}', '{"backend": "auto"}'),
+                                    "structured outputs use xgrammar with per-request options "
+                                    "(disable_any_whitespace, ...); --reasoning-parser sets the reasoning format"),
+    "--chat-template-content-format": (("auto",), "the server renders message content as the template expects "
+                                                 "(auto)"),
+    "--disable-sliding-window": ((), "sliding windows are part of the model; hfbridge always honours them"),
+    "--return-tokens-as-token-ids": ((), "tokens are returned as text"),
 }
 # vLLM flags that would weaken or bypass security if ignored (an auth middleware not mounted, a socket not the
 # one asked for): refused with the reason, never dropped with a warning.
@@ -79,6 +102,15 @@ def normalize_argv(argv: list[str]) -> list[str]:
         key = f"--{name[5:]}" if name.startswith("--no-") and f"--{name[5:]}" in IGNORED_FLAGS else name
         if key in REFUSED_FLAGS:
             raise click.UsageError(f"{name} is not supported: {REFUSED_FLAGS[key]}")
+        if key in OUTPUT_FLAGS:
+            accepted, reason = OUTPUT_FLAGS[key]
+            if not eq and accepted and i < len(argv) and not argv[i].startswith("--"):
+                value, i = argv[i], i + 1
+            if not accepted or value.replace(" ", "") not in {v.replace(" ", "") for v in accepted}:
+                given = f"{name} {value}".strip() if accepted else name
+                raise click.UsageError(f"{given} is not supported: {reason}"
+                                       + (f" (accepted: {', '.join(accepted)})" if accepted else ""))
+            continue
         if key in IGNORED_FLAGS:
             num_values = IGNORED_FLAGS[key]
             if not eq:  # skip the flag's values too: one, or all up to the next flag for list flags
@@ -187,6 +219,10 @@ ENGINE_OPTIONS = [
     click.option("--tokenizer", help="Tokenizer folder or Hub id, if not the model's."),
     click.option("--revision", help="Hub branch, tag or commit of the model."),
     click.option("--tokenizer-revision", help="Hub revision of the tokenizer."),
+    click.option("--tokenizer-mode", type=click.Choice(["auto", "hf", "slow"]),
+                 help="auto / hf: the fast tokenizer where there is one; slow: the Python tokenizer."),
+    click.option("--download-dir", type=click.Path(file_okay=False),
+                 help="Folder for Hub downloads, instead of the Hugging Face cache."),
     click.option("--hf-token", help="Hugging Face token for gated or private models."),
     click.option("--trust-remote-code/--no-trust-remote-code", default=None,
                  help="Run the model repository's own Python code (config auto_map)."),

@@ -21,6 +21,7 @@ def resolve_model_source(
     revision: str | None = None,
     hf_token: str | bool | None = None,
     gguf_file: str | None = None,
+    download_dir: str | None = None,
 ) -> ModelSource:
     path = Path(model).expanduser()
     if path.is_file():
@@ -32,17 +33,20 @@ def resolve_model_source(
     if model.startswith(("/", "./", "../", "~")) or model.count("/") > 1:
         raise ValueError(f"model={model!r} looks like a local path but does not exist")
     if os.environ.get("HFBRIDGE_USE_MODELSCOPE", "").lower() in ("1", "true", "yes"):
-        return ModelSource(_download_modelscope(model, revision), gguf_file)
-    return ModelSource(_download_hf_hub(model, revision, hf_token, gguf_file), gguf_file)
+        return ModelSource(_download_modelscope(model, revision, download_dir), gguf_file)
+    return ModelSource(_download_hf_hub(model, revision, hf_token, gguf_file, download_dir), gguf_file)
 
 
-def _download_hf_hub(repo_id: str, revision: str | None, token: str | bool | None, gguf_file: str | None) -> str:
-    """Honours HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface_hub itself."""
+def _download_hf_hub(repo_id: str, revision: str | None, token: str | bool | None, gguf_file: str | None,
+                     download_dir: str | None = None) -> str:
+    """Honours HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE through huggingface_hub itself; download_dir (vLLM's
+    --download-dir) replaces the cache folder."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     def fetch(patterns: list[str]) -> str:
-        return snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns)
+        return snapshot_download(repo_id, revision=revision, token=token, allow_patterns=patterns,
+                                 cache_dir=download_dir)
 
     try:
         if gguf_file is not None:
@@ -59,7 +63,7 @@ def _download_hf_hub(repo_id: str, revision: str | None, token: str | bool | Non
         ) from e
 
 
-def _download_modelscope(model_id: str, revision: str | None) -> str:
+def _download_modelscope(model_id: str, revision: str | None, download_dir: str | None = None) -> str:
     try:
         from modelscope import snapshot_download
     except ImportError as e:
@@ -67,4 +71,4 @@ def _download_modelscope(model_id: str, revision: str | None) -> str:
             "HFBRIDGE_USE_MODELSCOPE=1 needs the modelscope package: pip install modelscope "
             "(or unset HFBRIDGE_USE_MODELSCOPE to use the Hugging Face Hub)"
         ) from e
-    return snapshot_download(model_id, revision=revision or "master")
+    return snapshot_download(model_id, revision=revision or "master", cache_dir=download_dir)
