@@ -128,6 +128,8 @@ class LLMEngine:
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
             child_params = params if params.n == 1 else params.for_sample(index)
+            if index > 0:  # sample 0 computes the request's prompt logprobs; its siblings may hit the prefix cache
+                child_params.prompt_logprobs = None
             child_id = self._engine_id(request_id if params.n == 1 else f"{index}_{request_id}")
             generator = None
             if child_params.seed is not None:

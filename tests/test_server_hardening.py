@@ -1,0 +1,127 @@
+"""Hardening, round 2 (issue 38), beside the fault suite: tables shared by a request's samples, bad words tokenized off
+the engine thread, prompt logprobs computed once for n samples, bounded request chat templates, 4xx for what used to
+be 500s, connection timeouts, Expect: 100-continue and parser errors, requests that can never fit, echo of a
+truncated prompt, served names only, and one log line per failed request.
+
+Oracles: OpenAI's error shape and vLLM's limits and messages; Python's own http.client parses the raw responses and
+gzip/zlib build the bodies; the tokenizer (Transformers) decodes what the model saw; Transformers' forward gives the
+prompt logprobs."""
+import asyncio
+import gzip
+import http.client
+import json
+import logging
+import socket
+import threading
+import time
+import zlib
+from contextlib import asynccontextmanager
+
+import pytest
+import pytest_asyncio
+import torch
+from aiohttp import ClientSession, web
+from server_utils import engine_of, make_app, wait_idle, wait_ready
+
+from hfbridge.server import STATE, ServerSettings
+
+pytestmark = pytest.mark.asyncio
+EOS = 2
+USER = [{"role": "user", "content": "Tell me a story"}]
+
+
+async def assert_error(response, status, param=None, contains=()):
+    assert response.status == status, await response.text()
+    body = await response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["code"] == status
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    for text in contains:
+        assert text in body["error"]["message"], body["error"]["message"]
+    return body["error"]
+
+
+@pytest_asyncio.fixture
+async def client(aiohttp_client, tiny_llama):
+    c = await aiohttp_client(make_app(tiny_llama[1]))
+    await wait_ready(c)
+    return c
+
+
+# -- 1, 2, 9: token tables, bad words, contradictory parameters ------------------------------------------------
+
+async def test_the_issue_request_is_refused_naming_the_limit(client):
+    vocab = engine_of(client).vocab_size
+    body = {"prompt": "hi", "n": 1024, "max_tokens": 1, "temperature": 1.0,
+            "logit_bias": {str(i): 1.0 for i in range(vocab)} | {str(i + vocab): 0.0 for i in range(700)},
+            "allowed_token_ids": list(range(vocab)) * 3}
+    await assert_error(await client.post("/v1/completions", json=body), 400, "logit_bias",
+                       ["Too many logit bias tokens: 1084. The max size is 1024."])
+    del body["logit_bias"]
+    await assert_error(await client.post("/v1/completions", json=body), 400, "allowed_token_ids",
+                       [f"Too many allowed token IDs: {3 * vocab}. The max size is 1024."])
+
+
+async def test_bad_words_are_tokenized_on_the_tokenizer_thread_and_capped(client, monkeypatch):
+    engine = engine_of(client)
+    threads = []
+    from hfbridge.sample import bad_words
+
+    real = bad_words.tokenize_bad_words
+    monkeypatch.setattr("hfbridge.server.generation.tokenize_bad_words",
+                        lambda *a: threads.append(threading.current_thread().name) or real(*a))
+    def on_the_engine_thread(params):
+        raise AssertionError("bad words tokenized on the engine thread")
+
+    monkeypatch.setattr(engine, "_bad_words_token_ids", on_the_engine_thread)
+    response = await client.post("/v1/completions", json={"prompt": ["hi", "ho"], "max_tokens": 3,
+                                                           "bad_words": ["Paris", "robot"]})
+    assert response.status == 200, await response.text()
+    assert len(threads) == 1 and threads[0].startswith("hfbridge-tokenizer")  # once for both prompts
+    start = time.monotonic()
+    words = [f"w{i}" for i in range(100_000)]
+    await assert_error(await client.post("/v1/completions", json={"prompt": "hi", "bad_words": words}), 400,
+                       "bad_words", ["Too many bad words: 100000. The max number is 128."])
+    assert time.monotonic() - start < 10
+
+
+async def test_allowed_ids_that_min_tokens_masks_are_refused_before_running(client):
+    engine = engine_of(client)
+    steps = []
+    real_step = engine.step
+    engine.step = lambda: steps.append(1) or real_step()
+    try:
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "min_tokens": 2,
+                                                               "allowed_token_ids": [EOS]})
+        await assert_error(response, 400, "allowed_token_ids", ["leaves no token to sample"])
+        assert not steps  # refused when added, not after a step masked every token
+    finally:
+        engine.step = real_step
+
+
+# -- 3: prompt logprobs once for n samples --------------------------------------------------------------------
+
+async def test_prompt_logprobs_are_computed_once_for_n_samples(client, tiny_llama, monkeypatch):
+    from hfbridge.worker import model_runner
+
+    computed = []
+    real = model_runner.sample_step
+
+    def spy(sampler, logits, step, rows):
+        computed.extend(step.prompt_logprob_rows)
+        return real(sampler, logits, step, rows)
+
+    monkeypatch.setattr(model_runner, "sample_step", spy)
+    prompt = [5, 6, 7, 8, 9, 10]
+    body = {"prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 1, "temperature": 1.0, "seed": 1}
+    single = await (await client.post("/v1/completions", json=body)).json()
+    computed.clear()
+    many = await (await client.post("/v1/completions", json={**body, "n": 4})).json()
+    assert len(set(computed)) == 1  # one engine request (sample 0) computed them, not four
+    with torch.no_grad():
+        ref = torch.log_softmax(tiny_llama[0](torch.tensor([prompt])).logits[0].float(), -1)
+    expected = [None] + [ref[i - 1, prompt[i]].item() for i in range(1, len(prompt))]
+    for choice in single["choices"] + many["choices"]:
+        got = choice["logprobs"]["token_logprobs"][: len(prompt)]
+        assert got[0] is None and got[1:] == pytest.approx(expected[1:], abs=1e-4)
