@@ -17,7 +17,7 @@ from hfbridge.sample.bad_words import tokenize_bad_words
 from hfbridge.errors import ValidationError
 from hfbridge.outputs import RequestOutput
 from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
-from hfbridge.server.errors import APIError
+from hfbridge.server.errors import APIError, set_request_log_id
 from hfbridge.server.metrics import RequestTimer
 from hfbridge.server.protocol import GenerationRequest
 from hfbridge.server.state import ModelCard, ServingState
@@ -44,8 +44,12 @@ class Usage:
         }
 
 
-def new_response_id(prefix: str, request: GenerationRequest, header_id: str | None) -> str:
-    return f"{prefix}-{request.request_id or header_id or uuid.uuid4().hex}"
+def new_response_id(prefix: str, body: GenerationRequest, http_request: web.Request) -> str:
+    """The response's id (vLLM's: the body's request_id, else X-Request-Id, else random); the request's log lines
+    and its engine requests (f"{id}-{prompt index}") carry it."""
+    response_id = f"{prefix}-{body.request_id or http_request.headers.get('X-Request-Id') or uuid.uuid4().hex}"
+    set_request_log_id(http_request, response_id)
+    return response_id
 
 
 def tokenize(tokenizer: Any, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:

@@ -23,6 +23,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     body = parse_chat_request(raw)
     model = state.resolve_model(body.model)
     engine, card = state.require_engine()
+    response_id = new_response_id("chatcmpl", body, request)
 
     def render_and_prepare() -> PreparedPrompt:  # seconds for a huge conversation: on the tokenizer thread
         return prepare_prompt(
@@ -36,7 +37,6 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         )
 
     prepared = await state.off_loop(render_and_prepare)
-    response_id = new_response_id("chatcmpl", body, request.headers.get("X-Request-Id"))
     head = {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model}
     tokenizer = engine.engine.get_tokenizer()
 

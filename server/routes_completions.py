@@ -29,7 +29,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         default_max_tokens=card.default_sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
         max_tokens_param="max_tokens", prompt_param="prompt",
     )
-    response_id = new_response_id("cmpl", body, request.headers.get("X-Request-Id"))
+    response_id = new_response_id("cmpl", body, request)
     head = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
     renderer = _Renderer(state, body, [p.token_ids for p in prepared], [p.text for p in prepared], prepared[0].params.n)
     merger = await start(state, response_id, prepared)

@@ -125,3 +125,25 @@ async def test_prompt_logprobs_are_computed_once_for_n_samples(client, tiny_llam
     for choice in single["choices"] + many["choices"]:
         got = choice["logprobs"]["token_logprobs"][: len(prompt)]
         assert got[0] is None and got[1:] == pytest.approx(expected[1:], abs=1e-4)
+
+
+# -- 12: one ERROR line per failed request, the traceback at DEBUG ------------------------------------------
+
+async def test_a_500_logs_one_error_line_and_its_traceback_at_debug(client, monkeypatch, caplog):
+    engine = engine_of(client)
+
+    def failing_step():
+        raise RuntimeError("injected step failure")
+
+    monkeypatch.setattr(engine, "step", failing_step)
+    with caplog.at_level(logging.DEBUG, logger="hfbridge"):
+        response = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+                                     headers={"X-Request-Id": "req-38"})
+    error = await assert_error(response, 500)
+    assert "cmpl-req-38" in error["message"]
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors and all(r.exc_info is None for r in errors), [r.getMessage() for r in errors]
+    assert sum("cmpl-req-38" in r.getMessage() for r in errors) == 1
+    traced = [r for r in caplog.records
+              if r.levelno == logging.DEBUG and r.exc_info and "cmpl-req-38" in r.getMessage()]
+    assert len(traced) == 1 and "injected step failure" in str(traced[0].exc_info[1])
