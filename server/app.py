@@ -64,7 +64,7 @@ async def _engine_lifecycle(engine_factory: EngineFactory, app: web.Application)
     state.loader.cancel()
     if state.engine is not None:
         await state.engine.shutdown()
-    state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+    state.shutdown()
 
 
 async def _load(state: ServingState, engine_factory: EngineFactory) -> None:

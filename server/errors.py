@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from hfbridge.errors import ValidationError
 
@@ -100,6 +102,10 @@ def to_api_error(error: BaseException, log_id: str | None = None) -> APIError:
 
     if isinstance(error, RecursionError):  # deeply nested input reached a recursive helper
         return APIError(400, "The request is nested too deeply")
+    if isinstance(error, (HttpProcessingError, RequestPayloadError)):  # a bad gzip/deflate body, a bad chunk
+        cause = error if isinstance(error, HttpProcessingError) else error.__cause__
+        detail = str(getattr(cause, "message", None) or error).strip()
+        return APIError(400, f"The request body could not be read: {detail}")
     if isinstance(error, EngineDeadError):
         return APIError(503, f"The engine is not running: {error}")
     log_id = log_id or uuid.uuid4().hex

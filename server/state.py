@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -14,11 +15,13 @@ from aiohttp import web
 
 from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.chat_utils import load_chat_template
+from hfbridge.engine.template_sandbox import TemplateLimits, TemplateSandbox
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
 from hfbridge.server.security import CorsSettings
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # The body limit, when not set, follows the context: a prompt that fills max_model_len tokens is at most about
 # 4 bytes of text per token, 12 to 24 once JSON-escaped or sent as token ids ("123456, "). 32 bytes per token
@@ -31,6 +34,14 @@ MAX_BODY_BYTES_BEFORE_LOAD = 16 << 20  # aiohttp's own cap (the context is unkno
 # Sequences (prompts x n) that may wait beyond the running batch before new requests get a 503 + Retry-After.
 DEFAULT_MAX_WAITING_REQUESTS = 4096
 RETRY_AFTER_SECONDS = 1
+# A chat template sent with a request (--trust-request-chat-template) renders within this time.
+DEFAULT_REQUEST_TEMPLATE_TIMEOUT = 5.0
+
+
+def max_rendered_chars(max_model_len: int) -> int:
+    """The longest rendered chat prompt worth tokenizing: the body limit's rule (a token is far less than 32
+    characters of text), so a longer one cannot fit the context."""
+    return max(MIN_AUTO_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
 
 
 # The load exception's text can hold paths and config details: clients get this, the server log the rest.
@@ -56,6 +67,7 @@ class ServerSettings:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     response_role: str = "assistant"
     cors: CorsSettings = field(default_factory=CorsSettings)
+    request_chat_template_timeout: float = DEFAULT_REQUEST_TEMPLATE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -84,10 +96,41 @@ class ServingState:
         # Tokenizing and rendering chat templates take seconds on huge inputs: they run here, off the event loop.
         # One thread: a fast tokenizer must not be used from two threads at once ("Already borrowed").
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="hfbridge-tokenizer")
+        # Chat templates sent with requests render in a child process (template_sandbox.py); one thread waits on it.
+        self.template_sandbox: TemplateSandbox | None = None
+        self.template_pool = ThreadPoolExecutor(1, thread_name_prefix="hfbridge-template")
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the tokenizer thread, so /health and every stream keep answering meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args))
+
+    async def render_in_sandbox(self, conversation: list[dict[str, Any]], **render_kwargs: Any) -> str:
+        """render_chat in the template sandbox (bounded in time, memory and output); ValidationError past a limit."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.template_pool, partial(self._render_in_sandbox, conversation, **render_kwargs))
+
+    def _render_in_sandbox(self, conversation: list[dict[str, Any]], **render_kwargs: Any) -> str:
+        if self.template_sandbox is None:  # its start (queued first on this thread) failed
+            raise APIError(503, "Chat templates sent with requests cannot be rendered: the template sandbox did not "
+                                "start (the server log has the reason)")
+        return self.template_sandbox.render(conversation, **render_kwargs)
+
+    def _start_sandbox(self, tokenizer: Any, limits: TemplateLimits) -> None:
+        """On the template thread, at load: renders queue behind it, so none waits on a half-started child."""
+        try:
+            # Pickled on the tokenizer thread: a fast tokenizer used by two threads at once raises "Already borrowed".
+            sandbox = self.tokenizer_pool.submit(TemplateSandbox, tokenizer, limits).result()
+            sandbox.start()
+        except Exception as e:  # noqa: BLE001 - reported on each request that needs it, and here
+            logger.error("The chat-template sandbox (--trust-request-chat-template) did not start: %s", e)
+            return
+        self.template_sandbox = sandbox
+
+    def shutdown(self) -> None:
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.template_pool.shutdown(wait=False, cancel_futures=True)
+        if self.template_sandbox is not None:
+            self.template_sandbox.close()
 
     @property
     def body_limit(self) -> int:
@@ -129,6 +172,10 @@ class ServingState:
             created=int(time.time()),
         )
         self.metrics.model_name = names[0]
+        if self.settings.trust_request_chat_template and tokenizer is not None:
+            limits = TemplateLimits(self.settings.request_chat_template_timeout,
+                                    max_rendered_chars(self.card.max_model_len))
+            self.template_pool.submit(self._start_sandbox, tokenizer, limits)
         self.engine = engine
 
     @property

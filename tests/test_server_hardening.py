@@ -127,6 +127,63 @@ async def test_prompt_logprobs_are_computed_once_for_n_samples(client, tiny_llam
         assert got[0] is None and got[1:] == pytest.approx(expected[1:], abs=1e-4)
 
 
+# -- 4, 5: request chat templates, and 500s that are 400s ---------------------------------------------------
+
+@pytest_asyncio.fixture
+async def trusting(aiohttp_client, tiny_llama):
+    settings = ServerSettings(trust_request_chat_template=True, request_chat_template_timeout=3)
+    c = await aiohttp_client(make_app(tiny_llama[1], settings))
+    await wait_ready(c)
+    return c
+
+
+async def test_request_templates_are_bounded_in_time_and_size(trusting):
+    slow = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}x"
+    start = time.monotonic()
+    stuck = asyncio.create_task(trusting.post("/v1/chat/completions",
+                                              json={"messages": USER, "chat_template": slow, "max_tokens": 2}))
+    await asyncio.sleep(0.5)
+    # Meanwhile the tokenizer thread serves everyone else: a chat with the model's own template completes.
+    other = await trusting.post("/v1/chat/completions", json={"messages": USER, "max_tokens": 2})
+    assert other.status == 200 and not stuck.done()
+    await assert_error(await stuck, 400, "chat_template", ["took longer than 3 s to render"])
+    assert time.monotonic() - start < 60
+    huge = "{{ 'a' * 20000000 }}"
+    await assert_error(await trusting.post("/tokenize", json={"messages": USER, "chat_template": huge}), 400,
+                       "chat_template", ["characters, more than the"])
+    # The sandbox serves again after a kill: a template that fits renders as Transformers renders it.
+    response = await trusting.post("/tokenize", json={"messages": [{"role": "user", "content": "ab"}],
+                                                      "chat_template": "{{ messages[0]['content'] * 2 }}"})
+    assert engine_of(trusting).get_tokenizer().decode((await response.json())["tokens"]) == "abab"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/tokenize"])
+async def test_template_and_payload_errors_are_400s(trusting, route):
+    cases = [
+        ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs", "tokenize"),
+        ({"chat_template_kwargs": {"return_dict": True, "return_assistant_tokens_mask": True}},
+         "chat_template_kwargs", "return_assistant_tokens_mask, return_dict"),
+        ({"chat_template_kwargs": {"sanitize_control_tokens": True}}, "chat_template_kwargs",
+         "sanitize_control_tokens"),
+        ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None}],
+          "continue_final_message": True, "add_generation_prompt": False}, "continue_final_message", "null"),
+        ({"chat_template": "{% for i in range(200000) %}{% endfor %}"}, None, "range"),
+    ]
+    for extra, param, text in cases:
+        await assert_error(await trusting.post(route, json={"messages": USER, "max_tokens": 2, **extra}), 400,
+                           param, [text])
+
+
+@pytest.mark.parametrize("encoding, encode", [("gzip", gzip.compress), ("deflate", zlib.compress)])
+async def test_compressed_bodies_are_read_and_broken_ones_are_400s(client, encoding, encode):
+    body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+    ok = await client.post("/v1/completions", data=encode(body), headers={"Content-Encoding": encoding})
+    assert ok.status == 200, await ok.text()
+    broken = await client.post("/v1/completions", data=b"\x1f\x8b not " + body,
+                               headers={"Content-Encoding": encoding})
+    await assert_error(broken, 400)
+
+
 # -- 12: one ERROR line per failed request, the traceback at DEBUG ------------------------------------------
 
 async def test_a_500_logs_one_error_line_and_its_traceback_at_debug(client, monkeypatch, caplog):
