@@ -97,7 +97,9 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
     # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run (0 means
     # none; other values out of range are refused by SamplingParams below).
     truncate = request.sampling.get("truncate_prompt_tokens") or None
-    token_ids = truncate_tokens(token_ids, truncate if truncate is None or truncate >= -1 else 1, card.max_model_len)
+    kept = truncate_tokens(token_ids, truncate if truncate is None or truncate >= -1 else 1, card.max_model_len)
+    if len(kept) < len(token_ids):
+        text, token_ids = None, kept  # echo (and the output's `prompt`) shows what the model sees: the kept tokens
     defaults = {k: v for k, v in card.default_sampling.items() if k != "max_tokens"}
     max_tokens = fit_max_tokens(request.max_tokens, default_max_tokens, len(token_ids), card,
                                 state.settings.strict_max_tokens, max_tokens_param, prompt_param)

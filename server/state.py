@@ -144,6 +144,10 @@ class ServingState:
         """Take `num_seqs` seats in the queue, or a 503 with Retry-After when the waiting queue is full."""
         engine, _ = self.require_engine()
         capacity = engine.engine.config.scheduler_config.max_num_seqs + self.settings.max_waiting_requests
+        if num_seqs > capacity:  # would never fit, even alone: retrying cannot help
+            raise APIError(400, f"This request needs {num_seqs} sequences (prompts x n), more than the {capacity} the "
+                                "server holds at once (--max-num-seqs + --max-waiting-requests); lower n or split "
+                                "the request", "n")
         if self.in_flight + num_seqs > capacity:
             raise APIError(503, f"The server is at capacity ({self.in_flight} sequences running or waiting, at most "
                                 f"{capacity}: --max-num-seqs + --max-waiting-requests); retry later",
@@ -155,10 +159,11 @@ class ServingState:
 
     def set_loaded(self, engine: AsyncLLMEngine) -> None:
         model_config = engine.engine.model_config
+        # As vLLM: `model` must be a served name. Without --served-model-name that is the model as given (a Hub id,
+        # or the path the user typed); the resolved weights folder and its basename are never accepted, so a
+        # request cannot probe where the weights live.
         names = self.settings.served_model_names or (model_config.served_model_name,)
         aliases = set(names) | set(self.settings.extra_model_aliases)
-        for path in (model_config.model, model_config.model_path):
-            aliases |= {path, os.path.basename(os.path.normpath(path))}
         tokenizer = engine.engine.get_tokenizer()
         chat_template = load_chat_template(model_config.chat_template) or getattr(tokenizer, "chat_template", None)
         self.card = ModelCard(
@@ -191,13 +196,13 @@ class ServingState:
         return self.engine, self.card
 
     def resolve_model(self, requested: str | None) -> str:
-        """The served name to echo; 404 for a name that is none of ours (the path and its basename count)."""
+        """The served name to echo; 404 for a name that is none of ours."""
         _, card = self.require_engine()
         if requested is None or requested == "":
             return card.names[0]
         if requested in card.aliases:
             return requested if requested in card.names else card.names[0]
-        # Served names only: the aliases include the local path of the weights, which is nobody's business.
+        # Served names only in the message (an alias such as the default model's Hub id is not listed).
         raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {', '.join(card.names)}.",
                        "model")
 

@@ -184,6 +184,39 @@ async def test_compressed_bodies_are_read_and_broken_ones_are_400s(client, encod
     await assert_error(broken, 400)
 
 
+# -- 8, 10, 11: capacity, echo of a truncated prompt, served names ------------------------------------------
+
+async def test_a_request_over_the_whole_capacity_is_a_400_not_a_retryable_503(aiohttp_client, tiny_llama):
+    c = await aiohttp_client(make_app(tiny_llama[1], ServerSettings(max_waiting_requests=6), max_num_seqs=2))
+    await wait_ready(c)
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 1.0}
+    response = await c.post("/v1/completions", json={**body, "n": 9})
+    await assert_error(response, 400, "n", ["9 sequences", "the 8 the server holds"])
+    assert "Retry-After" not in response.headers
+    assert (await c.post("/v1/completions", json={**body, "n": 8})).status == 200
+
+
+async def test_echo_shows_the_truncated_prompt_the_model_saw(client):
+    tokenizer = engine_of(client).get_tokenizer()
+    prompt = "Once upon a time there was a little robot"
+    body = {"prompt": prompt, "max_tokens": 2, "echo": True, "logprobs": 0, "truncate_prompt_tokens": 3,
+            "temperature": 0}
+    result = await (await client.post("/v1/completions", json=body)).json()
+    kept = tokenizer(prompt).input_ids[-3:]
+    [choice] = result["choices"]
+    assert choice["text"].startswith(tokenizer.decode(kept)) and not choice["text"].startswith(prompt[:10])
+    assert len(choice["logprobs"]["tokens"]) == 3 + 2 and result["usage"]["prompt_tokens"] == 3
+
+
+async def test_without_served_names_the_model_as_given_is_the_only_name(aiohttp_client, tiny_llama):
+    folder = tiny_llama[1]  # (with --served-model-name: test_server_api.py)
+    c = await aiohttp_client(make_app(folder))
+    await wait_ready(c)
+    ok = await c.post("/v1/completions", json={"model": str(folder), "prompt": "hi", "max_tokens": 1})
+    assert ok.status == 200
+    await assert_error(await c.post("/v1/completions", json={"model": folder.name, "prompt": "hi"}), 404, "model")
+
+
 # -- 12: one ERROR line per failed request, the traceback at DEBUG ------------------------------------------
 
 async def test_a_500_logs_one_error_line_and_its_traceback_at_debug(client, monkeypatch, caplog):
