@@ -6,6 +6,7 @@ from typing import Any
 from aiohttp import web
 
 from hfbridge.server import metrics
+from hfbridge.server.connections import add_post
 from hfbridge.server.errors import APIError, error_response, read_json_object
 from hfbridge.server.protocol import as_bool, as_int_list, as_str, parse_chat_request
 from hfbridge.server.routes_chat import render_messages, render_with_request_template
@@ -124,6 +125,6 @@ def add_routes(app: web.Application) -> None:
     for path in ("/ready", "/readyz"):
         app.router.add_get(path, ready)
     app.router.add_get("/version", version)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
+    add_post(app, "/tokenize", tokenize)
+    add_post(app, "/detokenize", detokenize)
     app.router.add_get("/metrics", prometheus_metrics)

@@ -34,6 +34,10 @@ MAX_BODY_BYTES_BEFORE_LOAD = 16 << 20  # aiohttp's own cap (the context is unkno
 # Sequences (prompts x n) that may wait beyond the running batch before new requests get a 503 + Retry-After.
 DEFAULT_MAX_WAITING_REQUESTS = 4096
 RETRY_AFTER_SECONDS = 1
+# Connections: vLLM's (uvicorn's) keep-alive of 5 s for an idle socket, and a bound on a request head that is slow
+# to arrive (a silent or trickling client holds a socket and a parser otherwise).
+DEFAULT_TIMEOUT_KEEP_ALIVE = 5.0
+DEFAULT_HEADER_READ_TIMEOUT = 10.0
 # A chat template sent with a request (--trust-request-chat-template) renders within this time.
 DEFAULT_REQUEST_TEMPLATE_TIMEOUT = 5.0
 
@@ -67,6 +71,8 @@ class ServerSettings:
     max_waiting_requests: int = DEFAULT_MAX_WAITING_REQUESTS
     response_role: str = "assistant"
     cors: CorsSettings = field(default_factory=CorsSettings)
+    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE  # seconds an idle connection stays open
+    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds from a request head's first byte to its end
     request_chat_template_timeout: float = DEFAULT_REQUEST_TEMPLATE_TIMEOUT
 
 

@@ -24,6 +24,7 @@ from aiohttp import ClientSession, web
 from server_utils import engine_of, make_app, wait_idle, wait_ready
 
 from hfbridge.server import STATE, ServerSettings
+from hfbridge.server.app import make_runner
 
 pytestmark = pytest.mark.asyncio
 EOS = 2
@@ -237,3 +238,98 @@ async def test_a_500_logs_one_error_line_and_its_traceback_at_debug(client, monk
     traced = [r for r in caplog.records
               if r.levelno == logging.DEBUG and r.exc_info and "cmpl-req-38" in r.getMessage()]
     assert len(traced) == 1 and "injected step failure" in str(traced[0].exc_info[1])
+
+
+# -- 6, 7: connections, served by the runner `hfbridge serve` uses --------------------------------------------
+
+@asynccontextmanager
+async def serving(folder, **settings):
+    """(port, app) of the app behind serve()'s runner on a loopback port, once the model is ready."""
+    app = make_app(folder, ServerSettings(max_request_body_bytes=1 << 20, **settings))
+    runner = make_runner(app)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        async with ClientSession() as session:
+            for _ in range(600):
+                async with session.get(f"http://127.0.0.1:{port}/ready") as response:
+                    if response.status == 200:
+                        break
+                await asyncio.sleep(0.05)
+        yield port, app
+    finally:
+        await runner.cleanup()
+
+
+def _exchange(port: int, chunks: list[bytes], pause: float = 0.0) -> http.client.HTTPResponse:
+    """Send raw bytes (pausing between chunks) and parse the reply with Python's own HTTP client parser."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    for i, chunk in enumerate(chunks):
+        if i:
+            time.sleep(pause)
+        sock.sendall(chunk)
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.body = response.read()
+    sock.close()
+    return response
+
+
+def _assert_json_error(response: http.client.HTTPResponse, status: int) -> dict:
+    assert response.status == status, (response.status, response.body[:300])
+    assert response.getheader("Content-Type", "").startswith("application/json")
+    error = json.loads(response.body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == status
+    return error
+
+
+def _closed_within(port: int, send: bytes, limit: float) -> tuple[float, bytes]:
+    """Seconds until the server closes a connection that sent `send` and then nothing, and what it wrote."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=limit)
+    start = time.monotonic()
+    if send:
+        sock.sendall(send)
+    received = b""
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+    except socket.timeout:
+        raise AssertionError(f"the connection was still open after {limit} s") from None
+    finally:
+        sock.close()
+    return time.monotonic() - start, received
+
+
+async def test_idle_and_half_sent_connections_are_closed(tiny_llama):
+    async with serving(tiny_llama[1], timeout_keep_alive=1, header_read_timeout=30) as (port, _):
+        elapsed, received = await asyncio.to_thread(_closed_within, port, b"", 15)
+        assert received == b"" and elapsed < 10  # a silent socket: closed after the keep-alive
+        # A request that completes in time works, and its connection is kept for the next one.
+        async with ClientSession() as session:
+            for _ in range(2):
+                async with session.post(f"http://127.0.0.1:{port}/tokenize", json={"prompt": "hi"}) as response:
+                    assert response.status == 200
+    async with serving(tiny_llama[1], timeout_keep_alive=60, header_read_timeout=1) as (port, _):
+        elapsed, received = await asyncio.to_thread(
+            _closed_within, port, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: app", 15)
+        assert received.startswith(b"HTTP/1.1 408") and b'"code": 408' in received and elapsed < 10
+
+
+async def test_expect_continue_and_parser_errors_answer_in_the_error_shape(tiny_llama):
+    async with serving(tiny_llama[1]) as (port, app):
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Expect: 100-continue\r\n")
+        big = await asyncio.to_thread(_exchange, port, [head + b"Content-Length: 52428800\r\n\r\n"])
+        assert "--max-request-body-bytes" in _assert_json_error(big, 413)["message"]  # at once, not 100 Continue
+        body = json.dumps({"prompt": "hi", "max_tokens": 1}).encode()
+        small = await asyncio.to_thread(_exchange, port, [head + f"Content-Length: {len(body)}\r\n\r\n".encode(),
+                                                          body], 0.2)
+        assert small.status == 200, small.body  # http.client skips the interim 100 Continue
+        chunked = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"zz\r\n{}\r\n0\r\n\r\n")
+        _assert_json_error(await asyncio.to_thread(_exchange, port, [chunked]), 400)
+        control = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n"
+        _assert_json_error(await asyncio.to_thread(_exchange, port, [control]), 400)
+        assert app[STATE].in_flight == 0
