@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("compare.py", ("--vllm-python", "--quick", "--rounds", "--out", "--concurrency")),
     ("throughput.py", ("--engine", "--model", "--json")),
     ("serving.py", ("--engine", "--client", "--vllm-python", "--concurrency")),
+    ("hardening.py", ("--n", "--scenarios", "--server-args")),
 ])
 def test_help(script, flags):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
