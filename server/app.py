@@ -21,6 +21,7 @@ from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.server import routes_misc, routes_pooling, routes_responses
 from hfbridge.server.auth import make_auth_middleware
+from hfbridge.server.connections import ServerRunner, add_post
 from hfbridge.server.errors import error_middleware
 from hfbridge.server.routes_chat import create_chat_completion
 from hfbridge.server.routes_completions import create_completion
@@ -43,8 +44,8 @@ def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Ap
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES_BEFORE_LOAD)
     app[STATE] = ServingState(settings)
     app.on_response_prepare.append(cors_headers)
-    app.router.add_post("/v1/completions", create_completion)
-    app.router.add_post("/v1/chat/completions", create_chat_completion)
+    add_post(app, "/v1/completions", create_completion)
+    add_post(app, "/v1/chat/completions", create_chat_completion)
     routes_misc.add_routes(app)
     routes_pooling.add_routes(app)
     routes_responses.add_routes(app)
@@ -65,7 +66,7 @@ async def _engine_lifecycle(engine_factory: EngineFactory, app: web.Application)
     state.loader.cancel()
     if state.engine is not None:
         await state.engine.shutdown()
-    state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+    state.shutdown()
 
 
 async def _load(state: ServingState, engine_factory: EngineFactory) -> None:
@@ -139,12 +140,19 @@ def warn_if_exposed(host: str, settings: ServerSettings) -> bool:
     return True
 
 
+def make_runner(app: web.Application) -> ServerRunner:
+    """The runner serve() starts: the settings' keep-alive and header-read timeouts; handler_cancellation: a client
+    that disconnects cancels its handler, which aborts its requests at once."""
+    settings = app[STATE].settings
+    return ServerRunner(app, handler_cancellation=True, keepalive_timeout=settings.timeout_keep_alive,
+                        header_read_timeout=settings.header_read_timeout)
+
+
 async def serve(app: web.Application, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> int:
     """Run until SIGINT/SIGTERM (exit 0) or until the model fails to load (exit 1); HTTPS with `ssl_context`."""
     state = app[STATE]
     warn_if_exposed(host, state.settings)
-    # handler_cancellation: a client that disconnects cancels its handler, which aborts its requests at once.
-    runner = web.AppRunner(app, handler_cancellation=True)
+    runner = make_runner(app)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from hfbridge.errors import ValidationError
 
@@ -22,7 +26,9 @@ ERROR_TYPES = {
     401: "AuthenticationError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
+    417: "ExpectationFailedError",
     500: "InternalServerError",
     501: "NotImplementedError",
     503: "ServiceUnavailableError",
@@ -56,8 +62,40 @@ def error_response(status: int, message: str, param: str | None = None, **kwargs
     return web.json_response(error_body(status, message, param), status=status, **kwargs)
 
 
-def to_api_error(error: BaseException) -> APIError:
-    """The APIError a client sees for any exception (used for JSON errors and mid-stream SSE errors alike)."""
+@dataclass
+class _LogId:
+    value: str | None = None
+
+
+# aiohttp's per-request storage key of the id that joins a request's log lines. It holds a mutable _LogId, set before
+# the handler runs: a middleware may hand the handler a clone of the request, whose storage is a shallow copy.
+LOG_ID = web.RequestKey("hfbridge_log_id", _LogId) if hasattr(web, "RequestKey") else "hfbridge_log_id"
+
+
+def set_request_log_id(request: web.Request, log_id: str) -> None:
+    """Handlers that make an id (a response id, which prefixes its engine request ids) log under it."""
+    _log_id_of(request).value = log_id
+
+
+def request_log_id(request: web.Request) -> str:
+    """The id a request's log lines share: the one its handler set, else its X-Request-Id, else a new one.
+    Printable ASCII only: a client's id must not forge log lines."""
+    holder = _log_id_of(request)
+    if holder.value is None:
+        holder.value = request.headers.get("X-Request-Id") or uuid.uuid4().hex
+    return ascii(holder.value)[1:-1][:200]
+
+
+def _log_id_of(request: web.Request) -> _LogId:
+    holder = request.get(LOG_ID)
+    if holder is None:
+        holder = request[LOG_ID] = _LogId()
+    return holder
+
+
+def to_api_error(error: BaseException, log_id: str | None = None) -> APIError:
+    """The APIError a client sees for any exception (used for JSON errors and mid-stream SSE errors alike). A
+    server fault logs one ERROR line (the request's id, the exception) and its traceback at DEBUG, joined by the id."""
     if isinstance(error, APIError):
         return error
     if isinstance(error, ValidationError):
@@ -66,14 +104,21 @@ def to_api_error(error: BaseException) -> APIError:
 
     if isinstance(error, RecursionError):  # deeply nested input reached a recursive helper
         return APIError(400, "The request is nested too deeply")
+    if isinstance(error, (HttpProcessingError, RequestPayloadError)):  # a bad gzip/deflate body, a bad chunk
+        cause = error if isinstance(error, HttpProcessingError) else error.__cause__
+        detail = str(getattr(cause, "message", None) or error).strip()
+        return APIError(400, f"The request body could not be read: {detail}")
     if isinstance(error, EngineDeadError):
         return APIError(503, f"The engine is not running: {error}")
-    logger.exception("Unhandled error", exc_info=error)
-    return APIError(500, f"Internal server error ({type(error).__name__}); see the server log")
+    log_id = log_id or uuid.uuid4().hex
+    logger.error("Request %s failed: %s: %s", log_id, type(error).__name__, str(error)[:500])
+    logger.debug("Request %s failed", log_id, exc_info=error)
+    return APIError(500, f"Internal server error ({type(error).__name__}); see the server log for request {log_id}")
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    request[LOG_ID] = _LogId()  # before the handler, which may see a clone of the request
     try:
         return await handler(request)
     except web.HTTPException as e:
@@ -87,7 +132,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
             message = f"Method {request.method} is not allowed for {request.path}"
         return error_response(e.status, message, headers=_allow_header(e))
     except Exception as e:  # noqa: BLE001 - this is the boundary that keeps tracebacks out of responses
-        api_error = to_api_error(e)
+        api_error = to_api_error(e, request_log_id(request))
         return error_response(api_error.status, api_error.message, api_error.param, headers=api_error.headers)
 
 

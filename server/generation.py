@@ -9,12 +9,15 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
+
 from hfbridge.engine.input_processor import truncate_tokens
 from hfbridge.engine.async_engine import AsyncLLMEngine, RequestStream
+from hfbridge.sample.bad_words import tokenize_bad_words
 from hfbridge.errors import ValidationError
 from hfbridge.outputs import RequestOutput
 from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
-from hfbridge.server.errors import APIError
+from hfbridge.server.errors import APIError, set_request_log_id
 from hfbridge.server.metrics import RequestTimer
 from hfbridge.server.protocol import GenerationRequest
 from hfbridge.server.state import ModelCard, ServingState
@@ -41,8 +44,12 @@ class Usage:
         }
 
 
-def new_response_id(prefix: str, request: GenerationRequest, header_id: str | None) -> str:
-    return f"{prefix}-{request.request_id or header_id or uuid.uuid4().hex}"
+def new_response_id(prefix: str, body: GenerationRequest, http_request: web.Request) -> str:
+    """The response's id (vLLM's: the body's request_id, else X-Request-Id, else random); the request's log lines
+    and its engine requests (f"{id}-{prompt index}") carry it."""
+    response_id = f"{prefix}-{body.request_id or http_request.headers.get('X-Request-Id') or uuid.uuid4().hex}"
+    set_request_log_id(http_request, response_id)
+    return response_id
 
 
 def tokenize(tokenizer: Any, prompt: str | list[int], add_special_tokens: bool) -> tuple[str | None, list[int]]:
@@ -80,13 +87,19 @@ def fit_max_tokens(requested: int | None, default: int | None, num_prompt_tokens
 
 def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str | list[int], *,
                    logprobs: int | None, prompt_logprobs: int | None, default_max_tokens: int | None,
-                   max_tokens_param: str, prompt_param: str) -> PreparedPrompt:
+                   max_tokens_param: str, prompt_param: str,
+                   bad_words_token_ids: list[list[int]] | None = None) -> PreparedPrompt:
+    """Runs on the tokenizer thread: tokenizing the prompt and the bad words, and parsing a constraint, take
+    milliseconds to seconds that the event loop and the engine thread must not wait for."""
     engine, card = state.require_engine()
-    text, token_ids = tokenize(engine.engine.get_tokenizer(), prompt, request.add_special_tokens)
+    tokenizer = engine.engine.get_tokenizer()
+    text, token_ids = tokenize(tokenizer, prompt, request.add_special_tokens)
     # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run (0 means
     # none; other values out of range are refused by SamplingParams below).
     truncate = request.sampling.get("truncate_prompt_tokens") or None
-    token_ids = truncate_tokens(token_ids, truncate if truncate is None or truncate >= -1 else 1, card.max_model_len)
+    kept = truncate_tokens(token_ids, truncate if truncate is None or truncate >= -1 else 1, card.max_model_len)
+    if len(kept) < len(token_ids):
+        text, token_ids = None, kept  # echo (and the output's `prompt`) shows what the model sees: the kept tokens
     defaults = {k: v for k, v in card.default_sampling.items() if k != "max_tokens"}
     max_tokens = fit_max_tokens(request.max_tokens, default_max_tokens, len(token_ids), card,
                                 state.settings.strict_max_tokens, max_tokens_param, prompt_param)
@@ -94,6 +107,9 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
     if prompt_logprobs is not None and kwargs.get("prompt_logprobs") is None:
         kwargs["prompt_logprobs"] = prompt_logprobs
     params = SamplingParams(**kwargs)  # ValidationError (vLLM's wording) -> 400 in the middleware
+    if params.bad_words:
+        params.bad_words_token_ids = bad_words_token_ids or tokenize_bad_words(
+            params.bad_words, tokenizer, engine.engine.vocab_size)
     if params.structured_outputs is not None:  # parsed here, off the engine thread; cached for the engine
         engine.engine.structured_outputs.validate(params.structured_outputs)
     params.output_kind = RequestOutputKind.DELTA  # the route assembles full texts itself when not streaming
@@ -102,8 +118,16 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
 
 async def prepare_prompts(state: ServingState, request: GenerationRequest, prompts: list[str | list[int]],
                           **kwargs: Any) -> list[PreparedPrompt]:
-    """prepare_prompt for each prompt, on the tokenizer thread (a 15 MB prompt takes seconds to tokenize)."""
-    return await state.off_loop(lambda: [prepare_prompt(state, request, prompt, **kwargs) for prompt in prompts])
+    """prepare_prompt for each prompt, on the tokenizer thread (a 15 MB prompt takes seconds to tokenize); the
+    bad words are tokenized once for all of them."""
+    def prepare_all() -> list[PreparedPrompt]:
+        prepared: list[PreparedPrompt] = []
+        for prompt in prompts:
+            bad_words = prepared[0].params.bad_words_token_ids if prepared else None
+            prepared.append(prepare_prompt(state, request, prompt, bad_words_token_ids=bad_words, **kwargs))
+        return prepared
+
+    return await state.off_loop(prepare_all)
 
 
 async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt]) -> list[RequestStream]:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hfbridge.sample.sampling_params import check_table_size
 from hfbridge.server.errors import APIError
 from hfbridge.server.structured_outputs import GUIDED_FIELDS, GUIDED_OPTIONS, structured_outputs_of
 
@@ -94,16 +95,29 @@ def _stop(name: str, value: Any) -> list[str]:
 
 
 def _logit_bias(name: str, value: Any) -> dict[str, float]:
-    return {k: _number(f"{name}[{k}]", v) for k, v in _dict(name, value).items()}
+    bias = _dict(name, value)
+    check_table_size(name, len(bias))  # before the entries: each step applies the whole table
+    return {k: _number(f"{name}[{k}]", v) for k, v in bias.items()}
+
+
+def _sized(check: Check) -> Check:
+    """`check`, after refusing a list longer than SamplingParams' cap for the field (allowed_token_ids, bad_words)."""
+    def checked(name: str, value: Any) -> Any:
+        if isinstance(value, list):
+            check_table_size(name, len(value))
+        return check(name, value)
+
+    return checked
 
 
 # SamplingParams fields a request may set, with their types (vLLM's extras included).
 SAMPLING_FIELDS: dict[str, Check] = {
     "n": as_int, "best_of": as_int, "temperature": _number, "top_p": _number, "top_k": as_int, "min_p": _number,
     "presence_penalty": _number, "frequency_penalty": _number, "repetition_penalty": _number, "seed": as_int,
-    "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _str_list, "ignore_eos": as_bool, "min_tokens": as_int,
+    "stop": _stop, "stop_token_ids": as_int_list, "bad_words": _sized(_str_list), "ignore_eos": as_bool,
+    "min_tokens": as_int,
     "skip_special_tokens": as_bool, "spaces_between_special_tokens": as_bool, "include_stop_str_in_output": as_bool,
-    "logit_bias": _logit_bias, "allowed_token_ids": as_int_list, "prompt_logprobs": as_int,
+    "logit_bias": _logit_bias, "allowed_token_ids": _sized(as_int_list), "prompt_logprobs": as_int,
     "truncate_prompt_tokens": as_int,
 }
 _COMMON_FIELDS: dict[str, Check] = {

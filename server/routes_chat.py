@@ -10,14 +10,15 @@ from aiohttp import web
 
 from hfbridge.engine.chat_utils import render_chat
 from hfbridge.engine.detokenizer import decode_token
+from hfbridge.errors import ValidationError
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.generation import OutputMerger, PreparedPrompt, collect, new_response_id, prepare_prompt, start
 from hfbridge.server.logprobs import chat_logprobs, prompt_logprobs_json
 from hfbridge.server.protocol import ChatRequest, parse_chat_request
 from hfbridge.server.chat_outputs import ChatOutputs
 from hfbridge.server.sse import EventStream
+from hfbridge.server.state import STATE, ModelCard, ServingState, max_rendered_chars
 from hfbridge.server.tool_choice import ToolPlan, plan_tools
-from hfbridge.server.state import STATE, ModelCard, ServingState
 
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
@@ -28,8 +29,8 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     engine, card = state.require_engine()
     body, plan = with_tools(state, body)
     max_tokens_param = "max_completion_tokens" if raw.get("max_completion_tokens") is not None else "max_tokens"
+    response_id = new_response_id("chatcmpl", body, request)
     prepared = await prepare_chat(state, card, body, max_tokens_param)
-    response_id = new_response_id("chatcmpl", body, request.headers.get("X-Request-Id"))
     head = {"id": response_id, "object": "chat.completion", "created": int(time.time()), "model": model}
     tokenizer = engine.engine.get_tokenizer()
 
@@ -65,11 +66,13 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 
 async def prepare_chat(state: ServingState, card: ModelCard, body: ChatRequest, max_tokens_param: str) -> PreparedPrompt:
-    """Render and tokenize on the tokenizer thread (seconds for a huge conversation)."""
+    """Render (a request's own template in the sandbox) and tokenize on the tokenizer thread (seconds for a huge
+    conversation)."""
+    own_template = await render_with_request_template(state, body)  # None: the model's template, below
 
     def render_and_prepare() -> PreparedPrompt:
         return prepare_prompt(
-            state, body, render_messages(state, card, body),
+            state, body, own_template if own_template is not None else render_messages(state, card, body),
             logprobs=(body.top_logprobs or 0) if body.logprobs else None, prompt_logprobs=None,
             # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit;
             # either way the request holds its seat in the queue like any other.
@@ -81,23 +84,46 @@ async def prepare_chat(state: ServingState, card: ModelCard, body: ChatRequest, 
 
 
 def render_messages(state: ServingState, card: ModelCard, body: ChatRequest) -> str:
-    template = card.chat_template
-    if body.chat_template is not None:
-        if not state.settings.trust_request_chat_template:
-            raise APIError(400, "Chat template is passed with request, but --trust-request-chat-template is not "
-                                "set. Refused request with untrusted chat template.", "chat_template")
-        template = body.chat_template
+    """The conversation as text with the model's template (or --chat-template), on the tokenizer thread."""
     engine, _ = state.require_engine()
     try:
-        return render_chat(
-            engine.engine.get_tokenizer(), body.messages, chat_template=template,
-            add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-            tools=body.tools,  # as with_tools left them for the template
-            chat_template_kwargs={**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs},
-        )
-    except (jinja2.TemplateError, TypeError, KeyError, IndexError) as e:
-        # Templates raise for conversations they do not accept (roles out of order, a missing field): bad input.
+        text = render_chat(engine.engine.get_tokenizer(), body.messages, chat_template=card.chat_template,
+                           **_render_options(state, body))
+    except ValidationError:
+        raise  # our own checks, with their parameter
+    except (jinja2.TemplateError, TypeError, KeyError, IndexError, ValueError, OverflowError) as e:
+        # Templates raise for conversations they do not accept (roles out of order, a missing field), and
+        # apply_chat_template for arguments it does not take: bad input, never a server fault.
         raise APIError(400, f"The chat template could not render these messages: {e}", "messages") from e
+    check_rendered_length(text, card)
+    return text
+
+
+async def render_with_request_template(state: ServingState, body: ChatRequest) -> str | None:
+    """The conversation rendered with the template the request brings (None when it brings none): in the template
+    sandbox, a child process bounded in time, memory and output, waited for on a thread of its own so that the
+    tokenizer thread serves everyone else meanwhile."""
+    if body.chat_template is None:
+        return None
+    if not state.settings.trust_request_chat_template:
+        raise APIError(400, "Chat template is passed with request, but --trust-request-chat-template is not "
+                            "set. Refused request with untrusted chat template.", "chat_template")
+    return await state.render_in_sandbox(body.messages, chat_template=body.chat_template,
+                                         **_render_options(state, body))
+
+
+def _render_options(state: ServingState, body: ChatRequest) -> dict[str, Any]:
+    return dict(add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
+                tools=body.tools,
+                chat_template_kwargs={**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs})
+
+
+def check_rendered_length(text: str, card: ModelCard) -> None:
+    """A rendered chat too long to be a prompt of this context is refused before it is tokenized."""
+    limit = max_rendered_chars(card.max_model_len)
+    if len(text) > limit:
+        raise APIError(400, f"The rendered chat has {len(text)} characters, more than the {limit} that can fit the "
+                            f"model's context of {card.max_model_len} tokens", "messages")
 
 
 def _echo_text(body: ChatRequest, role: str) -> str:

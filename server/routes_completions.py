@@ -29,7 +29,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         default_max_tokens=card.default_sampling.get("max_tokens", DEFAULT_MAX_TOKENS),
         max_tokens_param="max_tokens", prompt_param="prompt",
     )
-    response_id = new_response_id("cmpl", body, request.headers.get("X-Request-Id"))
+    response_id = new_response_id("cmpl", body, request)
     head = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
     renderer = _Renderer(state, body, [p.token_ids for p in prepared], [p.text for p in prepared], prepared[0].params.n)
     merger = await start(state, response_id, prepared)
@@ -39,6 +39,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             return await _stream(request, outputs, merger, head, renderer, body)
         choices, last = await collect(outputs, renderer.n)
     rendered = []
+    prompt_logprobs: dict[int, Any] = {}  # per prompt, rendered once however many choices carry them
     for index, choice in choices.items():
         prompt_index = index // renderer.n
         logprobs = None
@@ -49,7 +50,10 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
             "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason,
         })
         if body.sampling.get("prompt_logprobs") is not None:  # vLLM puts them on the choice, echo or not
-            rendered[-1]["prompt_logprobs"] = prompt_logprobs_json(last[prompt_index].prompt_logprobs, renderer.decode)
+            if prompt_index not in prompt_logprobs:
+                prompt_logprobs[prompt_index] = prompt_logprobs_json(last[prompt_index].prompt_logprobs,
+                                                                     renderer.decode)
+            rendered[-1]["prompt_logprobs"] = prompt_logprobs[prompt_index]
     return web.json_response({**head, "choices": rendered, "usage": merger.usage.as_dict()})
 
 
@@ -63,6 +67,7 @@ class _Renderer:
         self.body, self.prompt_ids, self.prompt_texts, self.n = body, prompt_ids, prompt_texts, n
         self.pending_echo = set(range(len(prompt_ids) * n)) if body.echo else set()
         self.logprob_builders: dict[int, CompletionLogprobs] = {}
+        self.echoed_logprobs: dict[int, tuple[dict, int]] = {}  # per prompt: its echoed logprobs, their end offset
 
     def decode(self, token_id: int) -> str:
         return decode_token(self.tokenizer, token_id)
@@ -79,8 +84,13 @@ class _Renderer:
     def logprobs(self, index: int, prompt_logprobs: Any, token_ids: list[int], logprobs: list[dict]) -> dict:
         builder = self.logprob_builders.setdefault(index, CompletionLogprobs(self.body.logprobs, self.decode))
         result = None
-        if index in self.pending_echo:
-            result = builder.prompt(self.prompt_ids[index // self.n], prompt_logprobs)
+        if index in self.pending_echo:  # the prompt's part is the same for its n choices: built once
+            prompt_index = index // self.n
+            if prompt_index not in self.echoed_logprobs:
+                echo = CompletionLogprobs(self.body.logprobs, self.decode)
+                part = echo.prompt(self.prompt_ids[prompt_index], prompt_logprobs)
+                self.echoed_logprobs[prompt_index] = (part, echo.text_offset)
+            result, builder.text_offset = self.echoed_logprobs[prompt_index]
         return merge_completion_logprobs(result, builder.sample(token_ids, logprobs))
 
     def stream_choice(self, prompt_index: int, output: Any, completion: Any) -> dict[str, Any] | None:

@@ -6,9 +6,10 @@ from typing import Any
 from aiohttp import web
 
 from hfbridge.server import metrics
+from hfbridge.server.connections import add_post
 from hfbridge.server.errors import APIError, error_response, read_json_object
 from hfbridge.server.protocol import as_bool, as_int_list, as_str, parse_chat_request
-from hfbridge.server.routes_chat import render_messages
+from hfbridge.server.routes_chat import render_messages, render_with_request_template
 from hfbridge.server.state import LOAD_FAILED, STATE
 from hfbridge.version import __version__
 
@@ -75,9 +76,13 @@ async def tokenize(request: web.Request) -> web.Response:
     else:
         raise APIError(400, "Send `prompt` (a string) or `messages` (a chat)", "prompt")
     want_strs = _optional_bool(body, "return_token_strs", False)
+    own_template = await render_with_request_template(state, chat) if body.get("messages") is not None else None
 
     def run() -> tuple[list[int], list[str] | None]:  # on the tokenizer thread: seconds for a huge prompt
-        rendered = render_messages(state, card, chat) if body.get("messages") is not None else text
+        if body.get("messages") is None:
+            rendered = text
+        else:
+            rendered = own_template if own_template is not None else render_messages(state, card, chat)
         ids = list(tokenizer(rendered, add_special_tokens=add_special).input_ids)
         return ids, tokenizer.convert_ids_to_tokens(ids) if want_strs else None
 
@@ -120,6 +125,6 @@ def add_routes(app: web.Application) -> None:
     for path in ("/ready", "/readyz"):
         app.router.add_get(path, ready)
     app.router.add_get("/version", version)
-    app.router.add_post("/tokenize", tokenize)
-    app.router.add_post("/detokenize", detokenize)
+    add_post(app, "/tokenize", tokenize)
+    add_post(app, "/detokenize", detokenize)
     app.router.add_get("/metrics", prometheus_metrics)

@@ -17,6 +17,7 @@ from hfbridge.errors import ValidationError
 from hfbridge.pooling.pooling_outputs import PoolingRequestOutput
 from hfbridge.pooling.pooling_params import PoolingParams
 from hfbridge.pooling.scoring import plan_scoring
+from hfbridge.server.connections import add_post
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.pooling_protocol import (
     EmbedRequest,
@@ -174,10 +175,10 @@ async def create_rerank(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/embeddings", create_embeddings)
-    app.router.add_post("/pooling", create_pooling)
-    app.router.add_post("/classify", create_classification)
+    add_post(app, "/v1/embeddings", create_embeddings)
+    add_post(app, "/pooling", create_pooling)
+    add_post(app, "/classify", create_classification)
     for path in ("/score", "/v1/score"):
-        app.router.add_post(path, create_score)
+        add_post(app, path, create_score)
     for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
-        app.router.add_post(path, create_rerank)
+        add_post(app, path, create_rerank)

@@ -40,7 +40,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     _, card = state.require_engine()
     body, plan = with_tools(state, body)
     prepared = await prepare_chat(state, card, body, "max_output_tokens")
-    response_id = new_response_id("resp", body, request.headers.get("X-Request-Id"))
+    response_id = new_response_id("resp", body, request)
     merger = await start(state, response_id, [prepared])
     async with merger.outputs() as outputs:
         if body.stream:

@@ -6,7 +6,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hfbridge.server.errors import error_body, to_api_error
+from hfbridge.server.errors import error_body, request_log_id, to_api_error
 
 
 class EventStream:
@@ -39,7 +39,7 @@ class EventStream:
             return self.response
         if not self.response.prepared:
             raise error
-        api_error = to_api_error(error)
+        api_error = to_api_error(error, request_log_id(self.request))
         await self.send(error_body(api_error.status, api_error.message, api_error.param))
         return await self.close()
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -14,12 +15,14 @@ from aiohttp import web
 
 from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.chat_utils import load_chat_template
+from hfbridge.engine.template_sandbox import TemplateLimits, TemplateSandbox
 from hfbridge.server.errors import APIError
 from hfbridge.server.metrics import ServerMetrics
 from hfbridge.server.security import CorsSettings
 from hfbridge.server.tool_choice import ToolSettings
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 # The body limit, when not set, follows the context: a prompt that fills max_model_len tokens is at most about
 # 4 bytes of text per token, 12 to 24 once JSON-escaped or sent as token ids ("123456, "). 32 bytes per token
@@ -32,6 +35,18 @@ MAX_BODY_BYTES_BEFORE_LOAD = 16 << 20  # aiohttp's own cap (the context is unkno
 # Sequences (prompts x n) that may wait beyond the running batch before new requests get a 503 + Retry-After.
 DEFAULT_MAX_WAITING_REQUESTS = 4096
 RETRY_AFTER_SECONDS = 1
+# Connections: vLLM's (uvicorn's) keep-alive of 5 s for an idle socket, and a bound on a request head that is slow
+# to arrive (a silent or trickling client holds a socket and a parser otherwise).
+DEFAULT_TIMEOUT_KEEP_ALIVE = 5.0
+DEFAULT_HEADER_READ_TIMEOUT = 10.0
+# A chat template sent with a request (--trust-request-chat-template) renders within this time.
+DEFAULT_REQUEST_TEMPLATE_TIMEOUT = 5.0
+
+
+def max_rendered_chars(max_model_len: int) -> int:
+    """The longest rendered chat prompt worth tokenizing: the body limit's rule (a token is far less than 32
+    characters of text), so a longer one cannot fit the context."""
+    return max(MIN_AUTO_BODY_BYTES, BODY_BYTES_PER_TOKEN * max_model_len)
 
 
 # The load exception's text can hold paths and config details: clients get this, the server log the rest.
@@ -58,6 +73,9 @@ class ServerSettings:
     response_role: str = "assistant"
     cors: CorsSettings = field(default_factory=CorsSettings)
     tools: ToolSettings = field(default_factory=ToolSettings)
+    timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE  # seconds an idle connection stays open
+    header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds from a request head's first byte to its end
+    request_chat_template_timeout: float = DEFAULT_REQUEST_TEMPLATE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -86,10 +104,41 @@ class ServingState:
         # Tokenizing and rendering chat templates take seconds on huge inputs: they run here, off the event loop.
         # One thread: a fast tokenizer must not be used from two threads at once ("Already borrowed").
         self.tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="hfbridge-tokenizer")
+        # Chat templates sent with requests render in a child process (template_sandbox.py); one thread waits on it.
+        self.template_sandbox: TemplateSandbox | None = None
+        self.template_pool = ThreadPoolExecutor(1, thread_name_prefix="hfbridge-template")
 
     async def off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         """fn(*args) on the tokenizer thread, so /health and every stream keep answering meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self.tokenizer_pool, partial(fn, *args))
+
+    async def render_in_sandbox(self, conversation: list[dict[str, Any]], **render_kwargs: Any) -> str:
+        """render_chat in the template sandbox (bounded in time, memory and output); ValidationError past a limit."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.template_pool, partial(self._render_in_sandbox, conversation, **render_kwargs))
+
+    def _render_in_sandbox(self, conversation: list[dict[str, Any]], **render_kwargs: Any) -> str:
+        if self.template_sandbox is None:  # its start (queued first on this thread) failed
+            raise APIError(503, "Chat templates sent with requests cannot be rendered: the template sandbox did not "
+                                "start (the server log has the reason)")
+        return self.template_sandbox.render(conversation, **render_kwargs)
+
+    def _start_sandbox(self, tokenizer: Any, limits: TemplateLimits) -> None:
+        """On the template thread, at load: renders queue behind it, so none waits on a half-started child."""
+        try:
+            # Pickled on the tokenizer thread: a fast tokenizer used by two threads at once raises "Already borrowed".
+            sandbox = self.tokenizer_pool.submit(TemplateSandbox, tokenizer, limits).result()
+            sandbox.start()
+        except Exception as e:  # noqa: BLE001 - reported on each request that needs it, and here
+            logger.error("The chat-template sandbox (--trust-request-chat-template) did not start: %s", e)
+            return
+        self.template_sandbox = sandbox
+
+    def shutdown(self) -> None:
+        self.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
+        self.template_pool.shutdown(wait=False, cancel_futures=True)
+        if self.template_sandbox is not None:
+            self.template_sandbox.close()
 
     @property
     def body_limit(self) -> int:
@@ -103,6 +152,10 @@ class ServingState:
         """Take `num_seqs` seats in the queue, or a 503 with Retry-After when the waiting queue is full."""
         engine, _ = self.require_engine()
         capacity = engine.engine.config.scheduler_config.max_num_seqs + self.settings.max_waiting_requests
+        if num_seqs > capacity:  # would never fit, even alone: retrying cannot help
+            raise APIError(400, f"This request needs {num_seqs} sequences (prompts x n), more than the {capacity} the "
+                                "server holds at once (--max-num-seqs + --max-waiting-requests); lower n or split "
+                                "the request", "n")
         if self.in_flight + num_seqs > capacity:
             raise APIError(503, f"The server is at capacity ({self.in_flight} sequences running or waiting, at most "
                                 f"{capacity}: --max-num-seqs + --max-waiting-requests); retry later",
@@ -114,10 +167,11 @@ class ServingState:
 
     def set_loaded(self, engine: AsyncLLMEngine) -> None:
         model_config = engine.engine.model_config
+        # As vLLM: `model` must be a served name. Without --served-model-name that is the model as given (a Hub id,
+        # or the path the user typed); the resolved weights folder and its basename are never accepted, so a
+        # request cannot probe where the weights live.
         names = self.settings.served_model_names or (model_config.served_model_name,)
         aliases = set(names) | set(self.settings.extra_model_aliases)
-        for path in (model_config.model, model_config.model_path):
-            aliases |= {path, os.path.basename(os.path.normpath(path))}
         tokenizer = engine.engine.get_tokenizer()
         chat_template = load_chat_template(model_config.chat_template) or getattr(tokenizer, "chat_template", None)
         self.card = ModelCard(
@@ -131,6 +185,10 @@ class ServingState:
             created=int(time.time()),
         )
         self.metrics.set_model(names[0], engine.engine)
+        if self.settings.trust_request_chat_template and tokenizer is not None:
+            limits = TemplateLimits(self.settings.request_chat_template_timeout,
+                                    max_rendered_chars(self.card.max_model_len))
+            self.template_pool.submit(self._start_sandbox, tokenizer, limits)
         self.engine = engine
 
     @property
@@ -146,13 +204,13 @@ class ServingState:
         return self.engine, self.card
 
     def resolve_model(self, requested: str | None) -> str:
-        """The served name to echo; 404 for a name that is none of ours (the path and its basename count)."""
+        """The served name to echo; 404 for a name that is none of ours."""
         _, card = self.require_engine()
         if requested is None or requested == "":
             return card.names[0]
         if requested in card.aliases:
             return requested if requested in card.names else card.names[0]
-        # Served names only: the aliases include the local path of the weights, which is nobody's business.
+        # Served names only in the message (an alias such as the default model's Hub id is not listed).
         raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {', '.join(card.names)}.",
                        "model")
 

@@ -14,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("throughput.py", ("--engine", "--model", "--json")),
     ("serving.py", ("--engine", "--client", "--vllm-python", "--concurrency")),
     ("structured.py", ("--vllm-python", "--num-requests", "--max-tokens", "--json")),
+    ("hardening.py", ("--n", "--scenarios", "--server-args")),
 ])
 def test_help(script, flags):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,

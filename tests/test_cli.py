@@ -132,6 +132,14 @@ def test_api_keys_from_flags_and_environment(captured, monkeypatch):
     assert captured["settings"].api_keys == ("flag",)  # the flag wins over the environment
 
 
+def test_connection_timeouts_reach_the_server_settings(captured):
+    assert run(["serve", "x"]).exit_code == 0
+    assert (captured["settings"].timeout_keep_alive, captured["settings"].header_read_timeout) == (5, 10)  # vLLM's 5
+    assert run(["serve", "x", "--timeout-keep-alive", "75", "--header_read_timeout", "2.5"]).exit_code == 0
+    assert (captured["settings"].timeout_keep_alive, captured["settings"].header_read_timeout) == (75, 2.5)
+    assert run(["serve", "x", "--timeout-keep-alive", "0"]).exit_code == 2
+
+
 def test_pooling_flags_reach_the_engine(captured):
     assert run(["serve", "x", "--task", "embed"]).exit_code == 0
     assert vars(captured["engine_args"])["task"] == "embed"  # the engine maps it (and warns)

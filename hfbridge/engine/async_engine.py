@@ -214,14 +214,20 @@ class AsyncLLMEngine:
         except EngineStepError as e:
             # The engine already aborted the step's requests (and dropped the prefix-cache entries the step was
             # to write): end their streams with the error; every other request goes on.
-            logger.error("Engine step failed; ending its %d requests", len(e.request_ids), exc_info=e.__cause__)
+            # One line at ERROR naming the requests (the server logs each one's failure under the same ids); the
+            # traceback at DEBUG.
+            logger.error("Engine step failed (%s); ending its %d requests: %s", e.__cause__, len(e.request_ids),
+                         ", ".join(e.request_ids[:8]) + (", ..." if len(e.request_ids) > 8 else ""))
+            logger.debug("Engine step failed", exc_info=e.__cause__)
             failed = [(stream, e) for request_id in e.request_ids if (stream := self._streams.pop(request_id, None))]
             if failed := failed + self._request_errors():
                 self._call_soon(_deliver, failed)
             return
         except Exception as e:  # noqa: BLE001
             # Failed outside the model step (bookkeeping): no request's state can be trusted; end them all.
-            logger.exception("Engine step failed; ending the %d requests in flight", len(self._streams))
+            logger.error("Engine step failed outside the model (%s: %s); ending the %d requests in flight",
+                         type(e).__name__, e, len(self._streams))
+            logger.debug("Engine step failed outside the model", exc_info=e)
             self._close_all(e)
             return
         deliveries: list[tuple[RequestStream, RequestOutput | BaseException]] = []

@@ -1,6 +1,7 @@
 """Rendering conversations with a tokenizer's chat template."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -31,6 +32,20 @@ def render_chat(
         raise ValidationError(
             "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
             parameter="continue_final_message",
+        )
+    if continue_final_message and (not conversation or not isinstance(conversation[-1], dict)
+                                   or conversation[-1].get("content") is None):
+        raise ValidationError(
+            "continue_final_message continues the last message's content, and the last message has none (its "
+            "content is null); send its text, or set continue_final_message to false",
+            parameter="continue_final_message",
+        )
+    reserved = sorted(set(chat_template_kwargs or ()) & reserved_template_kwargs(tokenizer))
+    if reserved:
+        raise ValidationError(
+            f"chat_template_kwargs cannot set {', '.join(reserved)}: those are parameters of the tokenizer's "
+            "apply_chat_template (set by hfbridge, or by their own request fields), not template variables",
+            parameter="chat_template_kwargs",
         )
     template = load_chat_template(chat_template) or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -107,3 +122,11 @@ def _loops_over_content(chat_template: str | None) -> bool:
         if isinstance(target, nodes.Getitem) and isinstance(target.arg, nodes.Const) and target.arg.value == "content":
             return True
     return False
+
+
+def reserved_template_kwargs(tokenizer: Any) -> frozenset[str]:
+    """Names a chat_template_kwargs entry may not take: apply_chat_template's own parameters (tokenize,
+    return_dict, ...: they change what it returns, not what the template sees) and `messages`."""
+    signature = inspect.signature(tokenizer.apply_chat_template)
+    named = (p.name for p in signature.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+    return frozenset(named) | {"messages"}

@@ -26,6 +26,7 @@ from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.core.scheduler import Scheduler
 from hfbridge.engine.tokenizer import eos_token_ids, load_tokenizer
 from hfbridge.sample.bad_words import tokenize_bad_words
+from hfbridge.sample.token_tables import tables_of
 from hfbridge.structured_output.manager import StructuredOutputManager
 from hfbridge.structured_output.reasoning import ReasoningEnd
 
@@ -134,20 +135,20 @@ class LLMEngine:
         params.verify_for_vocab(self.vocab_size, self.model_config.max_logprobs)
         if params.structured_outputs is not None:
             self.structured_outputs.validate(params.structured_outputs)  # cached when the server checked it first
-        bad_words_token_ids = self._bad_words_token_ids(params)
+        params = params.clone()  # one copy per request: the caller may reuse or change its own
+        params.eos_token_ids, params.token_tables = self.eos_token_ids, None
+        if params.bad_words and params.bad_words_token_ids is None:  # the server tokenized them on its own thread
+            params.bad_words_token_ids = self._bad_words_token_ids(params)
+        tables_of(params, self.vocab_size)  # built once, before the samples copy params: they share it
         processed = process_prompt(
             prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
             params.truncate_prompt_tokens, add_special_tokens,
         )
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
-            child_params = params.clone()
-            child_params.eos_token_ids = self.eos_token_ids
-            child_params.bad_words_token_ids = bad_words_token_ids
-            if params.n > 1:
-                child_params.n = 1
-                if params.seed is not None:
-                    child_params.seed = params.seed + index
+            child_params = params if params.n == 1 else params.for_sample(index)
+            if index > 0:  # sample 0 computes the request's prompt logprobs; its siblings may hit the prefix cache
+                child_params.prompt_logprobs = None
             child_id = self._engine_id(request_id if params.n == 1 else f"{index}_{request_id}")
             generator = None
             if child_params.seed is not None:

@@ -47,6 +47,13 @@ class RequestState:
             return 0
         return max(len(s) for s in self.params.stop) - 1
 
+    @property
+    def has_all_prompt_logprobs(self) -> bool:
+        """Whether every prompt position that has a logprob has it (trivially, when none were asked for)."""
+        if self.params.prompt_logprobs is None or len(self.prompt_token_ids) < 2:
+            return True
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) >= len(self.prompt_token_ids)
+
 
 @dataclass
 class ParentState:
@@ -235,8 +242,12 @@ class OutputProcessor:
         all_done = len(children) == parent.num_samples and all(c.finish_reason is not None for c in children)
         if parent.kind is RequestOutputKind.FINAL_ONLY and not all_done:
             return None
-        completions = [self._completion(c, delta=parent.kind is RequestOutputKind.DELTA) for c in children]
         first = children[0]
+        if not all_done and not first.has_all_prompt_logprobs:
+            # Sample 0 computes the prompt logprobs its siblings share; a sibling ahead of it waits (its deltas
+            # accumulate), so no output carries half of them.
+            return None
+        completions = [self._completion(c, delta=parent.kind is RequestOutputKind.DELTA) for c in children]
         return RequestOutput(
             request_id=parent_id,
             prompt=first.prompt,

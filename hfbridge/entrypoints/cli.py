@@ -35,6 +35,11 @@ SERVER_OPTIONS = [
     click.option("--max-waiting-requests", type=int, default=4096, show_default=True,
                  help="Sequences (prompts x n) that may wait beyond the running batch (--max-num-seqs); past "
                       "it, requests get a 503 with Retry-After."),
+    click.option("--timeout-keep-alive", type=click.FloatRange(min=0, min_open=True), default=5, show_default=True,
+                 help="Seconds an idle connection stays open (vLLM's flag and default)."),
+    click.option("--header-read-timeout", type=click.FloatRange(min=0, min_open=True), default=10, show_default=True,
+                 help="Seconds a request head may take to arrive from its first byte; then a 408 and the "
+                      "connection closes."),
     click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), help="TLS private key (PEM)."),
     click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False),
                  help="TLS certificate chain (PEM): the server speaks HTTPS."),
@@ -144,6 +149,8 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
         enable_force_include_usage=options["enable_force_include_usage"],
         max_request_body_bytes=None if options["max_request_body_bytes"] < 0 else options["max_request_body_bytes"],
         max_waiting_requests=options["max_waiting_requests"],
+        timeout_keep_alive=options["timeout_keep_alive"],
+        header_read_timeout=options["header_read_timeout"],
         cors=CorsSettings(tuple(options["allowed_origins"]), tuple(options["allowed_methods"]),
                           tuple(options["allowed_headers"]), options["allow_credentials"]),
         response_role=options["response_role"],

@@ -14,7 +14,7 @@ import torch
 
 from hfbridge.native_build import declare, load_library
 from hfbridge.sample.argmax_cpu import row_argmax
-from hfbridge.sample.bad_words import apply_bad_words
+from hfbridge.sample.token_tables import TokenTables, tables_of
 from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.sample.logprobs import SampledLogprobs, gather_logprobs
 
@@ -97,9 +97,9 @@ def _bitmask_library() -> ctypes.CDLL | None:
 def _changes_logits(row: SamplingRow) -> bool:
     """Whether _process would touch this row's logits at all."""
     p = row.params
+    tables = tables_of(p)
     return bool(
-        row.grammar_bits is not None or p.allowed_token_ids is not None or p.bad_words_token_ids or p.logit_bias
-        or (len(row.output_token_ids) < p.min_tokens and p.min_tokens_stop_ids)
+        row.grammar_bits is not None or (tables is not None and tables.changes_logits(len(row.output_token_ids)))
         or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
     )
 
@@ -160,19 +160,13 @@ class Sampler:
         constrained = [i for i, row in enumerate(rows) if row.grammar_bits is not None]
         if constrained:
             apply_grammar_bitmask(logits, constrained, torch.stack([rows[i].grammar_bits for i in constrained]))
+        # One pass per request (its samples share one table), not one per row.
+        groups: dict[int, tuple[TokenTables, list[int]]] = {}
         for i, row in enumerate(rows):
-            p = row.params
-            if p.allowed_token_ids is not None:
-                keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-                keep[p.allowed_token_ids] = True
-                logits[i].masked_fill_(~keep, float("-inf"))
-            if p.bad_words_token_ids:
-                apply_bad_words(logits[i], p.bad_words_token_ids, row.output_token_ids)
-            if len(row.output_token_ids) < p.min_tokens and p.min_tokens_stop_ids:
-                logits[i, sorted(p.min_tokens_stop_ids)] = float("-inf")
-            if p.logit_bias:
-                ids = torch.tensor(list(p.logit_bias), device=logits.device)
-                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+            if (tables := tables_of(row.params)) is not None:
+                groups.setdefault(id(tables), (tables, []))[1].append(i)
+        for tables, indices in groups.values():
+            tables.apply(logits, indices, [rows[i].output_token_ids for i in indices])
         return apply_penalties(logits, rows)
 
     def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

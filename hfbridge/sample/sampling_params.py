@@ -17,6 +17,12 @@ _GREEDY_EPS = 1e-5
 _MIN_TEMPERATURE = 1e-2
 MAX_N = 16384
 LOGIT_BIAS_LIMIT = 100.0
+# vLLM's per-request table caps (its GPU sampler's MAX_NUM_ALLOWED_TOKEN_IDS, MAX_NUM_LOGIT_BIAS_TOKENS,
+# MAX_NUM_BAD_WORDS, MAX_BAD_WORDS_TOTAL_TOKENS), with its messages: each table is applied at every step.
+MAX_NUM_ALLOWED_TOKEN_IDS = 1024
+MAX_NUM_LOGIT_BIAS_TOKENS = 1024
+MAX_NUM_BAD_WORDS = 128  # token sequences, after tokenisation (a word and its leading-space variant count twice)
+MAX_BAD_WORDS_TOTAL_TOKENS = 1024
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -40,6 +46,16 @@ def check_int64(name: str, number: Any, value: Any = None) -> None:
             f"{name} must be within the int64 range [{INT64_MIN}, {INT64_MAX}], got {number}.", parameter=name,
             value=number if value is None else value,
         )
+
+
+def check_table_size(name: str, size: int, value: Any = None) -> None:
+    """allowed_token_ids / logit_bias / bad_words hold at most vLLM's number of entries (checked before the entries)."""
+    limits = {"allowed_token_ids": (MAX_NUM_ALLOWED_TOKEN_IDS, "Too many allowed token IDs: {}. The max size is {}."),
+              "logit_bias": (MAX_NUM_LOGIT_BIAS_TOKENS, "Too many logit bias tokens: {}. The max size is {}."),
+              "bad_words": (MAX_NUM_BAD_WORDS, "Too many bad words: {}. The max number is {}.")}
+    limit, message = limits[name]
+    if size > limit:
+        raise ValidationError(message.format(size, limit), parameter=name, value=size if value is None else value)
 
 
 def _normalize_logit_bias(logit_bias: dict[Any, Any]) -> dict[int, float]:
@@ -106,8 +122,12 @@ class SamplingParams:
     extra_args: dict[str, Any] | None = None
     # Filled by the engine: EOS ids of the model (tokenizer + generation_config), honoured unless ignore_eos.
     eos_token_ids: frozenset[int] = field(default_factory=frozenset, repr=False)
-    # Filled by the engine from bad_words and the tokenizer (see bad_words.py).
+    # Filled from bad_words and the tokenizer (see bad_words.py): by the server on its tokenizer thread, else by the
+    # engine.
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
+    # Filled by the engine: allowed_token_ids, logit_bias, bad words and min_tokens' stop ids as arrays, built once
+    # per request and shared by its samples (see token_tables.py).
+    token_tables: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # As vLLM: forms are normalised, every range is verified, and only then are greedy requests' unused
@@ -140,6 +160,7 @@ class SamplingParams:
             logger.warning("temperature %s is below %s and was raised to it", self.temperature, _MIN_TEMPERATURE)
             self.temperature = _MIN_TEMPERATURE
         if self.logit_bias is not None:
+            check_table_size("logit_bias", len(self.logit_bias))
             self.logit_bias = _normalize_logit_bias(self.logit_bias)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
@@ -225,6 +246,10 @@ class SamplingParams:
             raise ValidationError(f"n must be an int, but is of type {type(self.n).__name__}", parameter="n", value=self.n)
         for name in _INT_FIELDS:
             check_int64(name, getattr(self, name))
+        if self.allowed_token_ids is not None:
+            check_table_size("allowed_token_ids", len(self.allowed_token_ids))
+        if self.bad_words is not None:  # before tokenizing: each word gives at least one token sequence
+            check_table_size("bad_words", len(self.bad_words))
         for name in ("stop_token_ids", "allowed_token_ids"):
             for token_id in getattr(self, name) or ():
                 check_int64(name, token_id, value=getattr(self, name))
@@ -252,6 +277,15 @@ class SamplingParams:
 
     def clone(self) -> SamplingParams:
         return copy.deepcopy(self)
+
+    def for_sample(self, index: int) -> SamplingParams:
+        """The params of sample `index` of an n > 1 request: n = 1 and its own seed. A shallow copy: the samples
+        share the tables (logit_bias, allowed_token_ids, token_tables, ...), which nothing changes once added."""
+        child = copy.copy(self)
+        child.n = 1
+        if self.seed is not None:
+            child.seed = self.seed + index
+        return child
 
     def verify_for_vocab(self, vocab_size: int, max_logprobs: int) -> None:
         """Checks that need the model: token ids in range, logprob counts within the server's cap."""
