@@ -300,8 +300,7 @@ def _messages(name: str, value: Any) -> list[dict[str, Any]]:
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _fail(where, "an object with a string `role`", message)
         message = dict(message)
-        # null content (an assistant turn that only calls tools) renders as "", as vLLM renders it
-        message["content"] = _content(f"{where}.content", message.get("content")) or ""
+        message["content"] = _content(f"{where}.content", message.get("content"))
         # `reasoning` (vLLM >= 0.12) and `reasoning_content` (before): accept either, give templates both.
         reasoning = message.get("reasoning", message.get("reasoning_content"))
         if reasoning is not None:

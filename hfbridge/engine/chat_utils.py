@@ -40,6 +40,10 @@ def render_chat(
             "content is null); send its text, or set continue_final_message to false",
             parameter="continue_final_message",
         )
+    # null content (an assistant turn that only calls tools) renders as "", as vLLM renders it: templates that
+    # concatenate content would fail on None
+    conversation = [{**m, "content": ""} if isinstance(m, dict) and m.get("content") is None else m
+                    for m in conversation]
     reserved = sorted(set(chat_template_kwargs or ()) & reserved_template_kwargs(tokenizer))
     if reserved:
         raise ValidationError(
