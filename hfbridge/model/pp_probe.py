@@ -9,32 +9,15 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from hfbridge.model.compatibility import PROBE_PROMPTS, shrink_config
 from hfbridge.parallel.pp_plan import FIX, PPPlanError, split_stages
+from hfbridge.parallel.state import PPGroup
 
 logger = logging.getLogger(__name__)
 TOLERANCE = 1e-4  # float32, the same modules run in the same order: equal up to summation noise
-
-
-@dataclass(frozen=True)
-class _Stage:
-    """What split_stages reads of a PPGroup, for stage `stage` of `size`."""
-
-    stage: int
-    size: int
-
-    @property
-    def is_first(self) -> bool:
-        return self.stage == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.stage == self.size - 1
 
 
 def check_pp_split(cls: type, config, num_stages: int) -> None:
@@ -73,7 +56,8 @@ def _run_whole_and_staged(cls: type, config, num_stages: int, attention: str) ->
         hidden = None
         for stage in range(num_stages):
             staged = copy.deepcopy(model)
-            split_stages(staged.base_model, _heads(staged), num_layers, _Stage(stage, num_stages), False)
+            # the stage as a worker holds it (a PPGroup needs no process group to be split by)
+            split_stages(staged.base_model, _heads(staged), num_layers, PPGroup(stage, num_stages), False)
             inputs = {"input_ids": ids} if hidden is None else {"input_ids": None, "inputs_embeds": hidden}
             hidden = staged.base_model(**inputs, position_ids=positions, use_cache=False)[0]
     return hidden, whole
