@@ -310,3 +310,22 @@ async def test_structured_outputs_start_after_the_reasoning(aiohttp_client, tmp_
     message = reply.choices[0].message
     assert message.model_extra["reasoning"] == "Hmm, a city."
     assert message.content in ("Paris", "London")
+
+
+def test_hfbridge_serve_flags_turn_tool_parsing_on(scripted, tmp_path):
+    """The same tool call through a real `hfbridge serve` process started with vLLM's flags."""
+    from server_utils import start_server, stop_server
+
+    process, url = start_server([str(scripted), "--trust-remote-code", "--max-model-len", "1024",
+                                 "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+                                 "--reasoning-parser", "qwen3"], tmp_path / "serve.log")
+    try:
+        api = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        reply = api.chat.completions.create(model=api.models.list().data[0].id, messages=ASK, tools=TOOLS,
+                                            temperature=0, max_tokens=80)
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Paris"}
+        assert reply.choices[0].finish_reason == "tool_calls"
+    finally:
+        stop_server(process)
+    assert process.returncode == 0
