@@ -73,8 +73,8 @@ def apply_grammar_bitmask(logits: torch.Tensor, rows: list[int], bits: torch.Ten
     if lib is not None and logits.is_contiguous():
         bits = bits.contiguous()
         index = torch.tensor(rows, dtype=torch.int64)
-        # One thread: about 6 us a row of 49152 logits, memory-bound; a second thread waits on a busy core more
-        # often than it saves.
+        # One thread: the pass is memory-bound and short, and a second thread waits on a busy core more often than
+        # it saves (figures: docs/kernel-measurements.md).
         lib.apply_token_bitmask(logits.data_ptr(), index.data_ptr(), bits.data_ptr(), len(rows), logits.shape[1],
                                 bits.shape[1], 1)
         return
