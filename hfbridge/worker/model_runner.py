@@ -42,17 +42,19 @@ class ModelRunner:
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         step = self.prepare_inputs(scheduler_output.scheduled)
         rows = sampling_rows(step, scheduler_output.grammar_bitmask)
-        if getattr(self.model, "sample_heads", None) is not None and any(argmax_only(row) for row in rows):
-            return self._execute_split(step, rows)
+        if getattr(self.model, "sample_heads", None) is not None:
+            is_fast = [argmax_only(row) for row in rows]
+            if any(is_fast):
+                return self._execute_split(step, rows, is_fast)
         return sample_step(self.sampler, self._logits(step), step, rows)
 
-    def _execute_split(self, step: StepInputs, rows: list[SamplingRow]) -> ModelRunnerOutput:
-        """The native decoders' two heads in one step: rows that only need their argmax take the greedy head
-        (which computes only the logits that could be it); the others (prompt logprobs, sampling, constrained
+    def _execute_split(self, step: StepInputs, rows: list[SamplingRow], is_fast: list[bool]) -> ModelRunnerOutput:
+        """The native decoders' two heads in one step: rows that only need their argmax (is_fast) take the greedy
+        head (which computes only the logits that could be it); the others (prompt logprobs, sampling, constrained
         rows) get their full logits and the sampler."""
         num_prompt_rows = len(step.logits_indices) - len(rows)
-        fast = [i for i, row in enumerate(rows) if argmax_only(row)]
-        slow = [i for i, row in enumerate(rows) if not argmax_only(row)]
+        fast = [i for i, f in enumerate(is_fast) if f]
+        slow = [i for i, f in enumerate(is_fast) if not f]
         sample_indices = step.logits_indices[num_prompt_rows:]
         order = torch.cat([step.logits_indices[:num_prompt_rows], sample_indices[slow], sample_indices[fast]])
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
