@@ -5,6 +5,7 @@ accepts the schema, regex or grammar is checked by hfbridge.structured_output.gr
 queued."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, fields
 from typing import Any
@@ -91,10 +92,10 @@ class StructuredOutputsParams:
     def kind(self) -> str:
         return next(name for name in CONSTRAINTS if getattr(self, name) is not None)
 
-    @property
+    @functools.cached_property
     def key(self) -> tuple:
         """What the compiled grammar depends on: the constraint (property order kept: it is the output's order) and
-        the options that change it."""
+        the options that change it. Computed once: the n samples of a request share these params, and each asks."""
         spec = getattr(self, self.kind)
         if self.kind == "json":
             spec = json.dumps(spec)
