@@ -78,6 +78,7 @@ class SchedulerConfig:
     max_num_seqs: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs (round-robin across requests) | priority
 
 
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher", "ray")

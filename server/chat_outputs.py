@@ -61,6 +61,8 @@ class ChatOutputs:
     reasoning: ReasoningParser | None = None
     tools: ToolParser | None = None
     calls_finish: bool = True  # finish_reason "tool_calls" when calls were made (not for a named function)
+    include_reasoning: bool = True  # the request's include_reasoning: False leaves the reasoning out
+    max_calls: int | None = None  # parallel_tool_calls=false: 1 (vLLM keeps the first call)
     _choices: dict[int, _ChoiceState] = field(default_factory=dict)
 
     @property
@@ -72,6 +74,8 @@ class ChatOutputs:
         tool parser reads the content, whitespace-only content next to calls is none, so on a partial text a
         trailing run of whitespace is held back until more text shows whether it is content."""
         reasoning, content = self.reasoning.split(text, final) if self.reasoning is not None else ("", text)
+        if not self.include_reasoning:
+            reasoning = ""
         if self.tools is None:
             return reasoning, content, []
         parsed = self.tools.parse(content, final)
@@ -80,7 +84,7 @@ class ChatOutputs:
             content = ""
         elif not final:  # what precedes a complete call is settled, its whitespace included
             content = content[: max(len(content.rstrip()), parsed.settled)]
-        return reasoning, content, parsed.calls
+        return reasoning, content, parsed.calls[: self.max_calls]
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict[str, Any], str | None]:
         """The non-streamed message fields (content, reasoning, tool_calls) and the finish reason."""

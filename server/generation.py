@@ -130,14 +130,17 @@ async def prepare_prompts(state: ServingState, request: GenerationRequest, promp
     return await state.off_loop(prepare_all)
 
 
-async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt]) -> list[RequestStream]:
+async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt],
+                 request: GenerationRequest) -> list[RequestStream]:
     """Add every prompt's request in one engine command (one step for all), or none of them."""
     requests = []
     for i, prepared in enumerate(prompts):
         engine_prompt: dict[str, Any] = {"prompt_token_ids": prepared.token_ids}
         if prepared.text is not None:
             engine_prompt["prompt"] = prepared.text
-        requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True))
+        if request.cache_salt is not None:
+            engine_prompt["cache_salt"] = request.cache_salt
+        requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True, request.priority))
     try:
         return await engine.add_requests(requests)
     except ValueError as e:
@@ -212,14 +215,15 @@ class OutputMerger:
                 task.cancel()
 
 
-async def start(state: ServingState, response_id: str, prompts: list[PreparedPrompt]) -> OutputMerger:
+async def start(state: ServingState, response_id: str, prompts: list[PreparedPrompt],
+                request: GenerationRequest) -> OutputMerger:
     """Take seats in the queue (503 when full), then submit. Enter `merger.outputs()` right after, with no
     await in between, so a client that leaves at any later point has its requests aborted."""
     engine, _ = state.require_engine()
     seats = [p.params.n for p in prompts]
     state.admit(sum(seats))
     try:
-        streams = await submit(engine, response_id, prompts)
+        streams = await submit(engine, response_id, prompts, request)
     except BaseException:
         state.release(sum(seats))
         raise

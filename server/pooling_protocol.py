@@ -25,6 +25,7 @@ class PoolingOptions:
     truncate_prompt_tokens: int | None
     add_special_tokens: bool
     request_id: str | None
+    priority: int  # lower first under --scheduling-policy priority
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def _options(body: dict[str, Any]) -> dict[str, Any]:
         add_special_tokens=True if body.get("add_special_tokens") is None else as_bool(
             "add_special_tokens", body["add_special_tokens"]),
         request_id=None if body.get("request_id") is None else as_str("request_id", body["request_id"]),
+        priority=0 if body.get("priority") is None else as_int("priority", body["priority"]),
     )
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hfbridge.engine.input_processor import check_cache_salt
 from hfbridge.sample.sampling_params import check_table_size
 from hfbridge.server.errors import APIError
 from hfbridge.server.structured_outputs import GUIDED_FIELDS, GUIDED_OPTIONS, structured_outputs_of
@@ -122,20 +123,31 @@ SAMPLING_FIELDS: dict[str, Check] = {
 }
 _COMMON_FIELDS: dict[str, Check] = {
     "model": as_str, "max_tokens": as_int, "stream": as_bool, "stream_options": _dict, "echo": as_bool,
-    "add_special_tokens": as_bool, "request_id": as_str, "user": as_str,
+    "add_special_tokens": as_bool, "request_id": as_str, "user": as_str, "priority": as_int,
+    "cache_salt": lambda name, value: check_cache_salt(value),
     # decoding constraints, read together by structured_outputs_of
     **dict.fromkeys(["response_format", "structured_outputs", *GUIDED_FIELDS, *GUIDED_OPTIONS,
                      "guided_decoding_backend"], lambda name, value: value),
 }
-# Fields that would change the output in ways the engine cannot deliver yet: refused, never ignored.
-_REFUSED = {
-    "suffix": "fill-in-the-middle (suffix)", "prompt_embeds": "prompt embeddings", "lora_request": "LoRA adapters",
+# Fields that would change the output in ways the engine cannot deliver yet: refused with the reason when set to
+# anything but their no-op value, never ignored. name -> (the values that ask for nothing, what it asks for).
+_REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "suffix": ((None, ""), "fill-in-the-middle (suffix), which hfbridge does not support yet"),
+    "prompt_embeds": ((None, "", []), "prompt embeddings, which hfbridge does not support yet"),
+    "lora_request": ((None, {}), "LoRA adapters, which hfbridge does not support yet"),
+    "functions": ((None, []), "the deprecated function-calling API; send `tools` instead"),
+    "function_call": ((None,), "the deprecated function-calling API; send `tool_choice` instead"),
+    "modalities": ((None, ["text"]), "output modalities other than text, which hfbridge does not produce"),
+    "audio": ((None,), "audio output, which hfbridge does not produce"),
+    "web_search_options": ((None,), "web search, which hfbridge does not do"),
+    "mm_processor_kwargs": ((None, {}), "multimodal processing, which hfbridge does not support yet"),
+    "kv_transfer_params": ((None, {}), "disaggregated prefill (KV transfer), which hfbridge does not support"),
+    "vllm_xargs": ((None, {}), "custom logits-processor arguments, which hfbridge does not support"),
+    "return_token_ids": ((None, False), "token ids in the response, which hfbridge does not return yet; "
+                                        "use logprobs or /tokenize"),
 }
-# OpenAI fields with no meaning here: dropped with one warning each per process (vLLM drops them silently).
-_DROPPED = frozenset({"store", "metadata", "modalities", "audio", "prediction", "web_search_options", "service_tier",
-                      "functions", "function_call", "parallel_tool_calls", "reasoning_effort", "priority",
-                      "cache_salt", "return_token_ids",
-                      "include_reasoning", "documents", "mm_processor_kwargs", "kv_transfer_params", "vllm_xargs"})
+# OpenAI fields that cannot change the output: dropped with one warning each per process (vLLM drops them silently).
+_DROPPED = frozenset({"store", "metadata", "prediction", "service_tier"})
 _warned: set[str] = set()
 
 
@@ -152,6 +164,8 @@ class GenerationRequest:
     echo: bool
     add_special_tokens: bool
     request_id: str | None
+    priority: int  # lower first under --scheduling-policy priority; non-zero is refused under fcfs
+    cache_salt: str | None  # prefix-cache entries are shared only within one salt
 
 
 @dataclass(frozen=True)
@@ -171,13 +185,17 @@ class ChatRequest(GenerationRequest):
     chat_template_kwargs: dict[str, Any]
     tools: list[dict[str, Any]] | None
     tool_choice: Any  # "none" | "auto" | "required" | {"type": "function", ...}; None: unset (server/tool_choice.py)
+    parallel_tool_calls: bool  # False: at most one tool call per choice (vLLM keeps the first)
+    include_reasoning: bool  # False: the reasoning parser's part is left out of the message
+    documents: list[dict[str, Any]] | None  # for RAG templates: apply_chat_template(documents=...)
+    reasoning_effort: str | None  # a chat-template variable, as vLLM passes it
 
 
 def _take(body: dict[str, Any], schema: dict[str, Check]) -> dict[str, Any]:
     """Checked values of the fields in `schema` that the body sets (null counts as unset)."""
-    for name, what in _REFUSED.items():
-        if body.get(name) not in (None, "", [], {}):
-            raise APIError(400, f"`{name}` asks for {what}, which hfbridge does not support yet", name)
+    for name, (no_op, what) in _REFUSED.items():
+        if name in body and body[name] not in no_op:
+            raise APIError(400, f"`{name}` asks for {what}", name)
     for name in body.keys() - schema.keys():
         if name in _DROPPED and name not in _warned:
             _warned.add(name)
@@ -206,6 +224,8 @@ def _generation_fields(values: dict[str, Any]) -> dict[str, Any]:
         continuous_usage=_option(options, "continuous_usage_stats"),
         echo=values.get("echo", False),
         request_id=values.get("request_id"),
+        priority=values.get("priority", 0),
+        cache_salt=values.get("cache_salt"),
     )
 
 
@@ -232,6 +252,8 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         **SAMPLING_FIELDS, **_COMMON_FIELDS, "messages": _messages, "max_completion_tokens": as_int,
         "logprobs": as_bool, "top_logprobs": as_int, "add_generation_prompt": as_bool, "continue_final_message": as_bool,
         "chat_template": as_str, "chat_template_kwargs": _dict, "tools": _tools, "tool_choice": _any,
+        "parallel_tool_calls": as_bool, "include_reasoning": as_bool, "documents": _documents,
+        "reasoning_effort": _reasoning_effort,
     }
     values = _take(body, schema)
     if "messages" not in values:
@@ -254,7 +276,26 @@ def parse_chat_request(body: dict[str, Any]) -> ChatRequest:
         chat_template_kwargs=values.get("chat_template_kwargs", {}),
         tools=values.get("tools"),
         tool_choice=values.get("tool_choice"),
+        parallel_tool_calls=values.get("parallel_tool_calls", True),
+        include_reasoning=values.get("include_reasoning", True),
+        documents=values.get("documents"),
+        reasoning_effort=values.get("reasoning_effort"),
     )
+
+
+def _documents(name: str, value: Any) -> list[dict[str, Any]]:
+    """vLLM's shape: a list of objects whose keys and values are strings (e.g. {"title", "text"})."""
+    if not isinstance(value, list) or not all(
+        isinstance(d, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()) for d in value
+    ):
+        raise _fail(name, "a list of objects with string values (e.g. {\"title\": ..., \"text\": ...})", value)
+    return value
+
+
+def _reasoning_effort(name: str, value: Any) -> str:
+    if value not in ("low", "medium", "high"):
+        raise APIError(400, f"`{name}` must be one of 'low', 'medium', 'high', got {str(value)[:40]!r}", name)
+    return value
 
 
 def _check_num_sequences(n: int, num_prompts: int) -> None:

@@ -39,7 +39,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
     role = state.settings.response_role
     echo = _echo_text(body, role)
-    merger = await start(state, response_id, [prepared])
+    merger = await start(state, response_id, [prepared], body)
     # The abort guard is entered before the role chunk is written: a client gone before it is aborted too.
     async with merger.outputs() as outputs:
         if body.stream:
@@ -113,9 +113,11 @@ async def render_with_request_template(state: ServingState, body: ChatRequest) -
 
 
 def _render_options(state: ServingState, body: ChatRequest) -> dict[str, Any]:
+    template_kwargs = {**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs}
+    if body.reasoning_effort is not None:  # a template variable, as vLLM passes it
+        template_kwargs["reasoning_effort"] = body.reasoning_effort
     return dict(add_generation_prompt=body.add_generation_prompt, continue_final_message=body.continue_final_message,
-                tools=body.tools,
-                chat_template_kwargs={**state.settings.default_chat_template_kwargs, **body.chat_template_kwargs})
+                tools=body.tools, documents=body.documents, chat_template_kwargs=template_kwargs)
 
 
 def check_rendered_length(text: str, card: ModelCard) -> None:
@@ -146,6 +148,8 @@ def with_tools(state: ServingState, body: ChatRequest) -> tuple[ChatRequest, Too
         raise APIError(400, f"Structured outputs with --reasoning-parser {settings.reasoning_parser} need the engine "
                             "to know the reasoning format too (hfbridge serve passes it; an engine built by hand "
                             "needs reasoning_parser=...)", "response_format")
+    plan.outputs.include_reasoning = body.include_reasoning
+    plan.outputs.max_calls = None if body.parallel_tool_calls else 1
     sampling = dict(body.sampling)
     if plan.constraint is not None:
         sampling["structured_outputs"] = plan.constraint

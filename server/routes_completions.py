@@ -32,7 +32,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
     response_id = new_response_id("cmpl", body, request)
     head = {"id": response_id, "object": "text_completion", "created": int(time.time()), "model": model}
     renderer = _Renderer(state, body, [p.token_ids for p in prepared], [p.text for p in prepared], prepared[0].params.n)
-    merger = await start(state, response_id, prepared)
+    merger = await start(state, response_id, prepared, body)
     # The abort guard is entered before anything is written: a client gone before its first chunk is aborted too.
     async with merger.outputs() as outputs:
         if body.stream:

@@ -20,7 +20,6 @@ from hfbridge.pooling.scoring import plan_scoring
 from hfbridge.server.connections import add_post
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.pooling_protocol import (
-    EmbedRequest,
     PoolingOptions,
     parse_embed_request,
     parse_rerank_request,
@@ -50,7 +49,7 @@ async def _run(state: ServingState, prefix: str, options: PoolingOptions, prompt
     response_id = f"{prefix}-{options.request_id or uuid.uuid4().hex}"
     params.truncate_prompt_tokens = options.truncate_prompt_tokens
     requests = [(f"{response_id}-{i}", {"prompt_token_ids": p} if isinstance(p, list) else p, params.clone(),
-                 options.add_special_tokens) for i, p in enumerate(prompts)]
+                 options.add_special_tokens, options.priority) for i, p in enumerate(prompts)]
     state.admit(len(requests))  # 503 + Retry-After when the queue is full
     streams: list[Any] = []
     try:

@@ -41,7 +41,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     body, plan = with_tools(state, body)
     prepared = await prepare_chat(state, card, body, "max_output_tokens")
     response_id = new_response_id("resp", body, request)
-    merger = await start(state, response_id, [prepared])
+    merger = await start(state, response_id, [prepared], body)
     async with merger.outputs() as outputs:
         if body.stream:
             return await _stream(request, outputs, merger, response_id, raw, model, plan.outputs, conversation, store)

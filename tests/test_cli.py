@@ -93,7 +93,6 @@ def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
     (["--speculative-config", "{}"], "speculative decoding"),
     (["--lora-modules", "a=b"], "LoRA adapters"),
     (["--enable-lora"], "LoRA adapters"),
-    (["--scheduling-policy", "priority"], "priority scheduling is not supported"),
     (["--load-format", "dummy"], "--load-format dummy is not supported"),
     (["--structured-outputs-config", '{"backend": "guidance"}'], "xgrammar"),
     (["--guided-decoding-backend=outlines"], "xgrammar"),
@@ -108,6 +107,13 @@ def test_tokenizer_mode_and_download_dir_reach_the_engine(captured, tmp_path):
     assert result.exit_code == 0, result.output
     assert captured["engine_args"].tokenizer_mode == "slow"
     assert captured["engine_args"].download_dir == str(tmp_path)
+
+
+def test_scheduling_policy_reaches_the_engine(captured):
+    result = run(["serve", "/models/x", "--scheduling-policy", "priority"])
+    assert result.exit_code == 0, result.output
+    assert captured["engine_args"].scheduling_policy == "priority"
+    assert run(["serve", "/models/x", "--scheduling-policy", "lottery"]).exit_code != 0
 
 
 def test_unknown_flags_fail_like_argparse(captured):

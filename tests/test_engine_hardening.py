@@ -351,6 +351,72 @@ def test_priority_needs_priority_scheduling_like_vllm(llm):
     assert not llm.llm_engine.has_unfinished_requests()
 
 
+def test_priority_scheduling_serves_urgent_requests_first_with_transformers_tokens(tiny_llama):
+    """scheduling_policy="priority" with one sequence slot: requests finish in (priority, arrival) order, and each
+    one's tokens are Transformers' greedy tokens."""
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, max_num_seqs=1, scheduling_policy="priority")
+    prompts = [ids(text) for text in ("Hello there", "The capital of France", "Once upon a time")]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    finished_order = []
+    real_finish = llm.llm_engine.scheduler.finish_requests
+
+    def spy(request_ids, status):  # observe (not change) the order in which requests finish
+        finished_order.extend(request_ids)
+        real_finish(request_ids, status)
+
+    llm.llm_engine.scheduler.finish_requests = spy
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, priority=[5, -1, 0], use_tqdm=False)
+    assert [o.request_id for o in outputs] == sorted(finished_order, key=int)  # the outputs keep input order
+    assert finished_order == [outputs[1].request_id, outputs[2].request_id, outputs[0].request_id]
+    for prompt, output in zip(prompts, outputs):
+        assert output.outputs[0].token_ids == hf_greedy(tiny_llama[0], prompt, 6, ignore_eos=True)[0]
+
+
+def test_cache_salt_isolates_the_prefix_cache(tiny_llama):
+    """vLLM's cache_salt: the same prompt under another salt computes its K/V again (no timing side channel
+    across tenants); under the same salt it hits. Tokens are Transformers' either way."""
+    llm = LLM(model=str(tiny_llama[1]), max_model_len=64, block_size=4)
+    prompt = ids(LONG)[:21]
+    expected = hf_greedy(tiny_llama[0], prompt, 4, ignore_eos=True)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    def run(salt):
+        request = {"prompt_token_ids": prompt} if salt is None else {"prompt_token_ids": prompt, "cache_salt": salt}
+        (out,) = llm.generate([request], params, use_tqdm=False)
+        assert out.outputs[0].token_ids == expected
+        return out.num_cached_tokens
+
+    assert run("tenant-a") == 0
+    assert run("tenant-b") == 0
+    assert run(None) == 0
+    assert run("tenant-a") == 20 and run(None) == 20
+    for bad, message in (("", "non-empty"), ("a" * 129, "at most 128"), ("a/b", "must not contain")):
+        with pytest.raises(ValueError, match=message):
+            llm.generate([{"prompt_token_ids": prompt, "cache_salt": bad}], params, use_tqdm=False)
+
+
+def test_prompt_keys_hfbridge_cannot_serve_are_refused(tiny_llama, llm):
+    """An image must never be dropped silently: multimodal keys are refused until they are served."""
+    params = SamplingParams(temperature=0, max_tokens=2)
+    with pytest.raises(ValueError, match="multi_modal_data.*multimodal inputs"):
+        llm.generate([{"prompt": "Describe", "multi_modal_data": {"image": object()}}], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="Unknown prompt key 'promt'"):
+        llm.generate([{"prompt": "Hi", "promt": "typo"}], params, use_tqdm=False)
+    assert not llm.llm_engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(quantization="awq"), "quantization='awq' is not supported"),
+    (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
+    (dict(enable_lora=True), "LoRA"),
+    (dict(limit_mm_per_prompt={"image": 2}), "multimodal"),
+    (dict(scheduling_policy="lottery"), "scheduling_policy='lottery'"),
+])
+def test_engine_arguments_that_change_outputs_are_refused(tiny_llama, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LLM(model=str(tiny_llama[1]), max_model_len=64, **kwargs)
+
+
 def test_chat_template_content_format(llm):
     parts = [{"role": "user", "content": [{"type": "text", "text": "Hello"}, {"type": "text", "text": "there"}]}]
     plain = [{"role": "user", "content": "Hello\nthere"}]

@@ -143,3 +143,65 @@ def test_prefix_lookup_is_counted_once_per_admitted_request():
     run_step(s)
     assert b.status is RequestStatus.RUNNING and s.kv_cache_manager.stats.queried_tokens == 16 + 9
 
+
+
+def make_priority_scheduler(num_blocks=32, budget=64, max_seqs=8) -> Scheduler:
+    return Scheduler(SchedulerConfig(budget, max_seqs, 512, True, "priority"), KVCacheManager(num_blocks, BS, True))
+
+
+def add_with(scheduler: Scheduler, request_id: str, num_tokens: int, priority: int, arrival: float) -> Request:
+    request = Request(request_id, list(range(num_tokens)), SamplingParams(), arrival_time=arrival, priority=priority)
+    scheduler.add_request(request)
+    return request
+
+
+def test_priority_policy_admits_the_lowest_priority_value_first_then_by_arrival():
+    """vLLM's order: (priority, arrival time); one sequence slot, so admission order is the whole story."""
+    s = make_priority_scheduler(max_seqs=1)
+    add_with(s, "late-urgent", 4, priority=-1, arrival=3.0)
+    add_with(s, "first-normal", 4, priority=0, arrival=1.0)
+    add_with(s, "low", 4, priority=5, arrival=0.0)
+    add_with(s, "second-normal", 4, priority=0, arrival=2.0)
+    order = []
+    while s.has_unfinished_requests():
+        out = run_step(s)
+        for item in out.scheduled:
+            if item.start == 0:
+                order.append(item.request.request_id)
+        s.finish_requests([r.request_id for r in list(s.running)], RequestStatus.FINISHED_STOPPED)
+    assert order == ["late-urgent", "first-normal", "second-normal", "low"]
+
+
+def test_priority_policy_preempts_the_least_urgent_even_if_scheduled_first():
+    """Blocks run out while decoding: the running request with the highest (priority, arrival) goes back to the
+    queue, even when it was scheduled earlier in the same step (its tokens and blocks are taken back)."""
+    s = make_priority_scheduler(num_blocks=3, budget=64)
+    low = add_with(s, "low", 1, priority=9, arrival=0.0)
+    run_step(s)  # low runs first: first in the running list
+    high = add_with(s, "high", 8, priority=0, arrival=1.0)
+    run_step(s)  # high's prompt fills two blocks; low holds the third
+    out = run_step(s)  # high's ninth token needs a block: low, scheduled before it in this step, is taken back
+    assert out.preempted_request_ids == ["low"]
+    assert [(item.request.request_id, item.start) for item in out.scheduled] == [("high", 8)]
+    assert out.num_scheduled_tokens == 1
+    assert low.status is RequestStatus.PREEMPTED and low.num_computed_tokens == 0
+    assert s.kv_cache_manager.get_block_ids("low") == [] and high.status is RequestStatus.RUNNING
+
+
+def test_cache_salt_separates_prefix_cache_entries():
+    """A salted request hits only blocks written under the same salt (vLLM: the salt seeds the first block's hash)."""
+    s = make_scheduler()
+    prompt = list(range(13))  # three full blocks, one partial
+
+    def admit(request_id: str, salt):
+        request = Request(request_id, prompt, SamplingParams(), cache_salt=salt)
+        s.add_request(request)
+        run_step(s)
+        s.finish_requests([request_id], RequestStatus.FINISHED_STOPPED)
+        return request.num_cached_tokens
+
+    assert admit("tenant-a", "a") == 0
+    assert admit("tenant-b", "b") == 0  # same tokens, another salt: no hit
+    assert admit("unsalted", None) == 0
+    assert admit("tenant-a-again", "a") == 12  # three full blocks of the same salt
+    assert admit("unsalted-again", None) == 12

@@ -292,6 +292,33 @@ async def test_reasoning_is_split_from_the_content(aiohttp_client, tmp_path, str
             content += delta.content or ""
     assert reasoning == "Paris is in France; the tool knows its weather."
     assert content == "It is sunny in Paris."
+    # include_reasoning=false (vLLM): the reasoning is left out, the content stays
+    message = (await api.chat.completions.create(**kwargs, extra_body={"include_reasoning": False})).choices[0].message
+    assert message.model_extra.get("reasoning") is None and message.content == "It is sunny in Paris."
+
+
+TWO_CALLS = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("stream", [False, True])
+async def test_parallel_tool_calls_false_keeps_the_first_call(aiohttp_client, tmp_path, stream):
+    folder = write_scripted_model(tmp_path / "two_calls", [(ASK, TWO_CALLS)])
+    settings = ServerSettings(tools=ToolSettings.build(enable_auto_tool_choice=True, tool_call_parser="hermes"))
+    c = await aiohttp_client(make_app(folder, settings, trust_remote_code=True, max_model_len=1024))
+    await wait_ready(c)
+    api, model = api_of(c), await model_of(c)
+    kwargs = dict(model=model, messages=ASK, tools=TOOLS, temperature=0, max_tokens=200)
+    for parallel, expected in ((True, ["get_weather", "get_time"]), (False, ["get_weather"])):
+        if not stream:
+            reply = await api.chat.completions.create(**kwargs, parallel_tool_calls=parallel)
+            names = [call.function.name for call in reply.choices[0].message.tool_calls]
+        else:
+            names = []
+            async for chunk in await api.chat.completions.create(**kwargs, parallel_tool_calls=parallel, stream=True):
+                names += [part.function.name for part in chunk.choices[0].delta.tool_calls or [] if part.function.name]
+        assert names == expected
 
 
 @pytest.mark.asyncio

@@ -10,6 +10,13 @@ from hfbridge.core.block_pool import BlockPool, KVCacheBlock
 from hfbridge.core.request import Request
 
 
+def salt_hash(cache_salt: str | None) -> bytes | None:
+    """The parent hash of a salted request's first block: no block of another salt (or of none) can equal it."""
+    if cache_salt is None:
+        return None
+    return hashlib.sha256(b"cache_salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+
+
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
     """Chained: a block's hash covers every token from the start of the sequence to its end."""
     digest = hashlib.sha256(parent_hash or b"")
@@ -102,6 +109,14 @@ class KVCacheManager:
             self.pool.uncache_block(block)
         self.step_cached_blocks.clear()
 
+    def uncache_step_blocks(self, request: Request) -> None:
+        """A request scheduled this step is taken back before the step runs: the blocks it registered will
+        not be written, so no later request may hit them."""
+        held = {id(b) for b in self.req_to_blocks.get(request.request_id, ())}
+        for block in [b for b in self.step_cached_blocks if id(b) in held]:
+            self.pool.uncache_block(block)
+            self.step_cached_blocks.remove(block)
+
     def free(self, request: Request) -> None:
         """Release a finished, aborted or preempted request's blocks; its tail blocks are evicted first."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
@@ -113,7 +128,8 @@ class KVCacheManager:
         hashes = request.block_hashes
         while len(hashes) < request.num_tokens // bs:
             i = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None, request.all_token_ids[i * bs : (i + 1) * bs]))
+            parent = hashes[-1] if hashes else salt_hash(request.cache_salt)
+            hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:
         """Register blocks that are full once this step's tokens are written (attention writes K/V before it

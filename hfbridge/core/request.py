@@ -37,6 +37,8 @@ class Request:
         pooling_params=None,
         token_type_ids: list[int] | None = None,
         group_id: str | None = None,
+        priority: int = 0,
+        cache_salt: str | None = None,
     ):
         self.request_id = request_id
         # The user request this one belongs to (the n samples of a request share it); the scheduler admits
@@ -46,6 +48,8 @@ class Request:
         self.sampling_params = sampling_params
         self.pooling_params = pooling_params
         self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
+        self.priority = priority  # lower runs first under --scheduling-policy priority (vLLM's order)
+        self.cache_salt = cache_salt  # prefix-cache entries are shared only between requests of one salt
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # time.monotonic() when it first got a step
         self.generator = generator  # per-request RNG when SamplingParams.seed is set

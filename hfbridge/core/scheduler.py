@@ -1,5 +1,6 @@
-"""FCFS scheduling under a token budget; one loop over num_computed_tokens covers prefill, chunked prefill,
-decode and prefix-cache hits. When blocks run out, the newest running request is preempted and recomputed."""
+"""Scheduling under a token budget; one loop over num_computed_tokens covers prefill, chunked prefill, decode
+and prefix-cache hits. When blocks run out a running request is preempted and recomputed later: the newest
+(policy fcfs) or the one with the highest (priority, arrival time) (policy priority, vLLM's rule)."""
 from __future__ import annotations
 
 import time
@@ -8,7 +9,7 @@ from hfbridge.config import SchedulerConfig
 from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.core.request import Request, RequestStatus
 from hfbridge.core.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from hfbridge.core.waiting_queue import WaitingQueue
+from hfbridge.core.waiting_queue import WAITING_QUEUES
 
 
 class Scheduler:
@@ -16,7 +17,7 @@ class Scheduler:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
-        self.waiting = WaitingQueue()
+        self.waiting = WAITING_QUEUES[config.policy]()
         self.running: list[Request] = []
         self.num_preemptions = 0
 
@@ -43,7 +44,14 @@ class Scheduler:
                 continue
             blocks = self.kv_cache_manager.allocate_slots(request, num_new)
             while blocks is None:
-                victim = self.running.pop()
+                victim_index = self._victim_index()
+                victim = self.running.pop(victim_index)
+                if victim_index < i:  # scheduled earlier in this step: take its tokens back
+                    item = next(s for s in scheduled if s.request is victim)
+                    scheduled.remove(item)
+                    budget += item.num_new_tokens
+                    self.kv_cache_manager.uncache_step_blocks(victim)
+                    i -= 1
                 self._preempt(victim)
                 preempted.append(victim.request_id)
                 if victim is request:
@@ -80,6 +88,11 @@ class Scheduler:
 
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, num_tokens, preempted)
+
+    def _victim_index(self) -> int:
+        if self.config.policy == "priority":
+            return max(range(len(self.running)), key=lambda k: (self.running[k].priority, self.running[k].arrival_time))
+        return len(self.running) - 1
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

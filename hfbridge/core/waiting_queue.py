@@ -6,6 +6,8 @@ sequence slot while other clients' requests wait behind thousands of its samples
 group this is exactly first-come-first-served. Every operation is O(1) (remove: O(size of the group))."""
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import OrderedDict, deque
 from collections.abc import Iterator
 
@@ -72,3 +74,43 @@ class WaitingQueue:
                 self._groups[group_id] = kept
             else:
                 del self._groups[group_id]
+
+
+class PriorityWaitingQueue:
+    """vLLM's priority policy: the lowest (priority, arrival time) goes first; ties in arrival keep insertion
+    order. A sorted list: inserts are O(n) memmoves, fine at the queue sizes a server admits."""
+
+    def __init__(self):
+        self._entries: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def __iter__(self) -> Iterator[Request]:
+        return iter([entry[-1] for entry in self._entries])
+
+    def __contains__(self, request: Request) -> bool:
+        return any(entry[-1] is request for entry in self._entries)
+
+    def append(self, request: Request) -> None:
+        bisect.insort(self._entries, (request.priority, request.arrival_time, next(self._counter), request),
+                      key=lambda entry: entry[:3])
+
+    appendleft = append  # a preempted request keeps its place by priority and arrival
+
+    def peek(self) -> Request:
+        return self._entries[0][-1]
+
+    def pop(self) -> Request:
+        return self._entries.pop(0)[-1]
+
+    def remove_many(self, requests: list[Request]) -> None:
+        ids = {id(r) for r in requests}
+        self._entries = [entry for entry in self._entries if id(entry[-1]) not in ids]
+
+
+WAITING_QUEUES = {"fcfs": WaitingQueue, "priority": PriorityWaitingQueue}

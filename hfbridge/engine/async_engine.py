@@ -83,17 +83,17 @@ class AsyncLLMEngine:
 
     # -- requests (event loop)
     async def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True, priority: int = 0
     ) -> RequestStream:
         """Returns once the engine accepted the request; raises the engine's ValidationError if it did not.
 
         Iterate the stream for its outputs; call `abort` if you stop listening before it finished.
         """
-        (stream,) = await self.add_requests([(request_id, prompt, params, add_special_tokens)])
+        (stream,) = await self.add_requests([(request_id, prompt, params, add_special_tokens, priority)])
         return stream
 
-    async def add_requests(self, requests: list[tuple[str, Any, SamplingParams | Any, bool]]) -> list[RequestStream]:
-        """Add several (request_id, prompt, params, add_special_tokens) at once: one command for the engine
+    async def add_requests(self, requests: list[tuple[str, Any, SamplingParams | Any, bool, int]]) -> list[RequestStream]:
+        """Add several (request_id, prompt, params, add_special_tokens, priority) at once: one command for the engine
         thread, so a request's prompts join the same step instead of one round trip (and step) each.
 
         All or none: if the engine refuses one, the ones added before it are aborted and the error is raised.
@@ -106,8 +106,9 @@ class AsyncLLMEngine:
         def add_all() -> None:
             added: list[str] = []
             try:
-                for (request_id, prompt, params, add_special_tokens), stream in zip(requests, streams):
-                    self.engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens)
+                for (request_id, prompt, params, add_special_tokens, priority), stream in zip(requests, streams):
+                    self.engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens,
+                                            priority=priority)
                     self._streams[request_id] = stream
                     added.append(request_id)
             except Exception as e:  # noqa: BLE001 - handed to the caller, who maps it to an HTTP status

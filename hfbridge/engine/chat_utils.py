@@ -24,8 +24,10 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     tools: list[dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
 ) -> str:
+    """documents: for RAG templates (Transformers' apply_chat_template(documents=...)); None renders none."""
     if tokenizer is None:
         raise ValidationError("chat needs a tokenizer; the engine was started with skip_tokenizer_init=True")
     if add_generation_prompt and continue_final_message:
@@ -66,6 +68,7 @@ def render_chat(
         add_generation_prompt=add_generation_prompt,
         continue_final_message=continue_final_message,
         tools=tools,
+        documents=documents,
         **(chat_template_kwargs or {}),
     )
 

@@ -43,7 +43,7 @@ _MAX_LEN_KEYS = (
     "seq_len",
     "n_ctx",
 )
-# vLLM arguments that mean nothing here: accepted with a one-line warning, never an error.
+# vLLM arguments that cannot change what is computed here: accepted with a one-line warning.
 IGNORED_ARGS = frozenset(
     {
         "swap_space",
@@ -51,26 +51,30 @@ IGNORED_ARGS = frozenset(
         "compilation_config",
         "disable_log_stats",
         "disable_custom_all_reduce",
-        "kv_cache_dtype",
-        "quantization",
-        "load_format",
-        "download_dir",
-        "tokenizer_mode",
-        "code_revision",
         "max_seq_len_to_capture",
-        "structured_outputs_config",
-        "logits_processors",
         "allowed_local_media_path",
-        "limit_mm_per_prompt",
-        "mm_processor_kwargs",
-        "enable_lora",
         "max_loras",
         "max_lora_rank",
-        "data_parallel_size",
         "enable_log_requests",
         "disable_log_requests",
     }
 )
+# vLLM arguments that would change the output: accepted with the values that change nothing here (vLLM's
+# defaults), refused with the reason otherwise; never dropped with a warning. name -> (values accepted, reason).
+REFUSED_ARGS: dict[str, tuple[tuple[Any, ...], str]] = {
+    "quantization": ((None,), "quantized checkpoints are not served yet; use an unquantized model"),
+    "kv_cache_dtype": (("auto",), "the KV cache keeps the model's dtype (auto)"),
+    "load_format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
+    "code_revision": ((None,), "remote code is read at `revision`"),
+    "structured_outputs_config": ((None, {}, {"backend": "auto"}, {"backend": "xgrammar"}),
+                                  "structured outputs are decoded with xgrammar"),
+    "logits_processors": ((None, []), "custom logits processors are not supported"),
+    "limit_mm_per_prompt": ((None, {}), "multimodal inputs are not supported yet"),
+    "mm_processor_kwargs": ((None, {}), "multimodal inputs are not supported yet"),
+    "enable_lora": ((False, None), "LoRA adapters are not supported yet"),
+    "data_parallel_size": ((1,), "data parallelism is not supported; run one engine per replica"),
+}
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 TOKENIZER_MODES = ("auto", "hf", "slow")  # vLLM's "mistral" and "custom" need tokenizers hfbridge does not have
@@ -116,6 +120,7 @@ class EngineArgs:
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
     enable_chunked_prefill: bool | None = None
+    scheduling_policy: str = "fcfs"  # fcfs | priority (lower `priority` values run first, as in vLLM)
     # attention
     attention_backend: str | None = None
     # compilation: False (vLLM's default) lets native decoders torch.compile in the background; the environment
@@ -132,6 +137,11 @@ class EngineArgs:
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:
         """Unknown names raise TypeError, as vLLM's EngineArgs does; vLLM-only names warn once."""
         known = {f.name for f in fields(cls)}
+        for name, (accepted, reason) in REFUSED_ARGS.items():
+            if name in kwargs:
+                value = kwargs.pop(name)
+                if value not in accepted:
+                    raise ValueError(f"{name}={value!r} is not supported: {reason}")
         ignored = {k: kwargs.pop(k) for k in list(kwargs) if k in IGNORED_ARGS}
         unknown = sorted(set(kwargs) - known)
         if unknown:
@@ -287,7 +297,11 @@ class EngineArgs:
                 f"max_num_batched_tokens ({max_tokens}) < max_model_len ({max_model_len}) with chunked prefill "
                 "disabled: a long prompt could never be scheduled; raise max_num_batched_tokens or enable it"
             )
-        return SchedulerConfig(max_tokens, max_num_seqs, max_model_len, chunked)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy={self.scheduling_policy!r} is not one of {', '.join(SCHEDULING_POLICIES)}"
+            )
+        return SchedulerConfig(max_tokens, max_num_seqs, max_model_len, chunked, self.scheduling_policy)
 
 
 def _resolve_device(device: str) -> torch.device:

@@ -12,6 +12,37 @@ class ProcessedPrompt:
     prompt: str | None
     prompt_token_ids: list[int]
     token_type_ids: list[int] | None = None
+    cache_salt: str | None = None  # seeds the first block's hash: prefix-cache entries are shared within a salt
+
+
+MAX_CACHE_SALT_CHARS = 128
+# Keys of a prompt dict, and what hfbridge cannot serve yet: refused, never dropped (an image must not vanish).
+_PROMPT_KEYS = frozenset({"prompt", "prompt_token_ids", "token_type_ids", "cache_salt"})
+_UNSERVED_PROMPT_KEYS = {
+    "multi_modal_data": "multimodal inputs (images, audio, video)",
+    "mm_processor_kwargs": "multimodal processor options",
+    "multi_modal_uuids": "multimodal inputs",
+    "prompt_embeds": "prompt embeddings",
+    "encoder_prompt": "encoder-decoder prompts",
+    "decoder_prompt": "encoder-decoder prompts",
+}
+
+
+def check_cache_salt(salt: Any) -> str:
+    """vLLM's rule: a non-empty string of at most 128 characters without '@', '/', '\\' or NUL."""
+    if not isinstance(salt, str) or not salt:
+        raise ValidationError("cache_salt must be a non-empty string if provided", parameter="cache_salt", value=salt)
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise ValidationError(
+            f"cache_salt must be at most {MAX_CACHE_SALT_CHARS} characters, got {len(salt)}",
+            parameter="cache_salt", value=len(salt),
+        )
+    bad = sorted({c for c in salt if c in "@/\\\0"})
+    if bad:
+        raise ValidationError(
+            f"cache_salt must not contain {' '.join(map(repr, bad))}", parameter="cache_salt", value=salt[:40]
+        )
+    return salt
 
 
 def is_token_ids(value: Any) -> bool:
@@ -57,7 +88,10 @@ def process_prompt(
     token_type_ids = prompt.get("token_type_ids") if isinstance(prompt, dict) else None
     if token_type_ids is not None:
         token_type_ids = list(token_type_ids)[-len(token_ids) :]
-    return ProcessedPrompt(text, list(token_ids), token_type_ids)
+    salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+    if salt is not None:
+        salt = check_cache_salt(salt)
+    return ProcessedPrompt(text, list(token_ids), token_type_ids, salt)
 
 
 def _parse(prompt: Any) -> tuple[str | None, list[int] | None]:
@@ -66,6 +100,17 @@ def _parse(prompt: Any) -> tuple[str | None, list[int] | None]:
     if is_token_ids(prompt):
         return None, prompt
     if isinstance(prompt, dict):
+        for key in prompt.keys() - _PROMPT_KEYS:
+            what = _UNSERVED_PROMPT_KEYS.get(key)
+            if what is not None and prompt[key] is not None:
+                raise ValidationError(
+                    f"The prompt's {key!r} asks for {what}, which hfbridge does not support yet; "
+                    "send a text prompt without it", parameter=key,
+                )
+            if what is None:
+                raise ValidationError(
+                    f"Unknown prompt key {key!r}; a prompt dict takes {sorted(_PROMPT_KEYS)}", parameter=key
+                )
         if "prompt_token_ids" in prompt:
             ids = prompt["prompt_token_ids"]
             if not is_token_ids(ids):

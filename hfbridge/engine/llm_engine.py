@@ -120,12 +120,15 @@ class LLMEngine:
         params: SamplingParams | PoolingParams,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> None:
+        """priority: lower runs first under scheduling_policy="priority"; non-zero is refused under fcfs."""
         self._refuse_if_shut_down()
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
+        self._check_priority(priority)
         if isinstance(params, PoolingParams):
-            self._add_pooling_request(request_id, prompt, params, arrival_time, add_special_tokens)
+            self._add_pooling_request(request_id, prompt, params, arrival_time, add_special_tokens, priority)
             return
         if "generate" not in self.supported_tasks:
             raise ValidationError(
@@ -154,7 +157,8 @@ class LLMEngine:
             if child_params.seed is not None:
                 generator = torch.Generator(self.config.device).manual_seed(child_params.seed)
             request = Request(
-                child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id
+                child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id,
+                priority=priority, cache_salt=processed.cache_salt,
             )
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
             # A constrained request reaches the scheduler once its grammar is compiled (at once when cached).
@@ -162,7 +166,17 @@ class LLMEngine:
                 self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += len(processed.prompt_token_ids)
 
-    def _add_pooling_request(self, request_id, prompt, params: PoolingParams, arrival_time, add_special_tokens) -> None:
+    def _check_priority(self, priority: int) -> None:
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValidationError(f"priority must be an integer, got {priority!r}", parameter="priority")
+        if priority != 0 and self.config.scheduler_config.policy != "priority":
+            raise ValidationError(
+                f"Got priority {priority} but Priority scheduling is not enabled. Start the engine with "
+                "scheduling_policy='priority' (--scheduling-policy priority).", parameter="priority", value=priority,
+            )
+
+    def _add_pooling_request(self, request_id, prompt, params: PoolingParams, arrival_time, add_special_tokens,
+                             priority: int = 0) -> None:
         task = params.task or self.supported_tasks[0]
         if task not in self.supported_tasks:
             kind = "Embedding" if "embed" in task else "Classification"
@@ -188,7 +202,7 @@ class LLMEngine:
         )
         request = Request(
             self._engine_id(request_id), processed.prompt_token_ids, None, arrival_time, pooling_params=params,
-            token_type_ids=processed.token_type_ids, group_id=request_id,
+            token_type_ids=processed.token_type_ids, group_id=request_id, priority=priority,
         )
         self.output_processor.add_pooling_request(request, request_id, processed.prompt)
         self.scheduler.add_request(request)

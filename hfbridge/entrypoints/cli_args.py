@@ -53,8 +53,6 @@ OUTPUT_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--lora-modules": ((), "LoRA adapters are not supported yet"),
     "--prompt-adapters": ((), "prompt adapters are not supported"),
     "--enable-prompt-embeds": ((), "prompt embeddings are not supported"),
-    "--scheduling-policy": (("fcfs",), "requests are scheduled first come, first served (round-robin across "
-                                      "requests); priority scheduling is not supported"),
     "--load-format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
     "--logits-processors": ((), "custom logits processors are not supported"),
     "--hf-config-path": ((), "the config is read from the model folder; change it with --hf-overrides"),
@@ -260,6 +258,10 @@ ENGINE_OPTIONS = [
     click.option("--max-num-batched-tokens", type=HumanInt(), help="Token budget of one engine step."),
     click.option("--enable-chunked-prefill/--no-enable-chunked-prefill", default=None,
                  help="Split long prompts across steps. [default: on]"),
+    click.option("--scheduling-policy", type=click.Choice(["fcfs", "priority"]),
+                 help="fcfs: first come, first served (round-robin across requests); priority: a request's "
+                      "`priority` orders the queue, lower first, and the highest is preempted first. "
+                      "[default: fcfs]"),
     click.option("--tensor-parallel-size", "-tp", "tensor_parallel_size", type=int,
                  help="Tensor-parallel ranks (devices, or CPU processes) per model. [default: 1]"),
     click.option("--distributed-executor-backend", type=click.Choice(["mp", "external_launcher", "ray", "uni"]),

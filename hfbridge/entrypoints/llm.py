@@ -58,9 +58,10 @@ class LLM:
         self._require_runner("generate", "generate")
         _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
-        _check_priority(priority, len(prompt_list))
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError("The lengths of prompts and priority must be the same.")
         params_list = self._params_per_prompt(prompt_list, sampling_params)
-        return self._run(prompt_list, params_list, use_tqdm)
+        return self._run(prompt_list, params_list, use_tqdm, priority)
 
     def chat(
         self,
@@ -190,16 +191,17 @@ class LLM:
             raise ValueError(f"The lengths of prompts ({len(prompts)}) and params ({len(params)}) must be the same.")
         return params
 
-    def _run(self, prompts: list[Any], params: list[SamplingParams | PoolingParams], use_tqdm) -> list[Any]:
+    def _run(self, prompts: list[Any], params: list[SamplingParams | PoolingParams], use_tqdm,
+             priorities: Sequence[int] | None = None) -> list[Any]:
         engine = self.llm_engine
         order = []
-        for prompt, p in zip(prompts, params):
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
             request_id = str(next(self._request_counter))
             if isinstance(p, SamplingParams):
                 p = p.clone()
                 p.output_kind = RequestOutputKind.FINAL_ONLY
             try:
-                engine.add_request(request_id, prompt, p)
+                engine.add_request(request_id, prompt, p, priority=0 if priorities is None else priorities[index])
             except BaseException:
                 engine.abort_request(order)
                 raise
@@ -241,18 +243,6 @@ class LLM:
 def _refuse_lora(lora_request: Any) -> None:
     if lora_request is not None:
         raise ValueError("LoRA adapters are not supported by hfbridge yet; pass lora_request=None")
-
-
-def _check_priority(priority: Any, num_prompts: int) -> None:
-    """vLLM's rules: one priority per prompt; a non-zero one needs priority scheduling, which hfbridge (FCFS,
-    round-robin across requests) does not have, so it is refused rather than ignored."""
-    if priority is None:
-        return
-    if len(priority) != num_prompts:
-        raise ValueError("The lengths of prompts and priority must be the same.")
-    for value in priority:
-        if value != 0:
-            raise ValueError(f"Got priority {value} but Priority scheduling is not enabled.")
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:

@@ -175,8 +175,11 @@ class SamplingParams:
                     f"best_of must be greater than or equal to n, got n={self.n} and best_of={self.best_of}.",
                     parameter="best_of", value=self.best_of,
                 )
-            logger.warning("best_of=%d is not supported and was set to n=%d", self.best_of, self.n)
-            self.best_of = self.n
+            raise ValidationError(
+                f"best_of={self.best_of} > n={self.n} is not supported (as in vLLM V1): every generated sample is "
+                f"returned; ask for n={self.best_of} and rank them by their logprobs",
+                parameter="best_of", value=self.best_of,
+            )
 
     def _verify(self) -> None:
         def fail(message: str, parameter: str) -> None:
