@@ -75,7 +75,7 @@ class CompiledDecode(BackgroundCompile):
             with torch.inference_mode():
                 for batch in (1, 17, 19):
                     for max_len in (37, 41):
-                        if self.stopping.is_set():
+                        if self.should_stop():
                             return
                         slots = torch.zeros(batch, max_len, dtype=torch.long, device=self.device)
                         query = torch.zeros(batch, num_heads, head_dim, dtype=dtype, device=self.device)

@@ -47,7 +47,7 @@ class CompiledRegions(BackgroundCompile):
         with torch.inference_mode():
             for num_tokens in (17, 19):
                 for layer, hidden, residual, positions, rotary, attn_out in self.warm_up_inputs(num_tokens):
-                    if self.stopping.is_set():
+                    if self.should_stop():
                         return
                     torch._dynamo.mark_dynamic(hidden, 0)
                     _, _, _, res = self.compiled.before_attention(layer, hidden, residual, positions, rotary)

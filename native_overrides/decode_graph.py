@@ -100,7 +100,7 @@ class DecodeGraph(BackgroundCompile):
         caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.model.layers]
         with torch.inference_mode():
             for batch, context in ((17, 37), (19, 41), (1, 37), (1, 41)):
-                if self.stopping.is_set():
+                if self.should_stop():
                     return
                 ids = torch.zeros(batch, dtype=torch.long, device=weight.device)
                 positions = torch.arange(batch, device=weight.device)

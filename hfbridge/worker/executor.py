@@ -45,6 +45,7 @@ class InProcessExecutor:
     KV cache, then build the runner for the config's runner kind."""
 
     kv_prefault: BackgroundPrefault | None = None  # a CPU KV cache's pages being faulted in
+    compiling: tuple[BackgroundCompile, ...] = ()  # the torch.compile warm-ups started, running or ended
 
     def __init__(self, config: EngineConfig):
         if config.parallel_config.distributed_executor_backend == "external_launcher":
@@ -97,7 +98,9 @@ class InProcessExecutor:
                 shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
                 if shapes:
                     backend.enable_compiled_decode(shapes, device)
-        return ModelRunner(model, kv_caches, backend, block_size, device, sampler)
+        runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler)
+        self.compiling = self._background_compiles(runner)
+        return runner
 
     def _pooling_runner(self, model: nn.Module, layers: dict[int, LayerSpec]) -> PoolingModelRunner:
         # Pooling needs no KV cache: every prompt runs whole in one step. Blocks are only counted, so the
@@ -110,17 +113,23 @@ class InProcessExecutor:
         return PoolingModelRunner(model, backend, block_size, device, pooler)
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        for compiling in self.compiling:  # a background compile waits while requests run
+            compiling.hold_for_step()
         return self.runner.execute(scheduler_output)
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         return [func(self.runner.model)]
 
-    def background_compiles(self) -> list[BackgroundCompile]:
+    def background_compiles(self) -> tuple[BackgroundCompile, ...]:
         """The torch.compile warm-ups this executor started (enforce_eager=False), running or ended."""
-        model, backend = self.runner.model, self.runner.backend
+        return self.compiling
+
+    @staticmethod
+    def _background_compiles(runner: ModelRunner) -> tuple[BackgroundCompile, ...]:
+        model, backend = runner.model, runner.backend
         found = (getattr(model, "compiled", None), getattr(model, "decode_graph", None),
                  getattr(backend, "compiled_decode", None))
-        return [c for c in found if c is not None]
+        return tuple(c for c in found if c is not None)
 
     def shutdown(self) -> None:
         for compiling in self.background_compiles():

@@ -53,11 +53,14 @@ def start_rank(rank: int, world_size: int, init_method: str, config) -> InProces
     return InProcessExecutor(config)
 
 
-def run_command(rank: int, runner, kind: str, payload: Any) -> tuple[bool, Any]:
+def run_command(rank: int, executor: InProcessExecutor, kind: str, payload: Any) -> tuple[bool, Any]:
     """One driver command on this rank -> (reply?, value). Only the output rank (the last pipeline stage's
     tp-rank 0, ParallelConfig.output_rank; rank 0 when pp = 1) replies to "execute"; every rank replies to
     "apply"."""
+    runner = executor.runner
     if kind == "execute":
+        for compiling in executor.compiling:  # a background compile waits while requests run
+            compiling.hold_for_step()
         is_output = rank == get_pp_group().output_rank
         if isinstance(runner, ModelRunner):
             return is_output, runner.compute_logits(payload)[0]  # [N, V], gathered: identical across the TP group
@@ -85,7 +88,6 @@ def worker_main(rank: int, world_size: int, init_method: str, config_bytes: byte
 
 
 def _serve(rank: int, executor: InProcessExecutor, conn) -> None:
-    runner = executor.runner
     while True:
         try:
             kind, payload = conn.recv()
@@ -94,7 +96,7 @@ def _serve(rank: int, executor: InProcessExecutor, conn) -> None:
         if kind == "shutdown":
             return
         try:
-            reply, value = run_command(rank, runner, kind, payload)
+            reply, value = run_command(rank, executor, kind, payload)
             if reply:
                 conn.send(("ok", value))
         except BaseException as exc:  # noqa: BLE001

@@ -50,7 +50,7 @@ class RankWorker:
 
     def run(self, kind: str, payload: Any) -> tuple[bool, Any]:
         """One driver command -> (does this rank reply?, value); run_command decides which ranks reply."""
-        reply, value = run_command(self.rank, self.executor.runner, kind, payload)
+        reply, value = run_command(self.rank, self.executor, kind, payload)
         return reply, value if reply else None
 
     def watch(self) -> None:
