@@ -109,14 +109,14 @@ async def test_add_requests_is_one_command_and_all_or_nothing(engine):
 
     engine.engine.step = step
     streams = await engine.add_requests([(f"b{i}", {"prompt_token_ids": [5, 6, 7, i + 1]}, delta_params(max_tokens=1),
-                                          True) for i in range(64)])
+                                          True, 0) for i in range(64)])
     for stream in streams:
         async for _ in stream:
             pass
     assert seen[0] == 64, seen[:5]
     with pytest.raises(ValidationError):
-        await engine.add_requests([("ok", "hello", delta_params(max_tokens=1), True),
-                                   ("bad", "", delta_params(max_tokens=1), True)])
+        await engine.add_requests([("ok", "hello", delta_params(max_tokens=1), True, 0),
+                                   ("bad", "", delta_params(max_tokens=1), True, 0)])
     for _ in range(100):
         if not engine.engine.has_unfinished_requests():
             break

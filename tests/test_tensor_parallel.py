@@ -22,7 +22,7 @@ from greedy import assert_greedy_match, hf_greedy
 from test_custom_model import write_remote_code_model
 from tiny_models import build_tokenizer, make_tiny_model, save_model, CONFIGS
 
-from hfbridge import LLM, SamplingParams
+from hfbridge import LLM, SamplingParams, StructuredOutputsParams
 from hfbridge.parallel.styles import REFUSED, STYLES
 from hfbridge.parallel.tp_plan import tp_plan_of, _pattern
 
@@ -133,6 +133,29 @@ def test_llama_tp2_equals_transformers_and_tp1(llama, prompts):
     for prompt, out in zip(prompts, outputs):
         tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
         assert_greedy_match(out.outputs[0].token_ids, tokens, logits)
+
+
+def test_llama_tp2_mixed_batch_equals_tp1(llama, prompts):
+    """One batch of every kind of row the output rank returns differently (argmax-only greedy rows reduced to a
+    token, seeded sampling, prompt logprobs, a structured choice): the tokens and logprobs of tp=1."""
+    _, llm1, _, llm2, _ = llama
+    params = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_NEW, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, prompt_logprobs=3),
+              SamplingParams(temperature=0, max_tokens=MAX_NEW,
+                             structured_outputs=StructuredOutputsParams(choice=["yes", "no"]))]
+    batch = [{"prompt_token_ids": p} for p in prompts + prompts[:1]]
+    ours, reference = (llm.generate(batch, params, use_tqdm=False) for llm in (llm2, llm1))
+    for a, b in zip(ours, reference):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for steps_a, steps_b in ((a.outputs[0].logprobs or [], b.outputs[0].logprobs or []),
+                                 (a.prompt_logprobs or [], b.prompt_logprobs or [])):
+            assert len(steps_a) == len(steps_b)
+            for step_a, step_b in zip(steps_a, steps_b):
+                assert (step_a is None) == (step_b is None)
+                for token in step_a or {}:
+                    assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-4
+    assert ours[2].prompt_logprobs and ours[3].outputs[0].text in ("yes", "no")
 
 
 def _parameter_bytes(model):

@@ -14,6 +14,7 @@ from torch import nn
 
 from hfbridge.attention_backends import get_attention_backend
 from hfbridge.compilation import BackgroundCompile
+from hfbridge.worker.step_plan import RankRequests
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.model.model_loader import load_model
@@ -46,6 +47,8 @@ class InProcessExecutor:
 
     kv_prefault: BackgroundPrefault | None = None  # a CPU KV cache's pages being faulted in
     compiling: tuple[BackgroundCompile, ...] = ()  # the torch.compile warm-ups started, running or ended
+    # A rank of a multi-process engine: its copies of the running requests (step_plan.py)
+    rank_requests: RankRequests
 
     def __init__(self, config: EngineConfig):
         if config.parallel_config.distributed_executor_backend == "external_launcher":
@@ -60,6 +63,7 @@ class InProcessExecutor:
             # collectives run (parallel/state.py, _blocking).
             atexit.register(destroy_distributed)
         self.config = config
+        self.rank_requests = RankRequests()
         model = load_model(config.model_config, config.device)
         layers = probe_attention_layers(model, config.device)
         if config.model_config.runner == "pooling":

@@ -67,9 +67,9 @@ class ModelRunner:
         return output
 
     @torch.inference_mode()
-    def compute_logits(self, scheduler_output: SchedulerOutput) -> tuple[torch.Tensor, StepInputs]:
+    def compute_logits(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, StepInputs]:
         """The forward alone (tensor-parallel workers run it; the driver samples): logits [N, V] float32."""
-        step = self.prepare_inputs(scheduler_output.scheduled)
+        step = self.prepare_inputs(scheduled)
         return self._logits(step), step
 
     def _logits(self, step: StepInputs) -> torch.Tensor:  # [N, V]

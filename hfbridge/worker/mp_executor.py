@@ -1,13 +1,12 @@
 """`mp`: one spawned worker process per rank (tp x pp) on this machine; the engine's process is the driver.
 
-Each step the driver sends the scheduler output to every worker (pickled, Requests included), the workers run
-the sharded forward together over torch.distributed (stage after stage, hidden states handed on point-to-point),
-the output rank (the last stage's tp-rank 0) sends the gathered logits back once, and the driver
-samples (so seeded generators live in one place, as with one process). Waits watch every worker's process: a
+Each step the driver sends every worker the same message, pickled once: the per-request deltas of step_plan.py.
+The workers run the sharded forward together over torch.distributed (stage after stage, hidden states handed on
+point-to-point), the output rank (the last stage's tp-rank 0) sends back what the sampler needs (argmax tokens
+for greedy rows, logits rows for the rest), and the driver samples (so seeded generators live in one place, as with one process). Waits watch every worker's process: a
 dead worker raises WorkerDiedError at once instead of hanging, and the rest are stopped."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import multiprocessing
 import os
@@ -16,6 +15,7 @@ import sys
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import cloudpickle
@@ -150,18 +150,21 @@ class MultiprocExecutor:
         )
 
     def _send_all(self, message: tuple) -> None:
+        """The same message to every rank, pickled once."""
         if not self._finalizer.alive:
             raise WorkerDiedError("the tensor-parallel workers were shut down")
+        data = ForkingPickler.dumps(message)
         for rank, conn in enumerate(self.conns):
             try:
-                conn.send(message)
+                conn.send_bytes(data)
             except (OSError, ValueError) as exc:
                 self.shutdown()
                 raise WorkerDiedError(f"tensor-parallel worker {rank} is gone: {exc}") from exc
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        self._send_all(("execute", dataclasses.replace(scheduler_output, grammar_bitmask=None)))
-        return self.driver.finish(scheduler_output, self._recv(self.output_rank, errors_from_all=True))
+        message = self.driver.message(scheduler_output)
+        self._send_all(("execute", message))
+        return self.driver.finish(scheduler_output, message, self._recv(self.output_rank, errors_from_all=True))
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         self._send_all(("apply", cloudpickle.dumps(func)))

@@ -20,7 +20,7 @@ import torch
 
 from hfbridge.parallel.state import destroy_distributed, get_pp_group, init_distributed
 from hfbridge.worker.executor import InProcessExecutor
-from hfbridge.worker.model_runner import ModelRunner
+from hfbridge.worker.step_plan import StepPlan, reply_for
 
 
 def _die_with_parent(parent_pid: int) -> None:
@@ -56,14 +56,16 @@ def start_rank(rank: int, world_size: int, init_method: str, config) -> InProces
 def run_command(rank: int, executor: InProcessExecutor, kind: str, payload: Any) -> tuple[bool, Any]:
     """One driver command on this rank -> (reply?, value). Only the output rank (the last pipeline stage's
     tp-rank 0, ParallelConfig.output_rank; rank 0 when pp = 1) replies to "execute"; every rank replies to
-    "apply"."""
+    "apply". A generation step comes as a StepPlan (step_plan.py), applied to this rank's copies of the requests."""
     runner = executor.runner
     if kind == "execute":
         for compiling in executor.compiling:  # a background compile waits while requests run
             compiling.hold_for_step()
         is_output = rank == get_pp_group().output_rank
-        if isinstance(runner, ModelRunner):
-            return is_output, runner.compute_logits(payload)[0]  # [N, V], gathered: identical across the TP group
+        if isinstance(payload, StepPlan):
+            scheduled = executor.rank_requests.apply(payload)
+            logits, step = runner.compute_logits(scheduled)  # [N, V], gathered: identical across the TP group
+            return is_output, reply_for(logits, len(step.sample_requests), payload.argmax_rows) if is_output else None
         return is_output, runner.execute(payload)
     if kind == "apply":
         return True, cloudpickle.loads(payload)(runner.model)

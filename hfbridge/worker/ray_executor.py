@@ -3,14 +3,13 @@
 vLLM's layout: ray.init() joins the cluster named by RAY_ADDRESS, else the one running on this machine, else starts
 a local one; a placement group reserves one bundle per rank (PACK: as few nodes as fit); the ranks are numbered by
 node (the driver's node first) so a node's ranks are consecutive; rank 0's node IP and a free port there are the
-tcp:// rendezvous. Each step goes to every actor as one object in Ray's store; the output rank (the one
-run_command names) returns the gathered logits and the driver samples them (DriverSampler, as for mp). A dead actor raises WorkerDiedError at once, and
-check_health reports it (the server's /ready turns 503).
+tcp:// rendezvous. Each step's deltas (step_plan.py) go to every actor as one object in Ray's store; the output
+rank (the one run_command names) returns what the sampler needs and the driver samples (DriverSampler, as for
+mp). A dead actor raises WorkerDiedError at once, and check_health reports it (the server's /ready turns 503).
 
 Every node needs hfbridge (and the model's files at the same path, or a hub name) installed."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import queue
@@ -210,8 +209,8 @@ class RayExecutor:
             raise WorkerDiedError(f"tensor-parallel worker {index} (Ray actor) died: {exc}") from exc
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.driver.finish(scheduler_output, self._call_all(
-            "execute", dataclasses.replace(scheduler_output, grammar_bitmask=None))[0])
+        message = self.driver.message(scheduler_output)
+        return self.driver.finish(scheduler_output, message, self._call_all("execute", message)[0])
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         return self._call_all("apply", cloudpickle.dumps(func))
