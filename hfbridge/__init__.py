@@ -15,6 +15,7 @@ _EXPORTS = {
     "LLM": "hfbridge.entrypoints.llm",
     "EngineArgs": "hfbridge.engine.engine_args",
     "LLMEngine": "hfbridge.engine.llm_engine",
+    "LoRARequest": "hfbridge.lora.request",
     "PoolerConfig": "hfbridge.config",
     "CompletionOutput": "hfbridge.outputs",
     "Logprob": "hfbridge.outputs",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ be
     from hfbridge.engine.engine_args import EngineArgs
     from hfbridge.engine.llm_engine import LLMEngine
     from hfbridge.entrypoints.llm import LLM
+    from hfbridge.lora.request import LoRARequest
     from hfbridge.outputs import CompletionOutput, Logprob, RequestOutput
     from hfbridge.pooling.pooling_outputs import (
         ClassificationOutput,

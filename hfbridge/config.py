@@ -81,6 +81,24 @@ class SchedulerConfig:
     policy: str = "fcfs"  # vLLM's --scheduling-policy: fcfs (round-robin across requests) | priority
 
 
+@dataclass(frozen=True)
+class LoRAConfig:
+    """enable_lora: adapters in fixed slots (max_loras per batch), ranks up to max_lora_rank, an LRU of
+    max_cpu_loras adapters kept loaded (vLLM's names and defaults)."""
+
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras={self.max_loras} must be at least 1")
+        if self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank={self.max_lora_rank} must be at least 1")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+
+
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher", "ray")
 
 
@@ -111,3 +129,4 @@ class EngineConfig:
     device: torch.device
     attention_backend: str = "torch"  # resolved by name: torch | triton | flash_attn
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    lora_config: LoRAConfig | None = None  # None: enable_lora=False

@@ -126,14 +126,17 @@ class PackedLinear(nn.Linear):
     Inputs are [T, in], as everywhere in the native decoders."""
 
     packed: torch.Tensor | None = None
+    lora = None  # a hfbridge.lora LoRALayer (enable_lora): adds each adapter's delta to the output
 
     def pack(self) -> None:
         self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None or x.dtype != torch.float32:
-            return F.linear(x, self.weight, self.bias)
-        return packed_linear(x, self.weight, self.packed, self.bias)
+            out = F.linear(x, self.weight, self.bias)
+        else:
+            out = packed_linear(x, self.weight, self.packed, self.bias)
+        return out if self.lora is None else self.lora(x, out)
 
 
 class GateUpLinear(PackedLinear):
@@ -152,10 +155,24 @@ class GateUpLinear(PackedLinear):
         self.packed_bias = None if self.bias is None else interleave_gate_up(self.bias, lanes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.lora is not None and self.lora.is_active:  # adapters add to gate_up before the activation
+            gate, up = self.lora(x, self._gate_up(x)).chunk(2, dim=-1)
+            return F.silu(gate) * up
         if self.packed is None or x.dtype != torch.float32:
             gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
             return F.silu(gate) * up
         return packed_silu_mul(x, self.weight, self.packed, self.packed_bias)
+
+    def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, in] -> gate_up [T, 2n] before the activation: the panels' interleaved columns put back in order."""
+        if self.packed is None or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        num_panels, _, columns = self.packed.shape
+        out = run_panel_gemm(_panel_gemm(), x, self.packed, self.packed_bias, num_panels * columns)
+        n = self.weight.shape[0] // 2
+        # columns: gate[0:L], up[0:L], gate[L:2L], ... -> [T, 2, panels * L] -> gate rows then up rows
+        halves = out.view(x.shape[0], num_panels, 2, columns // 2).transpose(1, 2).reshape(x.shape[0], 2, -1)
+        return halves[:, :, :n].reshape(x.shape[0], 2 * n)
 
 
 class WeightPacks:

@@ -54,6 +54,8 @@ def shard_parameter(owner: nn.Module, leaf: str, dim: int, ctx: ShardContext, na
     local = nn.Parameter(torch.empty(spec.local_shape(), dtype=param.dtype, device="meta"), requires_grad=False)
     local.shard_spec = spec
     owner._parameters[leaf] = local
+    if leaf == "weight":  # kept on the module too: loading replaces the parameter (LoRA layers read it)
+        owner.weight_shard_spec = spec
 
 
 def _weight_and_bias(module: nn.Module, name: str) -> tuple[nn.Module, str]:

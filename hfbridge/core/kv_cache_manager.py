@@ -10,11 +10,18 @@ from hfbridge.core.block_pool import BlockPool, KVCacheBlock
 from hfbridge.core.request import Request
 
 
-def salt_hash(cache_salt: str | None) -> bytes | None:
-    """The parent hash of a salted request's first block: no block of another salt (or of none) can equal it."""
-    if cache_salt is None:
+def first_parent_hash(request: Request) -> bytes | None:
+    """The parent hash of a request's first block, from what changes its K/V besides the tokens: its cache_salt
+    and its LoRA adapter. No block of another salt or adapter (or of none) can equal it; None for neither."""
+    keys = []
+    if request.cache_salt is not None:
+        keys.append(b"cache_salt\0" + request.cache_salt.encode("utf-8", "surrogatepass"))
+    lora = request.lora_request
+    if lora is not None:
+        keys.append(f"lora\0{lora.lora_int_id}\0{lora.lora_name}\0{lora.lora_path}".encode("utf-8", "surrogatepass"))
+    if not keys:
         return None
-    return hashlib.sha256(b"cache_salt\0" + cache_salt.encode("utf-8", "surrogatepass")).digest()
+    return hashlib.sha256(b"".join(len(key).to_bytes(8, "little") + key for key in keys)).digest()  # unambiguous
 
 
 def hash_block(parent_hash: bytes | None, token_ids: Sequence[int]) -> bytes:
@@ -128,7 +135,7 @@ class KVCacheManager:
         hashes = request.block_hashes
         while len(hashes) < request.num_tokens // bs:
             i = len(hashes)
-            parent = hashes[-1] if hashes else salt_hash(request.cache_salt)
+            parent = hashes[-1] if hashes else first_parent_hash(request)
             hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:

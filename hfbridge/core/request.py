@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from hfbridge.lora.request import LoRARequest
     from hfbridge.sample.sampling_params import SamplingParams
 
 
@@ -39,6 +40,7 @@ class Request:
         group_id: str | None = None,
         priority: int = 0,
         cache_salt: str | None = None,
+        lora_request: LoRARequest | None = None,
     ):
         self.request_id = request_id
         # The user request this one belongs to (the n samples of a request share it); the scheduler admits
@@ -50,6 +52,7 @@ class Request:
         self.token_type_ids = token_type_ids  # segment ids of a sentence pair (cross-encoders)
         self.priority = priority  # lower runs first under --scheduling-policy priority (vLLM's order)
         self.cache_salt = cache_salt  # prefix-cache entries are shared only between requests of one salt
+        self.lora_request = lora_request  # the adapter its tokens run under; part of its block hashes too
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # time.monotonic() when it first got a step
         self.generator = generator  # per-request RNG when SamplingParams.seed is set

@@ -13,8 +13,9 @@ from hfbridge.core.waiting_queue import WAITING_QUEUES
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_loras: int = 0):
         self.config = config
+        self.max_loras = max_loras  # enable_lora: distinct adapters the running batch may hold (0: LoRA off)
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting = WAITING_QUEUES[config.policy]()
@@ -64,8 +65,16 @@ class Scheduler:
             i += 1
 
         # 2. Waiting requests, in order, while budget, sequence slots and blocks last (none after a preemption).
+        # vLLM's LoRA rule: with max_loras adapters running, a request under another adapter is passed over (it
+        # keeps its place) until one of them finishes.
+        running_loras = {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
+        passed_over: list[Request] = []
         while self.waiting and budget > 0 and not preempted and len(self.running) < self.config.max_num_seqs:
             request = self.waiting.peek()
+            lora = request.lora_request
+            if lora is not None and lora.lora_int_id not in running_loras and len(running_loras) >= self.max_loras:
+                passed_over.append(self.waiting.pop())
+                continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if num_new > budget:
@@ -85,6 +94,10 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(_scheduled(request, num_new, num_hit_tokens, blocks))
             budget -= num_new
+            if lora is not None:
+                running_loras.add(lora.lora_int_id)
+        for request in reversed(passed_over):  # back where they were, first in turn
+            self.waiting.appendleft(request)
 
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, num_tokens, preempted)

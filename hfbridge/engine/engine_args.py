@@ -15,6 +15,7 @@ from hfbridge.config import (
     DISTRIBUTED_EXECUTOR_BACKENDS,
     CacheConfig,
     EngineConfig,
+    LoRAConfig,
     ModelConfig,
     ParallelConfig,
     PoolerConfig,
@@ -53,8 +54,6 @@ IGNORED_ARGS = frozenset(
         "disable_custom_all_reduce",
         "max_seq_len_to_capture",
         "allowed_local_media_path",
-        "max_loras",
-        "max_lora_rank",
         "enable_log_requests",
         "disable_log_requests",
     }
@@ -71,7 +70,6 @@ REFUSED_ARGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "logits_processors": ((None, []), "custom logits processors are not supported"),
     "limit_mm_per_prompt": ((None, {}), "multimodal inputs are not supported yet"),
     "mm_processor_kwargs": ((None, {}), "multimodal inputs are not supported yet"),
-    "enable_lora": ((False, None), "LoRA adapters are not supported yet"),
     "data_parallel_size": ((1,), "data parallelism is not supported; run one engine per replica"),
 }
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -131,6 +129,12 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     distributed_executor_backend: str | None = None  # uni | mp | external_launcher | ray; None: uni if 1 rank, else mp
+    # LoRA adapters (vLLM's names and defaults): max_loras adapters in one batch, ranks up to max_lora_rank, an LRU
+    # of max_cpu_loras loaded adapters (None: max_loras)
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
     ignored: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -164,7 +168,26 @@ class EngineArgs:
             )
         cache_config = self._cache_config(pooling)
         scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
-        return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend, parallel_config)
+        lora_config = self._lora_config(pooling, parallel_config)
+        return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend, parallel_config,
+                            lora_config)
+
+    def _lora_config(self, pooling: bool, parallel: ParallelConfig) -> LoRAConfig | None:
+        if not self.enable_lora:
+            return None
+        refusals = [
+            (pooling, "pooling models"),
+            (parallel.pipeline_parallel_size > 1, f"pipeline_parallel_size={parallel.pipeline_parallel_size}"),
+            (parallel.distributed_executor_backend in ("ray", "external_launcher"),
+             f"distributed_executor_backend={parallel.distributed_executor_backend!r} (use 'mp' for tensor "
+             "parallelism)"),
+        ]
+        for refused, what in refusals:
+            if refused:
+                raise ValueError(f"enable_lora=True is not supported with {what}: LoRA adapters are served by "
+                                 "generation models in one process or under tensor parallelism with 'mp'")
+        max_cpu_loras = self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+        return LoRAConfig(int(self.max_loras), int(self.max_lora_rank), int(max_cpu_loras))
 
     def _parallel_config(self) -> ParallelConfig:
         tp, pp, backend = int(self.tensor_parallel_size), int(self.pipeline_parallel_size), self.distributed_executor_backend

@@ -19,6 +19,7 @@ from hfbridge.engine.input_processor import process_prompt
 from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.engine.output_processor import OutputProcessor
 from hfbridge.errors import ValidationError
+from hfbridge.lora.request import LoRARequest
 from hfbridge.outputs import RequestOutput
 from hfbridge.pooling.pooling_params import PoolingParams
 from hfbridge.core.request import Request, RequestStatus
@@ -82,7 +83,10 @@ class LLMEngine:
         self.kv_cache_manager = KVCacheManager(
             self.executor.num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager)
+        lora_config = config.lora_config
+        self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
+                                   lora_config.max_loras if lora_config is not None else 0)
+        self.lora_requests: dict[int, LoRARequest] = {}  # the adapters added (id -> request), loaded on every rank
         self.output_processor = OutputProcessor(self.tokenizer, config.scheduler_config.max_model_len)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
         self.vocab_size = int(self.model_config.hf_text_config.vocab_size)
@@ -121,15 +125,21 @@ class LLMEngine:
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        """priority: lower runs first under scheduling_policy="priority"; non-zero is refused under fcfs."""
+        """priority: lower runs first under scheduling_policy="priority"; non-zero is refused under fcfs.
+        lora_request: the adapter to generate under (enable_lora), loaded here on first use."""
         self._refuse_if_shut_down()
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         self._check_priority(priority)
         if isinstance(params, PoolingParams):
+            if lora_request is not None:
+                raise ValueError("LoRA adapters are served by generation models; pooling requests take none")
             self._add_pooling_request(request_id, prompt, params, arrival_time, add_special_tokens, priority)
             return
+        if lora_request is not None:
+            self.add_lora(lora_request)
         if "generate" not in self.supported_tasks:
             raise ValidationError(
                 "This model is served as a pooling model and cannot generate text. Try passing "
@@ -158,13 +168,44 @@ class LLMEngine:
                 generator = torch.Generator(self.config.device).manual_seed(child_params.seed)
             request = Request(
                 child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id,
-                priority=priority, cache_salt=processed.cache_salt,
+                priority=priority, cache_salt=processed.cache_salt, lora_request=lora_request,
             )
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
             # A constrained request reaches the scheduler once its grammar is compiled (at once when cached).
             if child_params.structured_outputs is None or self.structured_outputs.add(request):
                 self.scheduler.add_request(request)
         self.stats.num_prompt_tokens += len(processed.prompt_token_ids)
+
+    # -- LoRA adapters (vLLM's LLMEngine names) ----------------------------------------------------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and check an adapter on every rank; False if it was added already. Raises ValueError naming the
+        adapter and the problem (a missing folder, a rank above max_lora_rank, another base model's shapes...)."""
+        if self.config.lora_config is None:
+            raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} was asked for, but "
+                             "LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(f"lora_request must be a hfbridge.lora.request.LoRARequest, got "
+                             f"{type(lora_request).__name__}")
+        known = self.lora_requests.get(lora_request.lora_int_id)
+        if known == lora_request:
+            return False
+        if known is not None:
+            raise ValueError(f"LoRA adapter {lora_request.lora_name!r}: lora_int_id {lora_request.lora_int_id} is "
+                             f"already the id of adapter {known.lora_name!r} ({known.lora_path}); give each adapter "
+                             "its own id")
+        self.executor.add_lora(lora_request)
+        self.lora_requests[lora_request.lora_int_id] = lora_request
+        return True
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter (requests still running under it keep it: they carry their LoRARequest)."""
+        if self.lora_requests.pop(lora_int_id, None) is None:
+            return False
+        self.executor.remove_lora(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return set(self.lora_requests)
 
     def _check_priority(self, priority: int) -> None:
         if not isinstance(priority, int) or isinstance(priority, bool):

@@ -12,6 +12,7 @@ from hfbridge.engine.chat_utils import format_conversation, load_chat_template, 
 from hfbridge.engine.engine_args import EngineArgs
 from hfbridge.engine.input_processor import is_token_ids
 from hfbridge.engine.llm_engine import LLMEngine
+from hfbridge.lora.request import LoRARequest
 from hfbridge.outputs import RequestOutput
 from hfbridge.pooling.pooling_outputs import (
     ClassificationRequestOutput,
@@ -55,13 +56,13 @@ class LLM:
         lora_request: Any = None,
         priority: Any = None,
     ) -> list[RequestOutput]:
+        """lora_request: a LoRARequest for every prompt, or a list of one per prompt (None: the base model)."""
         self._require_runner("generate", "generate")
-        _refuse_lora(lora_request)
         prompt_list = _as_prompt_list(prompts)
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError("The lengths of prompts and priority must be the same.")
         params_list = self._params_per_prompt(prompt_list, sampling_params)
-        return self._run(prompt_list, params_list, use_tqdm, priority)
+        return self._run(prompt_list, params_list, use_tqdm, priority, _loras_per_prompt(lora_request, prompt_list))
 
     def chat(
         self,
@@ -192,7 +193,7 @@ class LLM:
         return params
 
     def _run(self, prompts: list[Any], params: list[SamplingParams | PoolingParams], use_tqdm,
-             priorities: Sequence[int] | None = None) -> list[Any]:
+             priorities: Sequence[int] | None = None, loras: Sequence[LoRARequest | None] | None = None) -> list[Any]:
         engine = self.llm_engine
         order = []
         for index, (prompt, p) in enumerate(zip(prompts, params)):
@@ -201,7 +202,8 @@ class LLM:
                 p = p.clone()
                 p.output_kind = RequestOutputKind.FINAL_ONLY
             try:
-                engine.add_request(request_id, prompt, p, priority=0 if priorities is None else priorities[index])
+                engine.add_request(request_id, prompt, p, priority=0 if priorities is None else priorities[index],
+                                   lora_request=None if loras is None else loras[index])
             except BaseException:
                 engine.abort_request(order)
                 raise
@@ -242,7 +244,22 @@ class LLM:
 
 def _refuse_lora(lora_request: Any) -> None:
     if lora_request is not None:
-        raise ValueError("LoRA adapters are not supported by hfbridge yet; pass lora_request=None")
+        raise ValueError("LoRA adapters are served by generation models (LLM.generate / chat); pooling calls take "
+                         "lora_request=None")
+
+
+def _loras_per_prompt(lora_request: Any, prompts: list[Any]) -> list[LoRARequest | None] | None:
+    if lora_request is None:
+        return None
+    if isinstance(lora_request, LoRARequest):
+        return [lora_request] * len(prompts)
+    if not isinstance(lora_request, (list, tuple)):
+        raise ValueError(f"lora_request must be a LoRARequest or a list of one per prompt, got "
+                         f"{type(lora_request).__name__}")
+    if len(lora_request) != len(prompts):
+        raise ValueError(f"The lengths of prompts ({len(prompts)}) and lora_request ({len(lora_request)}) must be "
+                         "the same.")
+    return list(lora_request)
 
 
 def _as_prompt_list(prompts: Any) -> list[Any]:

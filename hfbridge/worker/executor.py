@@ -17,6 +17,8 @@ from hfbridge.compilation import BackgroundCompile
 from hfbridge.worker.step_plan import RankRequests
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from hfbridge.lora.manager import LoRAManager
+from hfbridge.lora.request import LoRARequest
 from hfbridge.model.model_loader import load_model
 from hfbridge.parallel.state import (destroy_distributed, get_pp_group, get_tp_group, init_from_torchrun_env,
                                      world_min_int)
@@ -93,16 +95,19 @@ class InProcessExecutor:
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
+        lora = None
+        if config.lora_config is not None:
+            lora = LoRAManager(model, config.lora_config, config.model_config.dtype, device)
         if not config.model_config.enforce_eager:
             # Started last, once the model is loaded, probed and has its cache: compile threads hold the GIL for
             # seconds at a time, and every step until ready would wait on them.
-            if hasattr(model, "compile_regions"):  # the native decoders
+            if hasattr(model, "compile_regions") and lora is None:  # the native decoders; LoRA layers run eager
                 model.compile_regions(background=True)
             if hasattr(backend, "enable_compiled_decode"):
                 shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
                 if shapes:
                     backend.enable_compiled_decode(shapes, device)
-        runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler)
+        runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler, lora)
         self.compiling = self._background_compiles(runner)
         return runner
 
@@ -123,6 +128,19 @@ class InProcessExecutor:
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         return [func(self.runner.model)]
+
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Load and check an adapter (LoRAAdapterError, a ValueError, when it cannot be served); False if loaded."""
+        return self._lora_manager().add_adapter(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._lora_manager().remove_adapter(lora_int_id)
+
+    def _lora_manager(self) -> LoRAManager:
+        lora = getattr(self.runner, "lora", None)
+        if lora is None:
+            raise ValueError("LoRA is not enabled: start the engine with enable_lora=True (--enable-lora)")
+        return lora
 
     def background_compiles(self) -> tuple[BackgroundCompile, ...]:
         """The torch.compile warm-ups this executor started (enforce_eager=False), running or ended."""

@@ -2,6 +2,7 @@
 or pool (pooling models). The two runners share the packing and the forward context, nothing else."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -9,6 +10,7 @@ from torch import nn
 
 from hfbridge.attention_backends import ForwardContext, forward_context
 from hfbridge.attention_backends.base import AttentionBackend
+from hfbridge.lora.manager import LoRAManager
 from hfbridge.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from hfbridge.pooling.pooler import Pooler
 from hfbridge.sample.logprobs import gather_logprobs
@@ -27,8 +29,10 @@ class ModelRunner:
         block_size: int,
         device: torch.device,
         sampler: Sampler,
+        lora: LoRAManager | None = None,
     ):
         self.model = model
+        self.lora = lora  # enable_lora: the adapters' slots and the step's row groups
         self.kv_caches = kv_caches
         self.backend = backend
         self.block_size = block_size
@@ -57,7 +61,7 @@ class ModelRunner:
         slow = [i for i, f in enumerate(is_fast) if not f]
         sample_indices = step.logits_indices[num_prompt_rows:]
         order = torch.cat([step.logits_indices[:num_prompt_rows], sample_indices[slow], sample_indices[fast]])
-        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)), self._adapters(step):
             logits, tokens = self.model.sample_heads(step.input_ids, step.positions, order,
                                                      num_prompt_rows + len(slow))
         sub_step = dataclasses.replace(step, sample_requests=[step.sample_requests[i] for i in slow])
@@ -73,8 +77,11 @@ class ModelRunner:
         return self._logits(step), step
 
     def _logits(self, step: StepInputs) -> torch.Tensor:  # [N, V]
-        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)):
+        with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)), self._adapters(step):
             return self.model(step.input_ids, step.positions, step.logits_indices)
+
+    def _adapters(self, step: StepInputs) -> contextlib.AbstractContextManager:
+        return self.lora.step(step.lora_rows) if self.lora is not None else contextlib.nullcontext()
 
 
 def sampling_rows(step: StepInputs, grammar: GrammarBitmask | None = None) -> list[SamplingRow]:

@@ -170,6 +170,21 @@ class MultiprocExecutor:
         self._send_all(("apply", cloudpickle.dumps(func)))
         return [self._recv(rank) for rank in range(self.world_size)]
 
+    def add_lora(self, lora_request) -> bool:
+        """The adapter loaded and checked on every rank; the ranks' error (a ValueError) raised when it cannot be."""
+        return self._on_every_rank(("add_lora", lora_request))
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        return self._on_every_rank(("remove_lora", lora_int_id))
+
+    def _on_every_rank(self, message: tuple) -> Any:
+        self._send_all(message)
+        replies = [self._recv(rank) for rank in range(self.world_size)]
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies[0]
+
     def check_health(self) -> None:
         for rank, process in enumerate(self.processes):
             if not process.is_alive():

@@ -4,7 +4,7 @@ It joins the torch.distributed world, loads its shard through the ordinary InPro
 group and the pipeline stage: its layers, its KV cache), then serves the driver's requests over its pipe:
 ("execute", SchedulerOutput) runs the forward on every rank at once, stages handing hidden states on (the output
 rank, the last stage's tp-rank 0, returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
-every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
+every rank, ("add_lora", LoRARequest) / ("remove_lora", id) load or drop an adapter on every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
 from __future__ import annotations
 
 import dataclasses
@@ -69,6 +69,11 @@ def run_command(rank: int, executor: InProcessExecutor, kind: str, payload: Any)
         return is_output, runner.execute(payload)
     if kind == "apply":
         return True, cloudpickle.loads(payload)(runner.model)
+    if kind in ("add_lora", "remove_lora"):  # an adapter that cannot be served is an answer, not a dead worker
+        try:
+            return True, getattr(executor, kind)(payload)
+        except ValueError as exc:
+            return True, exc
     raise ValueError(f"unknown worker command {kind!r}")
 
 

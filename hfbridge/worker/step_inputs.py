@@ -5,7 +5,8 @@ the token indices whose next-token logits are needed (last token of each request
 positions of requests asking for prompt logprobs). Everything else never reaches the LM head."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,8 @@ class StepInputs:
     # per request: (first logits row, first prompt position, target prompt token ids, top-k) of its
     # prompt-logprob positions this step
     prompt_logprob_rows: dict[str, tuple[int, int, list[int], int]]
+    # (LoRARequest, first token row, end row) of each request under an adapter, in step order (enable_lora)
+    lora_rows: list[tuple[Any, int, int]] = field(default_factory=list)
 
 
 def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> StepInputs:
@@ -32,9 +35,13 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
     ids, positions, slots, logits_indices = [], [], [], []
     query_lens, seq_lens, tables = [], [], []
     prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
+    lora_rows = []
     offset = 0
     for item in scheduled:
         request = item.request
+        lora_request = getattr(request, "lora_request", None)
+        if lora_request is not None:
+            lora_rows.append((lora_request, offset, offset + item.num_new_tokens))
         pos = np.arange(item.start, item.end)
         ids.extend(request.all_token_ids[item.start : item.end])
         positions.append(pos)
@@ -80,6 +87,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         token_type_ids=token_types,
         sample_requests=sample_requests,
         prompt_logprob_rows=prompt_rows,
+        lora_rows=lora_rows,
     )
 
 

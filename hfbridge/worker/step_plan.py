@@ -18,6 +18,7 @@ import torch
 
 from hfbridge.core.request import Request
 from hfbridge.core.scheduler_output import ScheduledRequest, SchedulerOutput
+from hfbridge.lora.request import LoRARequest
 from hfbridge.sample.argmax_cpu import row_argmax
 
 
@@ -27,6 +28,7 @@ class NewRequest:
 
     num_prompt_tokens: int
     prompt_logprobs: int | None  # the request's SamplingParams.prompt_logprobs
+    lora_request: LoRARequest | None = None  # the adapter its tokens run under (enable_lora)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class StepPlanner:
             new = None
             if sent is None:
                 prompt_logprobs = request.sampling_params.prompt_logprobs if request.sampling_params else None
-                new = NewRequest(request.num_prompt_tokens, prompt_logprobs)
+                new = NewRequest(request.num_prompt_tokens, prompt_logprobs, request.lora_request)
                 sent = self._sent[request.request_id] = _Sent(request, 0, 0)
             # the whole prompt at once: prompt logprobs read the prompt token after a chunk's end
             end = max(item.end, request.num_prompt_tokens)
@@ -114,6 +116,7 @@ class RankRequest:
         self.block_ids: list[int] = []
         self.num_prompt_tokens = new.num_prompt_tokens
         self.sampling_params = _SamplingView(new.prompt_logprobs)
+        self.lora_request = new.lora_request
 
     @property
     def prompt_token_ids(self) -> list[int]:
