@@ -19,7 +19,7 @@ from aiohttp import web
 
 from hfbridge.engine.async_engine import AsyncLLMEngine
 from hfbridge.engine.llm_engine import LLMEngine
-from hfbridge.server import routes_misc, routes_pooling, routes_responses
+from hfbridge.server import lora, routes_misc, routes_pooling, routes_responses
 from hfbridge.server.auth import make_auth_middleware
 from hfbridge.server.connections import ServerRunner, add_post
 from hfbridge.server.errors import error_middleware
@@ -49,6 +49,7 @@ def build_app(settings: ServerSettings, engine_factory: EngineFactory) -> web.Ap
     routes_misc.add_routes(app)
     routes_pooling.add_routes(app)
     routes_responses.add_routes(app)
+    lora.add_routes(app)
     app.cleanup_ctx.append(partial(_engine_lifecycle, engine_factory))
     return app
 
@@ -76,6 +77,11 @@ async def _load(state: ServingState, engine_factory: EngineFactory) -> None:
     def build() -> None:
         try:
             engine = engine_factory()
+            try:
+                state.add_static_loras(engine)
+            except BaseException:
+                engine.shutdown()
+                raise
         except BaseException as e:  # noqa: BLE001 - reported through /health, /ready and the CLI's exit code
             _resolve_threadsafe(loop, built, None, e)
         else:

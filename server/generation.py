@@ -131,7 +131,7 @@ async def prepare_prompts(state: ServingState, request: GenerationRequest, promp
 
 
 async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[PreparedPrompt],
-                 request: GenerationRequest) -> list[RequestStream]:
+                 request: GenerationRequest, lora_request: Any = None) -> list[RequestStream]:
     """Add every prompt's request in one engine command (one step for all), or none of them."""
     requests = []
     for i, prepared in enumerate(prompts):
@@ -140,7 +140,7 @@ async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[Prepare
             engine_prompt["prompt"] = prepared.text
         if request.cache_salt is not None:
             engine_prompt["cache_salt"] = request.cache_salt
-        requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True, request.priority))
+        requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True, request.priority, lora_request))
     try:
         return await engine.add_requests(requests)
     except ValueError as e:
@@ -223,7 +223,7 @@ async def start(state: ServingState, response_id: str, prompts: list[PreparedPro
     seats = [p.params.n for p in prompts]
     state.admit(sum(seats))
     try:
-        streams = await submit(engine, response_id, prompts, request)
+        streams = await submit(engine, response_id, prompts, request, state.loras.get(request.model))
     except BaseException:
         state.release(sum(seats))
         raise

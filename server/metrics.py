@@ -140,6 +140,8 @@ class _EngineCollector:
         world.add_metric([self.metrics.model_name, str(parallel.tensor_parallel_size)], parallel.world_size)
         yield world
         yield _iteration_tokens(engine, labels, value)
+        if engine.config.lora_config is not None:
+            yield _lora_info(engine)
 
 
 def _iteration_tokens(engine: Any, labels: list[str], value: list[str]) -> HistogramMetricFamily:
@@ -152,6 +154,25 @@ def _iteration_tokens(engine: Any, labels: list[str], value: list[str]) -> Histo
     family = HistogramMetricFamily("vllm:iteration_tokens_total", "Tokens scheduled in one engine step.",
                                    labels=labels)
     family.add_metric(value, buckets, float(stats.iteration_tokens_sum))
+    return family
+
+
+def _lora_info(engine: Any) -> GaugeMetricFamily:
+    """vLLM's vllm:lora_requests_info: the adapters of running and waiting requests in labels (comma-separated
+    names), the scrape time as value."""
+    scheduler = engine.scheduler
+
+    def names(requests) -> str:
+        try:  # read from the event loop while the engine thread steps: a changed queue reads as empty this time
+            found = {r.lora_request.lora_name for r in list(requests) if r.lora_request is not None}
+        except RuntimeError:
+            found = set()
+        return ",".join(sorted(found))
+
+    family = GaugeMetricFamily("vllm:lora_requests_info", "Running stats on LoRA requests.",
+                               labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"])
+    family.add_metric([str(engine.config.lora_config.max_loras), names(scheduler.running), names(scheduler.waiting)],
+                      time.time())
     return family
 
 

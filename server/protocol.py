@@ -134,7 +134,8 @@ _COMMON_FIELDS: dict[str, Check] = {
 _REFUSED: dict[str, tuple[tuple[Any, ...], str]] = {
     "suffix": ((None, ""), "fill-in-the-middle (suffix), which hfbridge does not support yet"),
     "prompt_embeds": ((None, "", []), "prompt embeddings, which hfbridge does not support yet"),
-    "lora_request": ((None, {}), "LoRA adapters, which hfbridge does not support yet"),
+    "lora_request": ((None, {}), "a LoRA adapter by an engine-side object; pick a served adapter by its name in "
+                                 "`model` (--lora-modules)"),
     "functions": ((None, []), "the deprecated function-calling API; send `tools` instead"),
     "function_call": ((None,), "the deprecated function-calling API; send `tool_choice` instead"),
     "modalities": ((None, ["text"]), "output modalities other than text, which hfbridge does not produce"),

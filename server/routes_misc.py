@@ -32,6 +32,11 @@ async def list_models(request: web.Request) -> web.Response:
         }
         for name in card.names
     ]
+    # Adapters, as vLLM lists them: their parent is the base model (root: the name, never a server path)
+    data += [{"id": name, "object": "model", "created": card.created, "owned_by": "hfbridge", "root": name,
+              "parent": lora.base_model_name or card.names[0], "max_model_len": card.max_model_len,
+              "permission": data[0]["permission"] if data else []}
+             for name, lora in state.loras.by_name.items()]
     return web.json_response({"object": "list", "data": data})
 
 

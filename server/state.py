@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from hfbridge.engine.async_engine import AsyncLLMEngine
+from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.engine.chat_utils import load_chat_template
 from hfbridge.engine.template_sandbox import TemplateLimits, TemplateSandbox
 from hfbridge.server.errors import APIError
+from hfbridge.server.lora import LoRAModels, LoRAModule
 from hfbridge.server.metrics import ServerMetrics
 from hfbridge.server.security import CorsSettings
 from hfbridge.server.tool_choice import ToolSettings
@@ -76,6 +78,8 @@ class ServerSettings:
     timeout_keep_alive: float = DEFAULT_TIMEOUT_KEEP_ALIVE  # seconds an idle connection stays open
     header_read_timeout: float = DEFAULT_HEADER_READ_TIMEOUT  # seconds from a request head's first byte to its end
     request_chat_template_timeout: float = DEFAULT_REQUEST_TEMPLATE_TIMEOUT
+    lora_modules: tuple[LoRAModule, ...] = ()  # --lora-modules: adapters served by name from the start
+    allow_runtime_lora_updating: bool = False  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: the load/unload routes exist
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class ServingState:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.metrics = ServerMetrics()
+        self.loras = LoRAModels()  # adapters served by name (requests pick one by `model`)
         self.engine: AsyncLLMEngine | None = None
         self.card: ModelCard | None = None
         self.load_error: BaseException | None = None
@@ -204,15 +209,27 @@ class ServingState:
         return self.engine, self.card
 
     def resolve_model(self, requested: str | None) -> str:
-        """The served name to echo; 404 for a name that is none of ours."""
+        """The served name (or LoRA adapter name) to echo; 404 for a name that is none of ours."""
         _, card = self.require_engine()
         if requested is None or requested == "":
             return card.names[0]
         if requested in card.aliases:
             return requested if requested in card.names else card.names[0]
+        if requested in self.loras.by_name:
+            return requested
         # Served names only in the message (an alias such as the default model's Hub id is not listed).
-        raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {', '.join(card.names)}.",
-                       "model")
+        served = ", ".join([*card.names, *self.loras.by_name])
+        raise APIError(404, f"The model `{requested[:200]}` does not exist. Served models: {served}.", "model")
+
+    def add_static_loras(self, engine: LLMEngine) -> None:
+        """--lora-modules, loaded and checked once the engine is built (before its thread starts): a bad adapter
+        fails the start, naming it."""
+        for module in self.settings.lora_modules:
+            if module.name in self.loras.by_name:
+                raise ValueError(f"--lora-modules names the adapter {module.name!r} twice")
+            lora = self.loras.new_request(module.name, module.path, module.base_model_name)
+            engine.add_lora(lora)
+            self.loras.by_name[module.name] = lora
 
 
 # Typed app state: routes read `request.app[STATE]`.

@@ -31,3 +31,13 @@ def peft_model(base: torch.nn.Module, folder: Path) -> torch.nn.Module:
     from peft import PeftModel
 
     return PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+
+
+def standard_adapters(base: torch.nn.Module, root: Path) -> dict[str, Path]:
+    """Three adapters of different ranks and target sets over the tiny Llama: `all` (r=8, every projection),
+    `qv` (r=4, q_proj and v_proj), `regex` (r=8, o_proj and down_proj by a regex, rsLoRA scaling)."""
+    return {
+        "all": make_adapter(base, root / "all", 8, ALL_PROJECTIONS, seed=1),
+        "qv": make_adapter(base, root / "qv", 4, ["q_proj", "v_proj"], seed=2),
+        "regex": make_adapter(base, root / "regex", 8, r".*\.(o_proj|down_proj)", seed=3, use_rslora=True),
+    }

@@ -91,8 +91,6 @@ def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported"),
     (["-dp", "2"], "--data-parallel-size 2 is not supported"),
     (["--speculative-config", "{}"], "speculative decoding"),
-    (["--lora-modules", "a=b"], "LoRA adapters"),
-    (["--enable-lora"], "LoRA adapters"),
     (["--load-format", "dummy"], "--load-format dummy is not supported"),
     (["--structured-outputs-config", '{"backend": "guidance"}'], "xgrammar"),
     (["--guided-decoding-backend=outlines"], "xgrammar"),
@@ -100,6 +98,30 @@ def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
 def test_vllm_flags_that_would_change_the_output_are_refused(flags, message):
     with pytest.raises(click.UsageError, match=re.escape(message)):
         normalize_argv(["serve", "/models/x", *flags])
+
+
+def test_lora_flags_reach_the_engine_and_the_server(captured, monkeypatch):
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
+    result = run(["serve", "/models/x", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8",
+                  "--max-cpu-loras", "4", "--lora-modules", "sql=/adapters/sql",
+                  '{"name": "chat", "path": "/adapters/chat", "base_model_name": "/models/x"}'])
+    assert result.exit_code == 0, result.output
+    args = captured["engine_args"]
+    assert (args.enable_lora, args.max_loras, args.max_lora_rank, args.max_cpu_loras) == (True, 2, 8, 4)
+    settings = captured["settings"]
+    assert [(m.name, m.path, m.base_model_name) for m in settings.lora_modules] == [
+        ("sql", "/adapters/sql", None), ("chat", "/adapters/chat", "/models/x")]
+    assert settings.allow_runtime_lora_updating
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora-modules", "a=b"], "--lora-modules needs --enable-lora"),
+    (["--enable-lora", "--lora-modules", "just-a-name"], "expected name=path"),
+    (["--enable-lora", "--lora-modules", '{"name": "a"}'], "needs string `name` and `path`"),
+])
+def test_bad_lora_flags_are_refused(captured, flags, message):
+    result = run(["serve", "/models/x", *flags])
+    assert result.exit_code != 0 and message in result.output, result.output
 
 
 def test_tokenizer_mode_and_download_dir_reach_the_engine(captured, tmp_path):

@@ -408,7 +408,8 @@ def test_prompt_keys_hfbridge_cannot_serve_are_refused(tiny_llama, llm):
 @pytest.mark.parametrize("kwargs,message", [
     (dict(quantization="awq"), "quantization='awq' is not supported"),
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
-    (dict(enable_lora=True), "LoRA"),
+    (dict(enable_lora=True, task="embed"), "enable_lora=True is not supported with pooling models"),
+    (dict(enable_lora=True, max_loras=2, max_cpu_loras=1), r"max_cpu_loras \(1\) must be >= max_loras \(2\)"),
     (dict(limit_mm_per_prompt={"image": 2}), "multimodal"),
     (dict(scheduling_policy="lottery"), "scheduling_policy='lottery'"),
 ])
@@ -439,9 +440,9 @@ def test_chat_template_content_format(llm):
         llm.chat(plain, params, use_tqdm=False, chat_template_content_format="xml")
 
 
-def test_lora_request_on_pooling_calls_is_refused_like_generate(tiny_llama):
+def test_lora_request_on_pooling_calls_is_refused(tiny_llama):
     embedder = LLM(model=str(tiny_llama[1]), task="embed", max_model_len=64)
-    lora = object()  # any adapter: none is supported
+    lora = object()  # any adapter: pooling models serve none
     calls = [
         lambda: embedder.embed(["Hello"], lora_request=lora, use_tqdm=False),
         lambda: embedder.encode(["Hello"], lora_request=lora, use_tqdm=False),
@@ -449,7 +450,7 @@ def test_lora_request_on_pooling_calls_is_refused_like_generate(tiny_llama):
         lambda: embedder.score("Hello", "there", lora_request=lora, use_tqdm=False),
     ]
     for call in calls:
-        with pytest.raises(ValueError, match="LoRA adapters are not supported by hfbridge yet; pass lora_request=None"):
+        with pytest.raises(ValueError, match="LoRA adapters are served by generation models"):
             call()
     assert not embedder.llm_engine.has_unfinished_requests()
     assert len(embedder.embed(["Hello"], use_tqdm=False)[0].outputs.embedding) == 64

@@ -83,18 +83,37 @@ class AsyncLLMEngine:
 
     # -- requests (event loop)
     async def add_request(
-        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True, priority: int = 0
+        self, request_id: str, prompt: Any, params: SamplingParams, add_special_tokens: bool = True, priority: int = 0,
+        lora_request: Any = None,
     ) -> RequestStream:
         """Returns once the engine accepted the request; raises the engine's ValidationError if it did not.
 
         Iterate the stream for its outputs; call `abort` if you stop listening before it finished.
         """
-        (stream,) = await self.add_requests([(request_id, prompt, params, add_special_tokens, priority)])
+        (stream,) = await self.add_requests([(request_id, prompt, params, add_special_tokens, priority, lora_request)])
         return stream
 
-    async def add_requests(self, requests: list[tuple[str, Any, SamplingParams | Any, bool, int]]) -> list[RequestStream]:
-        """Add several (request_id, prompt, params, add_special_tokens, priority) at once: one command for the engine
-        thread, so a request's prompts join the same step instead of one round trip (and step) each.
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """fn(engine) on the engine thread, between steps (loading a LoRA adapter, say); its result or its error."""
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running") from self.dead_error
+        done: asyncio.Future[Any] = self._loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn(self.engine)
+            except Exception as e:  # noqa: BLE001 - handed to the caller
+                self._call_soon(_settle, done, e)
+                return
+            self._call_soon(_settle, done, None, result)
+
+        if not self._submit(run):
+            raise EngineDeadError("the engine is shutting down")
+        return await done
+
+    async def add_requests(self, requests: list[tuple]) -> list[RequestStream]:
+        """Add several (request_id, prompt, params, add_special_tokens, priority[, lora_request]) at once: one command
+        for the engine thread, so a request's prompts join the same step instead of one round trip (and step) each.
 
         All or none: if the engine refuses one, the ones added before it are aborted and the error is raised.
         """
@@ -106,9 +125,9 @@ class AsyncLLMEngine:
         def add_all() -> None:
             added: list[str] = []
             try:
-                for (request_id, prompt, params, add_special_tokens, priority), stream in zip(requests, streams):
+                for (request_id, prompt, params, add_special_tokens, priority, *lora), stream in zip(requests, streams):
                     self.engine.add_request(request_id, prompt, params, add_special_tokens=add_special_tokens,
-                                            priority=priority)
+                                            priority=priority, lora_request=lora[0] if lora else None)
                     self._streams[request_id] = stream
                     added.append(request_id)
             except Exception as e:  # noqa: BLE001 - handed to the caller, who maps it to an HTTP status
@@ -263,10 +282,10 @@ def _deliver(deliveries: list[tuple[RequestStream, RequestOutput | BaseException
         stream.put(item)
 
 
-def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+def _settle(future: asyncio.Future[Any], error: BaseException | None, result: Any = None) -> None:
     if future.done():  # cancelled by a caller that went away
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

@@ -65,6 +65,11 @@ SERVER_OPTIONS = [
     click.option("--reasoning-parser", help="Split reasoning from content: deepseek_r1 or qwen3."),
     click.option("--exclude-tools-when-tool-choice-none", is_flag=True,
                  help="Do not show the tools to the chat template when tool_choice is none."),
+    click.option("--lora-modules", multiple=True,
+                 help="LoRA adapters served by name (with --enable-lora): name=path, or JSON "
+                      '\'{"name": "sql", "path": "/adapters/sql", "base_model_name": "..."}\'; several allowed. '
+                      "Runtime /v1/load_lora_adapter and /v1/unload_lora_adapter exist when "
+                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True."),
 ]
 
 
@@ -121,6 +126,7 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
     from hfbridge.server import ServerSettings, build_app
     from hfbridge.server import serve as serve_app
     from hfbridge.server.security import CorsSettings, build_ssl_context
+    from hfbridge.server.lora import LoRAModule, runtime_updating_allowed
     from hfbridge.server.tool_choice import ToolSettings
 
     _setup_logging(options["log_level"])
@@ -139,6 +145,15 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
                                    options["exclude_tools_when_tool_choice_none"])
     except ValueError as e:
         raise click.UsageError(str(e)) from e
+    try:
+        lora_modules = tuple(LoRAModule.parse(text) for text in options["lora_modules"])
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    allow_lora_updating = runtime_updating_allowed()
+    if (lora_modules or allow_lora_updating) and not engine_args.enable_lora:
+        if lora_modules:
+            raise click.UsageError("--lora-modules needs --enable-lora")
+        logger.warning("VLLM_ALLOW_RUNTIME_LORA_UPDATING is set but --enable-lora is not: no adapter can be loaded")
     settings = ServerSettings(
         served_model_names=names,
         extra_model_aliases=(DEFAULT_MODEL_HUB_ID,) if engine_args.model is None else (),
@@ -155,6 +170,8 @@ def serve(ctx: click.Context, model: str | None, **options: Any) -> None:
                           tuple(options["allowed_headers"]), options["allow_credentials"]),
         response_role=options["response_role"],
         tools=tools,
+        lora_modules=lora_modules,
+        allow_runtime_lora_updating=allow_lora_updating,
     )
     try:
         ssl_context = build_ssl_context(options["ssl_certfile"], options["ssl_keyfile"], options["ssl_ca_certs"],

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # imported inside engine_args_from: `hfbridge --help` must no
 logger = logging.getLogger("hfbridge.entrypoints.cli")
 
 # Flags whose value is a list (argparse nargs="+"): `--api-key a b` becomes `--api-key a --api-key b`.
-LIST_FLAGS = frozenset({"--api-key", "--served-model-name"})
+LIST_FLAGS = frozenset({"--api-key", "--served-model-name", "--lora-modules"})
 
 # vLLM flags with no effect in hfbridge: name -> how many values follow (0 for switches, -1 for nargs="+").
 IGNORED_FLAGS: dict[str, int] = {
@@ -31,8 +31,7 @@ IGNORED_FLAGS: dict[str, int] = {
          "--enable-expert-parallel", "--enable-eplb", "--async-scheduling"], 0),
     **dict.fromkeys(
         ["--swap-space", "--cpu-offload-gb", "--max-seq-len-to-capture",
-         "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--max-loras",
-         "--max-lora-rank", "--max-cpu-loras", "--uvicorn-log-level", "--root-path",
+         "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--uvicorn-log-level", "--root-path",
          "--worker-cls",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
          "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
@@ -49,8 +48,6 @@ OUTPUT_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--kv-cache-dtype": (("auto",), "the KV cache keeps the model's dtype (auto)"),
     "--data-parallel-size": (("1",), "data parallelism is not supported; run one server per replica"),
     "--speculative-config": ((), "speculative decoding is not supported"),
-    "--enable-lora": ((), "LoRA adapters are not supported yet"),
-    "--lora-modules": ((), "LoRA adapters are not supported yet"),
     "--prompt-adapters": ((), "prompt adapters are not supported"),
     "--enable-prompt-embeds": ((), "prompt embeddings are not supported"),
     "--load-format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
@@ -270,6 +267,12 @@ ENGINE_OPTIONS = [
     click.option("--pipeline-parallel-size", "-pp", "pipeline_parallel_size", type=int,
                  help="Pipeline stages: the model's layers split across ranks (world = tp x pp; uneven splits with "
                       "HFBRIDGE_PP_LAYER_PARTITION). [default: 1]"),
+    click.option("--enable-lora/--no-enable-lora", default=None,
+                 help="Serve LoRA adapters (--lora-modules, or per request); the native decoders then run eager."),
+    click.option("--max-loras", type=int, help="Most distinct LoRA adapters in one batch. [default: 1]"),
+    click.option("--max-lora-rank", type=int, help="Highest LoRA rank an adapter may have. [default: 16]"),
+    click.option("--max-cpu-loras", type=int,
+                 help="LoRA adapters kept loaded (LRU); at least --max-loras. [default: --max-loras]"),
     click.option("--enforce-eager/--no-enforce-eager", default=None,
                  help="Never torch.compile the model (native decoders compile in the background by default)."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
