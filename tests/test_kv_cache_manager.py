@@ -124,3 +124,21 @@ def test_double_free_is_an_invariant_violation():
     pool.free_blocks([block])
     with pytest.raises(AssertionError):
         pool.free_blocks([block])
+
+
+def test_lora_adapter_and_cache_salt_are_part_of_the_block_hash():
+    from hfbridge.lora.request import LoRARequest
+
+    kv = KVCacheManager(num_blocks=32, block_size=BS)
+    prompt = list(range(12)) + [99]
+    sql, chat = LoRARequest("sql", 1, "/adapters/sql"), LoRARequest("chat", 2, "/adapters/chat")
+
+    def hit(request_id, lora=None, salt=None):
+        return allocate_prompt(kv, Request(request_id, prompt, cache_salt=salt, lora_request=lora))[1]
+
+    assert hit("sql", sql) == 0
+    assert hit("chat", chat) == 0, "another adapter never shares K/V"
+    assert hit("base") == 0, "nor does the base model"
+    assert hit("salted-sql", sql, salt="s") == 0, "salt and adapter together are a key of their own"
+    assert hit("sql-again", sql) == 12 and hit("chat-again", chat) == 12 and hit("base-again") == 12
+    assert hit("salted-sql-again", sql, salt="s") == 12

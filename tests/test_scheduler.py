@@ -205,3 +205,22 @@ def test_cache_salt_separates_prefix_cache_entries():
     assert admit("unsalted", None) == 0
     assert admit("tenant-a-again", "a") == 12  # three full blocks of the same salt
     assert admit("unsalted-again", None) == 12
+
+
+def test_max_loras_holds_requests_of_other_adapters_until_a_slot_frees():
+    """vLLM's rule: with max_loras adapters running, a request under another adapter waits (keeping its place);
+    base-model requests and requests of running adapters pass it."""
+    from hfbridge.lora.request import LoRARequest
+
+    s = Scheduler(SchedulerConfig(64, 8, 512, True), KVCacheManager(32, BS), max_loras=1)
+    sql, chat = LoRARequest("sql", 1, "/a/sql"), LoRARequest("chat", 2, "/a/chat")
+    requests = {}
+    for request_id, lora in (("a", sql), ("b", chat), ("c", None), ("d", sql)):
+        requests[request_id] = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=2), lora_request=lora)
+        s.add_request(requests[request_id])
+    out = run_step(s)
+    assert [x.request.request_id for x in out.scheduled] == ["a", "c", "d"]
+    assert [r.request_id for r in s.waiting] == ["b"]
+    s.finish_requests(["a", "d"], RequestStatus.FINISHED_STOPPED)
+    out = run_step(s)
+    assert [x.request.request_id for x in out.scheduled] == ["c", "b"]
