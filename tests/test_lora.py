@@ -8,9 +8,10 @@ import json
 import shutil
 
 import pytest
+import torch
 import transformers
 from greedy import assert_greedy_match, hf_greedy
-from lora_adapters import ALL_PROJECTIONS, make_adapter, peft_model, standard_adapters
+from lora_adapters import make_adapter, peft_model, standard_adapters
 from tiny_models import COMMON, build_tokenizer, save_model
 
 from hfbridge import LLM, LoRARequest, SamplingParams
@@ -132,3 +133,36 @@ def test_bad_adapters_are_refused_by_name_and_the_engine_serves_after(setup, ora
     with pytest.raises(ValueError, match="LoRA is not enabled: start the engine with enable_lora=True"):
         plain.generate(["Hi"], GREEDY, lora_request=requests["qv"], use_tqdm=False)
     assert not plain.llm_engine.has_unfinished_requests()
+
+
+def test_lora_layer_equals_the_per_row_definition():
+    """The layer's grouped compute (one span, or scattered rows) equals y + x A^T B^T * scaling row by row, in
+    float64; slot reuse leaves no trace of the previous adapter."""
+    from hfbridge.lora.layers import LoRAGroup, LoRALayer, LoRAStepState
+
+    torch.manual_seed(0)
+    state = LoRAStepState()
+    layer = LoRALayer(state, ["q", "k"], 12, [6, 4], num_slots=3, max_rank=4, dtype=torch.float64,
+                      device=torch.device("cpu"))
+    adapters = {slot: ([(torch.randn(r, 12, dtype=torch.float64), torch.randn(n, r, dtype=torch.float64))
+                        for n in (6, 4)], 0.5 * (slot + 1)) for slot, r in ((0, 4), (1, 2), (2, 3))}
+    layer.set_slot(2, [(torch.ones(4, 12, dtype=torch.float64), torch.ones(6, 4, dtype=torch.float64)), None], 9.0)
+    for slot, (pieces, scaling) in adapters.items():
+        layer.set_slot(slot, pieces if slot != 1 else [pieces[0], None], scaling)
+    adapters[1] = ([adapters[1][0][0], None], adapters[1][1])
+    x, base = torch.randn(7, 12, dtype=torch.float64), torch.randn(7, 10, dtype=torch.float64)
+    slot_of_row = [None, None, 0, 0, 2, 1, 1]
+    expected = base.clone()
+    for row, slot in enumerate(slot_of_row):
+        if slot is None:
+            continue
+        pieces, scaling = adapters[slot]
+        for piece, cols in zip(pieces, (slice(0, 6), slice(6, 10))):
+            if piece is not None:
+                a, b = piece
+                expected[row, cols] += (x[row] @ a.T @ b.T) * scaling
+    span_groups = (LoRAGroup(0, slice(2, 4)), LoRAGroup(2, slice(4, 5)), LoRAGroup(1, slice(5, 7)))
+    scattered = (LoRAGroup(0, torch.tensor([2, 3])), LoRAGroup(2, torch.tensor([4])), LoRAGroup(1, torch.tensor([5, 6])))
+    for groups, span in ((span_groups, (2, 7)), (scattered, None), (span_groups, None)):
+        state.groups, state.span = groups, span
+        assert torch.allclose(layer(x, base.clone()), expected, atol=1e-12)

@@ -219,7 +219,7 @@ def test_max_loras_holds_requests_of_other_adapters_until_a_slot_frees():
         requests[request_id] = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=2), lora_request=lora)
         s.add_request(requests[request_id])
     out = run_step(s)
-    assert [x.request.request_id for x in out.scheduled] == ["a", "c", "d"]
+    assert [x.request.request_id for x in out.scheduled] == ["c", "a", "d"]  # rows grouped by adapter
     assert [r.request_id for r in s.waiting] == ["b"]
     s.finish_requests(["a", "d"], RequestStatus.FINISHED_STOPPED)
     out = run_step(s)

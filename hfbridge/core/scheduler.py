@@ -99,6 +99,8 @@ class Scheduler:
         for request in reversed(passed_over):  # back where they were, first in turn
             self.waiting.appendleft(request)
 
+        if self.max_loras:  # each adapter's rows contiguous in the step: one range per adapter for the LoRA layers
+            scheduled.sort(key=lambda s: 0 if s.request.lora_request is None else s.request.lora_request.lora_int_id)
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, num_tokens, preempted)
 

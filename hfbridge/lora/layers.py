@@ -29,6 +29,7 @@ class LoRAStepState:
 
     def __init__(self):
         self.groups: tuple[LoRAGroup, ...] = ()
+        self.span: tuple[int, int] | None = None  # [lo, hi) when the groups are ranges that tile it, in order
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,14 @@ class LoRALayer:
             self.out_offsets.append(self.out_offsets[-1] + _local_size(size, self.sharded.out_ranges))
         width = len(names) * max_rank
         self.lora_a = torch.zeros(num_slots, width, local_in, dtype=dtype, device=device)  # [S, n R, in]
-        self.lora_b = torch.zeros(num_slots, self.out_offsets[-1], width, dtype=dtype, device=device)  # [S, out, n R]
+        # B transposed: [S, n R, out], so a slot's first w ranks are one contiguous [w, out] block for addmm
+        self.lora_b_t = torch.zeros(num_slots, width, self.out_offsets[-1], dtype=dtype, device=device)
         self.widths = [0] * num_slots  # ranks in use per slot (0: the slot's adapter does not touch this layer)
 
     def set_slot(self, slot: int, pieces: list[tuple[torch.Tensor, torch.Tensor] | None], scaling: float) -> None:
         """pieces: per output slice, the adapter's (A [r, in], B [out, r]) at full size, or None."""
         self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+        self.lora_b_t[slot].zero_()
         width, r_max = 0, self.max_rank
         for j, piece in enumerate(pieces):
             if piece is None:
@@ -70,8 +72,9 @@ class LoRALayer:
             a, b = piece
             r = a.shape[0]
             self.lora_a[slot, j * r_max : j * r_max + r] = _take(a, self.sharded.in_ranges, dim=1)
-            rows = slice(self.out_offsets[j], self.out_offsets[j + 1])
-            self.lora_b[slot, rows, j * r_max : j * r_max + r] = _take(b, self.sharded.out_ranges, dim=0) * scaling
+            columns = slice(self.out_offsets[j], self.out_offsets[j + 1])
+            b_local = _take(b, self.sharded.out_ranges, dim=0) * scaling  # [out_j, r]
+            self.lora_b_t[slot, j * r_max : j * r_max + r, columns] = b_local.T
             width = j * r_max + r
         self.widths[slot] = width
 
@@ -88,6 +91,9 @@ class LoRALayer:
         if not groups:
             return out
         x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if self.state.span is not None:
+            self._one_span(x2, out2, groups, self.state.span)
+            return out
         if self.sharded.tp is not None:
             self._rowwise(x2, out2, groups)
             return out
@@ -95,8 +101,25 @@ class LoRALayer:
             width = self.widths[group.slot]
             if width:
                 shrunk = x2[group.rows] @ self.lora_a[group.slot, :width].T  # [n, w]
-                _add_rows(out2, group.rows, shrunk @ self.lora_b[group.slot, :, :width].T)
+                _add_rows(out2, group.rows, shrunk, self.lora_b_t[group.slot, :width])
         return out
+
+    def _one_span(self, x2: torch.Tensor, out2: torch.Tensor, groups: tuple[LoRAGroup, ...],
+                  span: tuple[int, int]) -> None:
+        """The groups tile rows [lo, hi) (the scheduler keeps each adapter's requests together): one shrink of those
+        rows against every slot at once, then one in-place expand per group from its slot's columns. 1 + G ops
+        per projection: on a CPU the per-op cost, not the flops, is what a rank-16 LoRA adds."""
+        lo, hi = span
+        num_slots, width = self.lora_a.shape[:2]
+        shrunk = x2[lo:hi] @ self.lora_a.view(num_slots * width, -1).T  # [hi - lo, S W]
+        if self.sharded.tp is not None:  # rowwise: partial sums over the local inputs; every rank enters it
+            shrunk = self.sharded.tp.all_reduce(shrunk)
+        for group in groups:
+            used = self.widths[group.slot]
+            if used:
+                first = group.slot * width
+                rows = slice(group.rows.start - lo, group.rows.stop - lo)
+                out2[group.rows].addmm_(shrunk[rows, first : first + used], self.lora_b_t[group.slot, :used])
 
     def _rowwise(self, x2: torch.Tensor, out2: torch.Tensor, groups: tuple[LoRAGroup, ...]) -> None:
         # Every rank runs the same groups and widths: the all-reduce is entered by all of them.
@@ -109,14 +132,16 @@ class LoRALayer:
         for group in groups:
             width = self.widths[group.slot]
             if width:
-                _add_rows(out2, group.rows, shrunk[group.rows, :width] @ self.lora_b[group.slot, :, :width].T)
+                _add_rows(out2, group.rows, shrunk[group.rows, :width], self.lora_b_t[group.slot, :width])
 
 
-def _add_rows(out: torch.Tensor, rows: slice | torch.Tensor, delta: torch.Tensor) -> None:
+def _add_rows(out: torch.Tensor, rows: slice | torch.Tensor, shrunk: torch.Tensor, b_t: torch.Tensor) -> None:
+    """out[rows] += shrunk @ b_t (the expand): in place on a range of rows, one op; scattered rows (the scheduler
+    keeps an adapter's requests together, so rarely) through index_put_."""
     if isinstance(rows, slice):
-        out[rows] += delta
+        out[rows].addmm_(shrunk, b_t)
     else:
-        out.index_add_(0, rows, delta)
+        out.index_put_((rows,), shrunk @ b_t, accumulate=True)
 
 
 def _local_size(size: int, ranges: tuple[tuple[int, int], ...] | None) -> int:

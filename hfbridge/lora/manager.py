@@ -70,11 +70,12 @@ class LoRAManager:
             yield
             return
         slot_of = self._activate([request for request, _, _ in rows])
-        self.state.groups = _groups(rows, slot_of, self.device)
+        self.state.groups = groups = _groups(rows, slot_of, self.device)
+        self.state.span = _span(groups)
         try:
             yield
         finally:
-            self.state.groups = ()
+            self.state.groups, self.state.span = (), None
 
     def _activate(self, requests: list[LoRARequest]) -> dict[int, int]:
         wanted = {r.lora_int_id: r for r in requests}
@@ -134,3 +135,14 @@ def _groups(rows: LoRARows, slot_of: dict[int, int], device: torch.device) -> tu
             index = torch.cat([torch.arange(start, end) for start, end in spans]).to(device)
             groups.append(LoRAGroup(slot, index))
     return tuple(groups)
+
+
+def _span(groups: tuple[LoRAGroup, ...]) -> tuple[int, int] | None:
+    """[lo, hi) when the groups are row ranges that follow one another (the scheduler orders a step's requests by
+    adapter), else None."""
+    if not all(isinstance(g.rows, slice) for g in groups):
+        return None
+    ranges = sorted((g.rows.start, g.rows.stop) for g in groups)
+    if any(end != start for (_, end), (start, _) in zip(ranges, ranges[1:])):
+        return None
+    return ranges[0][0], ranges[-1][1]
