@@ -1,5 +1,6 @@
 """LoRA adapters (issue 33) against PEFT's own model under Transformers' greedy generate(): one batch mixing
-adapters of different ranks and targets with base-model rows, on the native decoder and the Transformers path;
+adapters of different ranks and targets with base-model rows, on the native decoder and the Transformers path
+(Llama forced onto it, and Gemma2, which has no native decoder);
 the same prompt under two adapters in a row with the prefix cache on; every bad adapter refused with its name and
 the reason, the engine serving afterwards."""
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 import torch
 import transformers
 from greedy import assert_greedy_match, hf_greedy
-from lora_adapters import make_adapter, peft_model, standard_adapters
-from tiny_models import COMMON, build_tokenizer, save_model
+from lora_adapters import ALL_PROJECTIONS, make_adapter, peft_model, standard_adapters
+from tiny_models import COMMON, build_tokenizer, make_tiny_model, save_model
 
 from hfbridge import LLM, LoRARequest, SamplingParams
 
@@ -59,6 +60,19 @@ def test_mixed_batch_equals_peft(setup, oracles, model_impl):
     # the adapters change the tokens (else the comparison above would prove nothing)
     for name in ("all", "qv", "regex"):
         assert hf_greedy(oracles[name], prompts[0], MAX_NEW, True)[0] != hf_greedy(base, prompts[0], MAX_NEW, True)[0]
+
+
+def test_transformers_only_architecture_equals_peft(setup, tmp_path):
+    """Gemma2 (no native decoder: Transformers' own modules, softcapped logits, sliding windows)."""
+    prompts = setup[3][:3]
+    base, folder = make_tiny_model("Gemma2ForCausalLM", tmp_path / "gemma2")
+    paths = {"all": make_adapter(base, tmp_path / "all", 8, ALL_PROJECTIONS, seed=6),
+             "qv": make_adapter(base, tmp_path / "qv", 4, ["q_proj", "v_proj"], seed=7)}
+    requests = {name: LoRARequest(name, i + 1, str(path)) for i, (name, path) in enumerate(paths.items())}
+    oracles = {None: base, **{name: peft_model(base, path) for name, path in paths.items()}}
+    llm = LLM(str(folder), enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=64, block_size=4)
+    assert type(llm.apply_model(lambda m: m)[0]).__name__ == "TransformersForCausalLM"
+    check_against_peft(llm, oracles, requests, prompts, ["all", None, "qv"])
 
 
 def test_same_prompt_under_two_adapters_never_shares_cached_blocks(setup, oracles):
@@ -135,9 +149,10 @@ def test_bad_adapters_are_refused_by_name_and_the_engine_serves_after(setup, ora
     assert not plain.llm_engine.has_unfinished_requests()
 
 
-def test_lora_layer_equals_the_per_row_definition():
+def test_lora_layer_equals_the_per_row_definition(monkeypatch):
     """The layer's grouped compute (one span, or scattered rows) equals y + x A^T B^T * scaling row by row, in
     float64; slot reuse leaves no trace of the previous adapter."""
+    from hfbridge.lora import layers
     from hfbridge.lora.layers import LoRAGroup, LoRALayer, LoRAStepState
 
     torch.manual_seed(0)
@@ -161,8 +176,11 @@ def test_lora_layer_equals_the_per_row_definition():
             if piece is not None:
                 a, b = piece
                 expected[row, cols] += (x[row] @ a.T @ b.T) * scaling
-    span_groups = (LoRAGroup(0, slice(2, 4)), LoRAGroup(2, slice(4, 5)), LoRAGroup(1, slice(5, 7)))
+    span_groups = (LoRAGroup(0, slice(2, 4), slice(0, 2)), LoRAGroup(2, slice(4, 5), slice(2, 3)),
+                   LoRAGroup(1, slice(5, 7), slice(3, 5)))
     scattered = (LoRAGroup(0, torch.tensor([2, 3])), LoRAGroup(2, torch.tensor([4])), LoRAGroup(1, torch.tensor([5, 6])))
-    for groups, span in ((span_groups, (2, 7)), (scattered, None), (span_groups, None)):
+    for groups, span, small_span in ((span_groups, (2, 7), 16), (span_groups, (2, 7), 0), (scattered, None, 16),
+                                     (span_groups, None, 16)):
+        monkeypatch.setattr(layers, "SMALL_SPAN", small_span)  # every slot at once, or one shrink per group
         state.groups, state.span = groups, span
         assert torch.allclose(layer(x, base.clone()), expected, atol=1e-12)

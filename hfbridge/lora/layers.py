@@ -22,6 +22,10 @@ import torch
 class LoRAGroup:
     slot: int
     rows: slice | torch.Tensor  # the step's token rows under this slot's adapter: a range, or their indices [n]
+    local: slice | None = None  # rows as a range from the start of the step's span (LoRAStepState.span)
+
+
+SMALL_SPAN = 16  # rows under adapters up to which one shrink against every slot beats one per group
 
 
 class LoRAStepState:
@@ -60,6 +64,9 @@ class LoRALayer:
         # B transposed: [S, n R, out], so a slot's first w ranks are one contiguous [w, out] block for addmm
         self.lora_b_t = torch.zeros(num_slots, width, self.out_offsets[-1], dtype=dtype, device=device)
         self.widths = [0] * num_slots  # ranks in use per slot (0: the slot's adapter does not touch this layer)
+        # per slot, the views the per-group matmuls take (made once: a view costs as much as a small matmul's call)
+        self.a_t = [self.lora_a[slot].T for slot in range(num_slots)]  # [in, W]
+        self.b_t_used = [self.lora_b_t[slot, :0] for slot in range(num_slots)]  # [w, out]
 
     def set_slot(self, slot: int, pieces: list[tuple[torch.Tensor, torch.Tensor] | None], scaling: float) -> None:
         """pieces: per output slice, the adapter's (A [r, in], B [out, r]) at full size, or None."""
@@ -77,6 +84,7 @@ class LoRALayer:
             self.lora_b_t[slot, j * r_max : j * r_max + r, columns] = b_local.T
             width = j * r_max + r
         self.widths[slot] = width
+        self.b_t_used[slot] = self.lora_b_t[slot, :width]
 
     def clear_slot(self, slot: int) -> None:
         self.widths[slot] = 0
@@ -106,20 +114,26 @@ class LoRALayer:
 
     def _one_span(self, x2: torch.Tensor, out2: torch.Tensor, groups: tuple[LoRAGroup, ...],
                   span: tuple[int, int]) -> None:
-        """The groups tile rows [lo, hi) (the scheduler keeps each adapter's requests together): one shrink of those
-        rows against every slot at once, then one in-place expand per group from its slot's columns. 1 + G ops
-        per projection: on a CPU the per-op cost, not the flops, is what a rank-16 LoRA adds."""
+        """The groups tile rows [lo, hi) (the scheduler keeps each adapter's requests together), so every group is
+        a range: per group one shrink of its rows and one in-place expand (addmm_), no gather or scatter. A few
+        rows under several adapters (decode of a small batch) shrink against every slot at once instead: one
+        matmul instead of G, the wasted columns costing less than the calls."""
         lo, hi = span
         num_slots, width = self.lora_a.shape[:2]
-        shrunk = x2[lo:hi] @ self.lora_a.view(num_slots * width, -1).T  # [hi - lo, S W]
+        every_slot = len(groups) > 1 and hi - lo <= SMALL_SPAN
+        if every_slot:
+            shrunk = x2[lo:hi] @ self.lora_a.view(num_slots * width, -1).T  # [hi - lo, S W]
+        else:
+            shrunk = x2.new_empty(hi - lo, width)  # [hi - lo, W]: each group's rows against its own slot
+            for group in groups:
+                torch.matmul(x2[group.rows], self.a_t[group.slot], out=shrunk[group.local])
         if self.sharded.tp is not None:  # rowwise: partial sums over the local inputs; every rank enters it
             shrunk = self.sharded.tp.all_reduce(shrunk)
         for group in groups:
             used = self.widths[group.slot]
             if used:
-                first = group.slot * width
-                rows = slice(group.rows.start - lo, group.rows.stop - lo)
-                out2[group.rows].addmm_(shrunk[rows, first : first + used], self.lora_b_t[group.slot, :used])
+                first = group.slot * width if every_slot else 0
+                out2[group.rows].addmm_(shrunk[group.local, first : first + used], self.b_t_used[group.slot])
 
     def _rowwise(self, x2: torch.Tensor, out2: torch.Tensor, groups: tuple[LoRAGroup, ...]) -> None:
         # Every rank runs the same groups and widths: the all-reduce is entered by all of them.

@@ -70,8 +70,12 @@ class LoRAManager:
             yield
             return
         slot_of = self._activate([request for request, _, _ in rows])
-        self.state.groups = groups = _groups(rows, slot_of, self.device)
-        self.state.span = _span(groups)
+        groups = _groups(rows, slot_of, self.device)
+        self.state.span = span = _span(groups)
+        if span is not None:  # each range also counted from the span's start, once per step
+            groups = tuple(LoRAGroup(g.slot, g.rows, slice(g.rows.start - span[0], g.rows.stop - span[0]))
+                           for g in groups)
+        self.state.groups = groups
         try:
             yield
         finally:

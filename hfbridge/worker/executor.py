@@ -98,6 +98,8 @@ class InProcessExecutor:
         lora = None
         if config.lora_config is not None:
             lora = LoRAManager(model, config.lora_config, config.model_config.dtype, device)
+            if hasattr(model, "compile_regions") and not config.model_config.enforce_eager:
+                logger.info("LoRA enabled: the native decoder runs eagerly (no background torch.compile)")
         if not config.model_config.enforce_eager:
             # Started last, once the model is loaded, probed and has its cache: compile threads hold the GIL for
             # seconds at a time, and every step until ready would wait on them.
