@@ -34,7 +34,7 @@ class LoRAModule:
                 data = json.loads(text)
             except json.JSONDecodeError as e:
                 raise ValueError(f"--lora-modules {text!r} is not valid JSON ({e})") from e
-            if not isinstance(data, dict) or not isinstance(data.get("name"), str) or not isinstance(data.get("path"), str):
+            if not isinstance(data, dict) or not all(isinstance(data.get(key), str) for key in ("name", "path")):
                 raise ValueError(f"--lora-modules {text!r}: the JSON form needs string `name` and `path`")
             return cls(data["name"], data["path"], data.get("base_model_name"))
         name, eq, path = text.partition("=")

@@ -178,7 +178,8 @@ def test_lora_layer_equals_the_per_row_definition(monkeypatch):
                 expected[row, cols] += (x[row] @ a.T @ b.T) * scaling
     span_groups = (LoRAGroup(0, slice(2, 4), slice(0, 2)), LoRAGroup(2, slice(4, 5), slice(2, 3)),
                    LoRAGroup(1, slice(5, 7), slice(3, 5)))
-    scattered = (LoRAGroup(0, torch.tensor([2, 3])), LoRAGroup(2, torch.tensor([4])), LoRAGroup(1, torch.tensor([5, 6])))
+    scattered = (LoRAGroup(0, torch.tensor([2, 3])), LoRAGroup(2, torch.tensor([4])),
+                 LoRAGroup(1, torch.tensor([5, 6])))
     for groups, span, small_span in ((span_groups, (2, 7), 16), (span_groups, (2, 7), 0), (scattered, None, 16),
                                      (span_groups, None, 16)):
         monkeypatch.setattr(layers, "SMALL_SPAN", small_span)  # every slot at once, or one shrink per group

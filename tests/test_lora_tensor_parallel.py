@@ -27,8 +27,8 @@ def test_tp2_mixed_adapters_equal_peft(tiny_llama, tmp_path):
               max_loras=2, max_lora_rank=8, max_model_len=64, block_size=4)
     try:
         with pytest.raises(ValueError, match="LoRA adapter 'missing'.*no such folder"):
-            llm.generate(["Hi"], SamplingParams(max_tokens=1), lora_request=LoRARequest("missing", 9, str(tmp_path / "x")),
-                         use_tqdm=False)
+            missing = LoRARequest("missing", 9, str(tmp_path / "x"))
+            llm.generate(["Hi"], SamplingParams(max_tokens=1), lora_request=missing, use_tqdm=False)
         params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params,
                             lora_request=[None if n is None else requests[n] for n in names], use_tqdm=False)

@@ -4,7 +4,9 @@ It joins the torch.distributed world, loads its shard through the ordinary InPro
 group and the pipeline stage: its layers, its KV cache), then serves the driver's requests over its pipe:
 ("execute", SchedulerOutput) runs the forward on every rank at once, stages handing hidden states on (the output
 rank, the last stage's tp-rank 0, returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
-every rank, ("add_lora", LoRARequest) / ("remove_lora", id) load or drop an adapter on every rank, ("shutdown", None) leaves. Importable by module path, so spawning never needs the user's __main__."""
+every rank, ("add_lora", LoRARequest) / ("remove_lora", id) load or drop a LoRA adapter on every rank (a bad adapter
+is a reply, not a dead worker), ("shutdown", None) leaves. Importable by module path, so spawning never needs the
+user's __main__."""
 from __future__ import annotations
 
 import dataclasses
