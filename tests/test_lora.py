@@ -89,6 +89,10 @@ def test_same_prompt_under_two_adapters_never_shares_cached_blocks(setup, oracle
     assert hits[0] == 0 and hits[1] == 0, "another adapter's K/V must not be hit"
     assert hits[2] >= 16, "the same adapter again hits its own blocks"
     assert hits[3] == hits[2], "the base model hits no adapter's blocks"
+    # chat takes lora_request too
+    out = llm.chat([{"role": "user", "content": "Hello"}], GREEDY, lora_request=requests["qv"], use_tqdm=False)[0]
+    theirs, logits = hf_greedy(oracles["qv"], out.prompt_token_ids, MAX_NEW, ignore_eos=True)
+    assert_greedy_match(out.outputs[0].token_ids, theirs, logits)
 
 
 def _copy_adapter(source, target, edit_config=None, edit_weights=None):
