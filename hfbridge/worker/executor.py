@@ -93,13 +93,16 @@ class InProcessExecutor:
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
+        shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
+        sampler.build_kernels(device)
+        if hasattr(backend, "build_kernels"):
+            backend.build_kernels(shapes, device)
         if not config.model_config.enforce_eager:
             # Started last, once the model is loaded, probed and has its cache: compile threads hold the GIL for
             # seconds at a time, and every step until ready would wait on them.
             if hasattr(model, "compile_regions"):  # the native decoders
                 model.compile_regions(background=True)
             if hasattr(backend, "enable_compiled_decode"):
-                shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
                 if shapes:
                     backend.enable_compiled_decode(shapes, device)
         runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler)
