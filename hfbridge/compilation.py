@@ -135,7 +135,10 @@ class BackgroundCompile:
             logger.info("Abandoned the compile of %s: the process is exiting", self.what)
         except Exception as exc:  # noqa: BLE001 - a failed compile leaves the code eager, never broken
             self.error = exc
-            if threading.main_thread().is_alive() and not self.stopping.is_set():
+            # Inductor's thread pools refuse to start once the interpreter shuts down ("can't register atexit
+            # after shutdown"), which can come before our own exit hook has said to stop: not a failure.
+            exiting = isinstance(exc, RuntimeError) and "shutdown" in str(exc)
+            if threading.main_thread().is_alive() and not self.stopping.is_set() and not exiting:
                 logger.warning("torch.compile of %s failed; it runs eagerly: %s", self.what, exc)
         finally:
             sys.setprofile(None)

@@ -96,7 +96,7 @@ def _build(source: Path, defines: tuple[str, ...]) -> Path:
     key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, version,
                                     _target_macros(compiler, march)]).encode())
     key = key.hexdigest()[:16]
-    tag = "".join(d.rsplit("=", 1)[-1] for d in defines)
+    tag = "_".join(d.removeprefix("-D").rsplit("=", 1)[-1] for d in defines)  # "64_KV_BF16"
     path = cache_root() / "kernels" / f"{source.stem}{'_' + tag if tag else ''}_{key}.so"
     if path.exists():
         return path

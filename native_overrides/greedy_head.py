@@ -34,10 +34,10 @@ class GreedyHead:
 
     @classmethod
     def build(cls, weight: torch.Tensor, packed: torch.Tensor | None) -> GreedyHead | None:
-        """None where the screen does not apply: no packed head, no AVX512-BF16 build, an odd hidden size, or a
+        """None where the screen does not apply: no float32 packed head, no AVX512-BF16 build, an odd hidden size, or a
         weight with a value that is not finite in float32 or in bfloat16."""
         lib = _library()
-        if packed is None or lib is None or weight.shape[1] % 2:
+        if packed is None or packed.dtype != torch.float32 or lib is None or weight.shape[1] % 2:
             return None
         bf16_weight = weight.detach().to(torch.bfloat16)  # rounded to nearest even, as the kernel rounds x
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bf16_weight).all())):
