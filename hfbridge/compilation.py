@@ -47,6 +47,12 @@ class CompileAbandoned(BaseException):
     `except Exception` handlers let it through."""
 
 
+# Inductor options of every hfbridge graph. Inductor keeps a fused kernel's intermediates of a 16-bit model in
+# float32; rounding them where eager torch rounds keeps the compiled tokens those of eager code (and of
+# Transformers) in bfloat16, as they are in float32.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 class BackgroundCompile:
     def __init__(self, what: str, warm_up: Callable[[], None]):
         """warm_up: calls the compiled functions; between calls it asks `should_stop()`."""
