@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from hfbridge.compilation import BackgroundCompile
+from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile
 
 
 def paged_decode_attention(
@@ -60,7 +60,7 @@ class CompiledDecode(BackgroundCompile):
             num_heads, num_kv_heads, head_dim = heads
             self.fns[heads] = torch.compile(functools.partial(
                 paged_decode_attention, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim),
-                dynamic=True)
+                dynamic=True, options=COMPILE_OPTIONS)
         return self.fns[heads](query, kv_cache, slots, lens, scaling)
 
     def serves(self, layer) -> bool:

@@ -119,6 +119,12 @@ class TorchReferenceBackend:
     name = "torch"
     compiled_decode: CompiledDecode | None = None  # see enable_compiled_decode
 
+    def build_kernels(self, head_shapes: list[tuple[int, int, int, torch.dtype]], device: torch.device) -> None:
+        """Builds (or loads) the C kernels for these head shapes now, before the server says ready, not on the
+        first request."""
+        for _, _, head_dim, dtype in head_shapes:
+            cpu_kernels.available(device, dtype, head_dim)
+
     def enable_compiled_decode(self, head_shapes: list[tuple[int, int, int, torch.dtype]], device: torch.device,
                                background: bool = True) -> CompiledDecode | None:
         """Decode steps of plain attention layers read the paged cache in place once compiled (paged_decode.py).

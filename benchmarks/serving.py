@@ -102,26 +102,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_command(engine: str, model: str | None, port: int, extra: list[str]) -> tuple[list[str], dict, str]:
+def server_command(engine: str, model: str | None, port: int, extra: list[str],
+                   dtype: str = "float32") -> tuple[list[str], dict, str]:
     """argv, environment and readiness route of the server to start: `hfbridge serve` or `vllm serve`."""
     if engine == "vllm":
         from peer_vllm import vllm_cli_command, vllm_env
 
         if model is None:
             raise SystemExit("--engine vllm needs --model FOLDER (e.g. hfbridge's cached default model)")
-        argv = [*vllm_cli_command(sys.executable), "serve", model, "--dtype", "float32", "--port", str(port),
+        argv = [*vllm_cli_command(sys.executable), "serve", model, "--dtype", dtype, "--port", str(port),
                 "--host", "127.0.0.1", *extra]
         return argv, vllm_env(), "/health"
     argv = [sys.executable, "-m", "hfbridge", "serve", *([model] if model else []), "--port", str(port),
-            "--log-level", "warning", *extra]
+            "--dtype", dtype, "--log-level", "warning", *extra]
     return argv, {**os.environ, "TOKENIZERS_PARALLELISM": "false"}, "/ready"
 
 
 def start_server(model: str | None, extra: list[str], engine: str = "hfbridge",
-                 timeout_s: float = 900) -> tuple[subprocess.Popen, str, float]:
+                 timeout_s: float = 900, dtype: str = "float32") -> tuple[subprocess.Popen, str, float]:
     """Start the server; return it, its URL and the seconds from process start to the first 200 on ready_route."""
     port = free_port()
-    argv, env, ready_route = server_command(engine, model, port, extra)
+    argv, env, ready_route = server_command(engine, model, port, extra, dtype)
     started = time.perf_counter()
     process = subprocess.Popen(argv, env=env, start_new_session=True)  # its own group: stop_server ends it all
     url = f"http://127.0.0.1:{port}"
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="vllm-bench client: tokenizer folder [default: --model]")
     parser.add_argument("--api-key", default=os.environ.get("HFBRIDGE_API_KEY"))
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--dtype", default="float32", help="the started server's --dtype (both engines)")
     args, server_args = parser.parse_known_args()
     if args.client == "vllm-bench" and not args.vllm_python:
         parser.error("--client vllm-bench needs --vllm-python (a Python with vLLM) or $VLLM_PYTHON")
@@ -226,7 +228,7 @@ def main() -> None:
     url = args.url
     compile_s = None
     if url is None:
-        process, url, ready_s = start_server(args.model, server_args, args.engine)
+        process, url, ready_s = start_server(args.model, server_args, args.engine, dtype=args.dtype)
     try:
         if args.engine == "hfbridge":
             compile_s = wait_until_compiled(url, args.api_key)

@@ -47,6 +47,12 @@ class CompileAbandoned(BaseException):
     `except Exception` handlers let it through."""
 
 
+# Inductor options of every hfbridge graph. Inductor keeps a fused kernel's intermediates of a 16-bit model in
+# float32; rounding them where eager torch rounds keeps the compiled tokens those of eager code (and of
+# Transformers) in bfloat16, as they are in float32.
+COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
 class BackgroundCompile:
     def __init__(self, what: str, warm_up: Callable[[], None]):
         """warm_up: calls the compiled functions; between calls it asks `should_stop()`."""
@@ -135,7 +141,10 @@ class BackgroundCompile:
             logger.info("Abandoned the compile of %s: the process is exiting", self.what)
         except Exception as exc:  # noqa: BLE001 - a failed compile leaves the code eager, never broken
             self.error = exc
-            if threading.main_thread().is_alive() and not self.stopping.is_set():
+            # Inductor's thread pools refuse to start once the interpreter shuts down ("can't register atexit
+            # after shutdown"), which can come before our own exit hook has said to stop: not a failure.
+            exiting = isinstance(exc, RuntimeError) and "shutdown" in str(exc)
+            if threading.main_thread().is_alive() and not self.stopping.is_set() and not exiting:
                 logger.warning("torch.compile of %s failed; it runs eagerly: %s", self.what, exc)
         finally:
             sys.setprofile(None)

@@ -1,9 +1,10 @@
 """Hand-written C kernels (csrc/: paged decode attention, the projections' GEMM), built with the system C compiler
 on first use and loaded with ctypes, which lets go of the GIL while a kernel runs.
 
-A build lands in $HFBRIDGE_CACHE_DIR/kernels under a key of the sources, the command and the compiler's version,
-and the CPU (-march=native): later processes load it in milliseconds, another machine sharing the folder builds its
-own. It is built aside and renamed into place, so processes that race (ranks) each get a whole file. With no C
+A build lands in $HFBRIDGE_CACHE_DIR/kernels under a key of the sources, the command, the compiler's version and
+the macros its -march defines (the instruction sets it targets, on every architecture): later processes load it in
+milliseconds, another machine sharing the folder builds its own. $HFBRIDGE_KERNEL_MARCH (default "native") picks
+another target, e.g. x86-64-v3 for an AVX2-level build. It is built aside and renamed into place, so processes that race (ranks) each get a whole file. With no C
 compiler, or one that fails, `load_library` returns None (logged once per source) and callers run their torch code.
 Kernels run on the OpenMP runtime torch already loaded (libgomp.so.1 is mapped once), at the thread count given."""
 from __future__ import annotations
@@ -13,7 +14,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -25,7 +25,7 @@ from hfbridge.paths import cache_root
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")  # the .c files and the header they share
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", f"-I{CSRC}")
 
 
 @functools.cache
@@ -89,12 +89,14 @@ def _build(source: Path, defines: tuple[str, ...]) -> Path:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler found (set CC or install gcc)")
-    command = [compiler, *FLAGS, *defines]
+    march = f"-march={os.environ.get('HFBRIDGE_KERNEL_MARCH') or 'native'}"
+    command = [compiler, march, *FLAGS, *defines]
     version = _compiler_version(compiler)
     headers = [h.read_text() for h in sorted(CSRC.glob("*.h"))]
-    key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, version, _cpu_id()]).encode())
+    key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, version,
+                                    _target_macros(compiler, march)]).encode())
     key = key.hexdigest()[:16]
-    tag = "".join(d.rsplit("=", 1)[-1] for d in defines)
+    tag = "_".join(d.removeprefix("-D").rsplit("=", 1)[-1] for d in defines)  # "64_KV_BF16"
     path = cache_root() / "kernels" / f"{source.stem}{'_' + tag if tag else ''}_{key}.so"
     if path.exists():
         return path
@@ -117,10 +119,12 @@ def _compiler_version(compiler: str) -> str:
     return subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
 
 
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))
-    except OSError:
-        return platform.machine() + platform.processor()
+@functools.cache
+def _target_macros(compiler: str, march: str) -> str:
+    """What the build targets: the macros the compiler predefines for `march` (__AVX512BF16__, __ARM_FEATURE_SVE,
+    ...), which name the instruction sets on every architecture (arm64's /proc/cpuinfo has no flags line)."""
+    result = subprocess.run([compiler, march, "-dM", "-E", "-x", "c", os.devnull], capture_output=True, text=True,
+                            timeout=60)
+    if result.returncode != 0:
+        raise OSError(f"{compiler} {march} failed: {result.stderr.strip()[-2000:]}")
+    return "".join(sorted(result.stdout.splitlines(keepends=True)))

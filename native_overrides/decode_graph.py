@@ -25,7 +25,7 @@ from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.forward_context import get_forward_context
 from hfbridge.attention_backends.paged_decode import paged_decode_attention
 from hfbridge.attention_backends.torch_backend import padded_slots, write_kv
-from hfbridge.compilation import BackgroundCompile, graph_op
+from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, graph_op
 
 
 # kv_cache [2, N, bs, Hkv, D] written in place at slot_mapping [T] with key / value [T, Hkv, D].
@@ -93,7 +93,7 @@ class DecodeGraph(BackgroundCompile):
     def _warm_up(self) -> None:
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
         # time would be assumed equal forever, "duck sizing"), the cache too: 29 blocks of 13 slots.
-        self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True)
+        self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
         weight, attn = self.model.embed_tokens.weight, self.model.layers[0].self_attn
         shape = (2, 29, 13, attn.num_kv_heads, attn.head_dim)
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)

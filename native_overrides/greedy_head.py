@@ -28,17 +28,16 @@ class GreedyHead:
         # layout (lay_out, zero columns past V) with each k pair's two weights side by side
         panels = lay_out(bf16_weight, columns).view(num_panels, in_features // 2, 2, columns)
         self.bf16_panels = panels.transpose(2, 3).contiguous()
-        # ||W[v]||, rounded up so that the bound stays a bound
-        self.norms = (weight.detach().double().norm(dim=1) * (1 + 2**-20)).float().contiguous()
+        self.norms = _row_norms(weight.detach())
         self.lib, self.packed, self.vocab = lib, packed, weight.shape[0]
         self.screen = torch.empty(0)
 
     @classmethod
     def build(cls, weight: torch.Tensor, packed: torch.Tensor | None) -> GreedyHead | None:
-        """None where the screen does not apply: no packed head, no AVX512-BF16 build, an odd hidden size, or a
+        """None where the screen does not apply: no float32 packed head, no AVX512-BF16 build, an odd hidden size, or a
         weight with a value that is not finite in float32 or in bfloat16."""
         lib = _library()
-        if packed is None or lib is None or weight.shape[1] % 2:
+        if packed is None or packed.dtype != torch.float32 or lib is None or weight.shape[1] % 2:
             return None
         bf16_weight = weight.detach().to(torch.bfloat16)  # rounded to nearest even, as the kernel rounds x
         if not (bool(torch.isfinite(weight).all()) and bool(torch.isfinite(bf16_weight).all())):
@@ -59,6 +58,16 @@ class GreedyHead:
                              self.packed.data_ptr(), self.norms.data_ptr(), self.vocab, self.screen.data_ptr(),
                              tokens.data_ptr(), torch.get_num_threads())
         return tokens
+
+
+def _row_norms(weight: torch.Tensor, chunk_rows: int = 4096) -> torch.Tensor:
+    """||W[v]|| for W [V, K], summed in float64 and rounded up so that the bound stays a bound; a chunk of rows at a
+    time, so a large head never has a float64 copy of itself (a 128k x 4096 head would take 4 GB)."""
+    norms = torch.empty(weight.shape[0], dtype=torch.float32)
+    for start in range(0, weight.shape[0], chunk_rows):
+        rows = weight[start : start + chunk_rows].double()
+        norms[start : start + chunk_rows] = rows.norm(dim=1) * (1 + 2**-20)
+    return norms
 
 
 @functools.cache

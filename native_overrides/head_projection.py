@@ -1,7 +1,7 @@
 """The LM head: the one projection as wide as the vocabulary ([V, H], e.g. 49152 x 576), run for every sampled
-row of every step. On the CPU in float32 it runs on a packed copy of its weight (packed_linear.py: about twice as
+row of every step. On the CPU in float32 and bfloat16 it runs on a packed copy of its weight (packed_linear.py: about twice as
 fast as F.linear for one row); results equal F.linear's up to float32 summation order.
-Anything else (GPU, half precision, no C compiler) calls F.linear. `greedy` gives the argmax tokens alone, through
+Anything else (GPU, float16, no C compiler) calls F.linear. `greedy` gives the argmax tokens alone, through
 greedy_head.py's screen where it applies."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class HeadProjection:
         return weight is self.weight and weight._version == self.version
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and hidden.dtype == torch.float32 and hidden.shape[0] > 0:
+        if self.packed is not None and hidden.dtype == self.packed.dtype and hidden.shape[0] > 0:
             return packed_linear(hidden, self.weight, self.packed, None)
         return F.linear(hidden, self.weight)
 

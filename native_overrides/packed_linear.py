@@ -1,4 +1,5 @@
-"""Linear projections on a copy of the weight laid out for hfbridge/csrc/panel_gemm.c, for CPU float32: vLLM-CPU's
+"""Linear projections on a copy of the weight laid out for hfbridge/csrc/panel_gemm.c, for CPU float32 and bfloat16
+weights (bfloat16 panels are widened to float32 as they are read: half the bytes, float32 arithmetic): vLLM-CPU's
 prepacked-weight idea (`onednn_mm`) with a kernel of our own. The weight [out, in] is laid out once, in panels of
 C output columns ([ceil(out / C), in, C], zero-padded; C is two of the machine's vectors: 32 floats with AVX-512,
 16 with AVX2), and every call, from one token to a 2048-token prefill, runs the one C kernel on it.
@@ -13,7 +14,7 @@ over `in` per element), where oneDNN picks its algorithm by row count.
 The call is a torch custom op, so compiled regions keep it as one opaque kernel. The panel copy is a cache of the
 weight, never a parameter: the checkpoint names, `state_dict` and `apply_model` see the plain weight, and
 `WeightPacks.refresh` lays it out again when any weight was changed in place. Memory: one more copy of each
-weight. Anything else (GPU, half precision, no C compiler) calls F.linear.
+weight. Anything else (GPU, float16, no C compiler) calls F.linear.
 """
 from __future__ import annotations
 
@@ -35,8 +36,12 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     return lay_out(weight, _panel_gemm().panel_columns())
 
 
+# The weight dtypes the kernel reads: float32, and bfloat16 (widened to float32 as it is read, at half the bytes)
+PANEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
 def _packs(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2 and (
+    return weight.device.type == "cpu" and weight.dtype in PANEL_DTYPES and weight.dim() == 2 and (
         _panel_gemm() is not None)
 
 
@@ -87,29 +92,38 @@ packed_silu_mul = graph_op(
 def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
                    out_features: int, silu_mul: bool = False) -> torch.Tensor:
     """x [T, in] -> [T, out_features] through `lib`'s panel_gemm (or panel_gemm_silu_mul), on panels laid out for
-    it. Shapes and dtypes are checked here: the kernel would read out of bounds instead."""
+    it, in x's dtype. Bfloat16 panels take bfloat16 x: the kernel computes in float32 (x and the weights widened
+    exactly) and the result is rounded to bfloat16 once, as torch's bfloat16 matmul does. Shapes and dtypes are
+    checked here: the kernel would read out of bounds instead."""
     check_panel_inputs(x, packed, bias, out_features)
-    x, out = x.contiguous(), x.new_empty(x.shape[0], out_features)
+    dtype = x.dtype
+    x = x.float().contiguous()
+    out = x.new_empty(x.shape[0], out_features)
     if x.shape[0] > 0:
-        bias = None if bias is None else bias.contiguous()
-        gemm = lib.panel_gemm_silu_mul if silu_mul else lib.panel_gemm
+        bias = None if bias is None else bias.float().contiguous()
+        if packed.dtype == torch.bfloat16:
+            gemm = lib.panel_gemm_silu_mul_bf16 if silu_mul else lib.panel_gemm_bf16
+        else:
+            gemm = lib.panel_gemm_silu_mul if silu_mul else lib.panel_gemm
         gemm(x.data_ptr(), packed.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr(), x.shape[0],
              out_features, x.shape[1], torch.get_num_threads())
-    return out
+    return out.to(dtype)
 
 
 def check_panel_inputs(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> None:
-    """x [T, in] float32 on CPU, panels [P, in, C] float32 holding at least out_features columns, bias [out]."""
-    if x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu":
-        raise ValueError(f"panel_gemm takes x [T, in] float32 on CPU, got {tuple(x.shape)} {x.dtype} on {x.device}")
-    if packed.dim() != 3 or packed.dtype != torch.float32 or packed.shape[1] != x.shape[1]:
+    """x [T, in] on CPU, panels [P, in, C] of x's dtype (float32 or bfloat16) holding at least out_features
+    columns, bias [out]."""
+    if x.dim() != 2 or x.dtype not in PANEL_DTYPES or x.device.type != "cpu":
+        raise ValueError(f"panel_gemm takes x [T, in] float32 or bfloat16 on CPU, got {tuple(x.shape)} {x.dtype} on "
+                         f"{x.device}")
+    if packed.dim() != 3 or packed.dtype != x.dtype or packed.shape[1] != x.shape[1]:
         raise ValueError(f"panel_gemm's panels {tuple(packed.shape)} {packed.dtype} do not match x's width "
-                         f"{x.shape[1]} (panels [P, in, C] float32)")
+                         f"{x.shape[1]} and dtype {x.dtype} (panels [P, in, C] of x's dtype)")
     if not 0 <= out_features <= packed.shape[0] * packed.shape[2]:
         raise ValueError(f"out_features={out_features} exceeds the panels' {packed.shape[0] * packed.shape[2]} columns")
-    if bias is not None and (bias.dtype != torch.float32 or bias.numel() < out_features):
-        raise ValueError(f"panel_gemm's bias must be float32 with {out_features} values, got {tuple(bias.shape)} "
-                         f"{bias.dtype}")
+    if bias is not None and (bias.dtype not in PANEL_DTYPES or bias.numel() < out_features):
+        raise ValueError(f"panel_gemm's bias must be float32 or bfloat16 with {out_features} values, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
 
 
 @functools.cache
@@ -118,7 +132,8 @@ def _panel_gemm(vector_bytes: int | None = None) -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     gemm = ([ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_int], None)
     return declare(load_library("panel_gemm.c", vector_bytes=vector_bytes),
-                   {"panel_gemm": gemm, "panel_gemm_silu_mul": gemm, "panel_columns": ([], ctypes.c_int)})
+                   {"panel_gemm": gemm, "panel_gemm_silu_mul": gemm, "panel_gemm_bf16": gemm,
+                    "panel_gemm_silu_mul_bf16": gemm, "panel_columns": ([], ctypes.c_int)})
 
 
 class PackedLinear(nn.Linear):
@@ -132,7 +147,7 @@ class PackedLinear(nn.Linear):
         self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != torch.float32:
+        if self.packed is None or x.dtype != self.packed.dtype:
             out = F.linear(x, self.weight, self.bias)
         else:
             out = packed_linear(x, self.weight, self.packed, self.bias)
@@ -158,14 +173,14 @@ class GateUpLinear(PackedLinear):
         if self.lora is not None and self.lora.is_active:  # adapters add to gate_up before the activation
             gate, up = self.lora(x, self._gate_up(x)).chunk(2, dim=-1)
             return F.silu(gate) * up
-        if self.packed is None or x.dtype != torch.float32:
+        if self.packed is None or x.dtype != self.packed.dtype:
             gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
             return F.silu(gate) * up
         return packed_silu_mul(x, self.weight, self.packed, self.packed_bias)
 
     def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> gate_up [T, 2n] before the activation: the panels' interleaved columns put back in order."""
-        if self.packed is None or x.dtype != torch.float32:
+        if self.packed is None or x.dtype != self.packed.dtype:
             return F.linear(x, self.weight, self.bias)
         num_panels, _, columns = self.packed.shape
         out = run_panel_gemm(_panel_gemm(), x, self.packed, self.packed_bias, num_panels * columns)

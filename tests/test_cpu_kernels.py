@@ -50,18 +50,21 @@ def test_matches_definition(num_heads, num_kv_heads, head_dim, block_size, seq_l
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("vector_bytes", [16, 32, 64])
 @pytest.mark.parametrize("num_heads, num_kv_heads, head_dim, seq_lens", [(9, 3, 64, [1, 5, 16, 17, 40, 200]),
                                                                          (4, 4, 128, [2, 29, 64])])
-def test_every_vector_width_matches_definition(vector_bytes, num_heads, num_kv_heads, head_dim, seq_lens):
+def test_every_vector_width_matches_definition(vector_bytes, num_heads, num_kv_heads, head_dim, seq_lens,
+                                               cache_dtype):
     """The kernels as built for 4-, 8- and 16-float vectors (SSE / NEON, AVX2, AVX-512), whatever this machine's
-    own width is: keys come in groups of 4, 8 or 16 and their dot products are reduced together (simd.h)."""
+    own width is: keys come in groups of 4, 8 or 16 and their dot products are reduced together (simd.h). A
+    bfloat16 cache is widened exactly as it is read: the float32 tolerance holds against its values."""
     g = torch.Generator().manual_seed(vector_bytes)
-    lib = cpu_kernels._library(head_dim, vector_bytes)
+    lib = cpu_kernels._library(head_dim, vector_bytes, cache_dtype)
     assert lib is not None, f"paged_decode_cpu.c did not build for {vector_bytes}-byte vectors"
     width, block_size = max(-(-n // 16) for n in seq_lens), 16
     num_blocks = len(seq_lens) * width + 2
-    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g)
+    kv_cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(cache_dtype)
     block_tables = torch.randperm(num_blocks, generator=g)[: len(seq_lens) * width].view(len(seq_lens), width)
     block_tables, lens = block_tables.to(torch.int32), torch.tensor(seq_lens, dtype=torch.int32)
     query = torch.randn(len(seq_lens), num_heads, head_dim, generator=g)
@@ -124,7 +127,9 @@ def test_which_layers_it_serves():
     assert cpu_kernels.serves(plain, torch.zeros(1, 1, 64), cache)
     assert not cpu_kernels.serves(LayerOptions(layer_idx=0, scaling=0.125, sliding_window=8), cache[0, 0], cache)
     assert not cpu_kernels.serves(LayerOptions(layer_idx=0, scaling=0.125, softcap=30.0), cache[0, 0], cache)
-    assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 64, dtype=torch.bfloat16), cache.bfloat16())
+    assert cpu_kernels.serves(plain, torch.zeros(1, 1, 64, dtype=torch.bfloat16), cache.bfloat16())
+    assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 64, dtype=torch.float16), cache.half())
+    assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 64), cache.bfloat16())  # one dtype for both
     assert not cpu_kernels.serves(plain, torch.zeros(1, 1, 72), torch.zeros(2, 1, 16, 1, 72))  # not 16k
 
 
@@ -156,6 +161,34 @@ def test_write_kv_matches_index_copy():
     expected[1].view(-1, 2, 32).index_copy_(0, slots[keep], value[keep])
     assert cpu_kernels.write_kv_cpu(cache, key, value, slots)
     torch.testing.assert_close(cache, expected, rtol=0, atol=0)
+
+
+def test_bfloat16_model_path_rounds_once():
+    """A bfloat16 query over a bfloat16 cache (a bfloat16 model's decode step): the float32 result of the widened
+    values, rounded to bfloat16 once."""
+    g = torch.Generator().manual_seed(6)
+    kv_cache = torch.randn(2, 20, 16, 3, 64, generator=g).bfloat16()
+    block_tables = torch.randperm(20, generator=g)[:18].view(3, 6).to(torch.int32)
+    lens = torch.tensor([90, 1, 33], dtype=torch.int32)
+    query = torch.randn(3, 9, 64, generator=g).bfloat16()
+    got = cpu_kernels.paged_decode_cpu(query, kv_cache, block_tables, lens, 0.125)
+    assert got.dtype == torch.bfloat16
+    want = reference(query, kv_cache, block_tables, lens, 0.125)
+    torch.testing.assert_close(got.double(), want, rtol=2**-8, atol=1e-5)
+
+
+def test_write_kv_bfloat16_rows_land_where_index_copy_puts_them():
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(4, 4 * 32 + 2 * 2 * 32, generator=g).bfloat16()
+    key, value = qkv[:, 128:192].view(4, 2, 32), qkv[:, 192:].view(4, 2, 32)
+    slots = torch.tensor([5, -1, 0, 17])
+    cache = torch.randn(2, 3, 8, 2, 32, generator=g).bfloat16()
+    expected = cache.clone()
+    keep = slots >= 0
+    expected[0].view(-1, 2, 32).index_copy_(0, slots[keep], key[keep])
+    expected[1].view(-1, 2, 32).index_copy_(0, slots[keep], value[keep])
+    assert cpu_kernels.write_kv_cpu(cache, key, value, slots)
+    assert torch.equal(cache, expected)
 
 
 def test_write_kv_refuses_a_slot_past_the_cache():

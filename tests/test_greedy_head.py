@@ -160,3 +160,14 @@ def test_mismatched_hidden_states_are_refused_and_the_default_dtype_does_not_mat
     finally:
         torch.set_default_dtype(previous)
     assert torch.equal(tokens, float64_argmax(hidden, weight))
+
+
+def test_row_norms_bound_the_exact_norms_across_chunk_edges():
+    """Each row's float32 norm is at least the exact one (the screen's bound relies on it) and within 2^-19 of it,
+    for rows on both sides of the chunk boundaries."""
+    weight = torch.randn(9001, 37, generator=torch.Generator().manual_seed(8)) * 3
+    exact = torch.linalg.vector_norm(weight.double(), dim=1)
+    norms = greedy_head._row_norms(weight)
+    assert norms.dtype == torch.float32 and norms.shape == (9001,)
+    assert bool((norms.double() >= exact).all())
+    assert bool((norms.double() <= exact * (1 + 2**-19)).all())

@@ -147,6 +147,40 @@ def test_gguf_file_loads_through_transformers_reader():
         assert "Paris" in out.text
 
 
+def _gguf_with_architecture(path, architecture: str):
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), architecture)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "architecture"])
+def test_a_bad_gguf_is_refused_naming_the_file(tmp_path, damage):
+    """Before any weight is read, an error that names the file and what is wrong (the reader's own errors were
+    numpy reshapes and 'not a valid JSON file')."""
+    path = tmp_path / f"{damage}.gguf"
+    if damage == "truncated":
+        with open(smollm2_gguf(), "rb") as f:
+            path.write_bytes(f.read(4_000_000))
+        message = "truncated or corrupt"
+    elif damage == "garbage":
+        path.write_bytes(b"GGUF" + bytes([3, 0, 0, 0]) + b"\xff" * 1000)
+        message = "truncated or corrupt"
+    else:
+        _gguf_with_architecture(path, "nosucharch")
+        message = "architecture nosucharch is not supported"
+    with pytest.raises(ValueError, match=message) as error:
+        LLM(model=str(path), max_model_len=64)
+    assert str(path) in str(error.value)
+
+
 def test_models_built_in_parallel_threads_both_load(tiny_llama, monkeypatch):
     """Building on meta patches torch.nn.Module process-wide; concurrent builds must not leak the patch."""
     import threading

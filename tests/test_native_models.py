@@ -94,6 +94,35 @@ def test_sharded_safetensors_load_natively(tmp_path):
     assert names == {"native": "Qwen2ForCausalLM"}
 
 
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Qwen3ForCausalLM"])
+def test_bfloat16_native_equals_transformers_bfloat16(tmp_path, arch):
+    """A bfloat16 model on the bfloat16 C kernels (projections on bfloat16 panels, decode attention over a
+    bfloat16 cache) against Transformers' own bfloat16 generate(). Both round to bfloat16, in different places
+    (the kernels sum in float32 and round once): a difference is allowed only where Transformers' top two logits
+    are within bfloat16's rounding of each other, after which the continuations part."""
+    from hfbridge.attention_backends import cpu_kernels
+
+    model = build(arch, seed=1).to(torch.bfloat16)
+    folder = save_model(model, tmp_path / "model")
+    llm = LLM(model=str(folder), model_impl="native", dtype="bfloat16", block_size=4, max_model_len=128)
+    packed = llm.apply_model(lambda m: [lin.packed.dtype for lin in m.modules() if hasattr(lin, "packed")])[0]
+    assert packed and set(packed) == {torch.bfloat16}, "the bfloat16 panels are the path under test"
+    assert cpu_kernels.available(torch.device("cpu"), torch.bfloat16, model.config.head_dim)
+    batch = prompts()
+    outs = llm.generate([{"prompt_token_ids": p} for p in batch],
+                        SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True), use_tqdm=False)
+    for prompt, out in zip(batch, outs):
+        theirs, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
+        ours = out.outputs[0].token_ids
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if a != b:
+                step = logits[i].float()
+                assert step[b] - step[a] <= 2**-7 * step.abs().max(), (i, ours, theirs)
+                break
+        else:
+            assert len(ours) == len(theirs)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rope", ["default", "yarn"])
 def test_rotary_equals_transformers_bit_for_bit(dtype, rope):

@@ -159,6 +159,7 @@ def test_gate_up_with_silu_mul_at_every_vector_width(vector_bytes):
     (torch.randn(4, 16), 40, "do not match x's width"),
     (torch.randn(24), 40, r"x \[T, in\]"),
     (torch.randn(4, 24), 10_000, "exceeds"),
+    (torch.randn(4, 24).bfloat16(), 40, "dtype torch.bfloat16"),  # float32 panels
 ])
 def test_kernel_inputs_that_do_not_fit_the_panels_are_refused(x, out_features, message):
     lib = packed_linear._panel_gemm()
@@ -166,3 +167,38 @@ def test_kernel_inputs_that_do_not_fit_the_panels_are_refused(x, out_features, m
     packed = packed_linear.pack_weight(torch.randn(40, 24))
     with pytest.raises(ValueError, match=message):
         packed_linear.run_panel_gemm(lib, x, packed, None, out_features)
+
+
+@pytest.mark.parametrize("vector_bytes", [None, 16, 32, 64])
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_bfloat16_panels_match_the_definition(vector_bytes, silu_mul):
+    """Bfloat16 weights and activations (a bfloat16 model): the definition in float64 on the same bfloat16 values,
+    within one bfloat16 rounding of the result, at 1, 7, 64 and 2048 rows and odd sizes; the build for this machine
+    (None) and for every vector width."""
+    lib = packed_linear._panel_gemm(vector_bytes)
+    assert lib is not None, "panel_gemm.c did not build"
+    lanes = lib.panel_columns() // 2
+    torch.manual_seed(11)
+    cls = GateUpLinear if silu_mul else PackedLinear
+    layer = cls(333, 2 * 289 if silu_mul else 577, bias=True).bfloat16()
+    if silu_mul:
+        packed = packed_linear.lay_out(packed_linear.interleave_gate_up(layer.weight, lanes), 2 * lanes)
+        bias = packed_linear.interleave_gate_up(layer.bias, lanes)
+    else:
+        packed, bias = packed_linear.lay_out(layer.weight, 2 * lanes), layer.bias.detach()
+    assert packed.dtype == torch.bfloat16
+    for tokens in (1, 7, 64, 2048):
+        x = torch.randn(tokens, 333).bfloat16()
+        out_features = layer.out_features // 2 if silu_mul else layer.out_features
+        got = packed_linear.run_panel_gemm(lib, x, packed, bias, out_features, silu_mul=silu_mul)
+        want = _silu_mul_reference(layer, x) if silu_mul else _reference(layer, x)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.double(), want.double(), rtol=2**-8, atol=1e-3)
+
+
+def test_bfloat16_layer_packs_and_runs_the_kernel():
+    layer = PackedLinear(64, 40, bias=False).bfloat16()
+    WeightPacks(layer).refresh()
+    assert layer.packed is not None and layer.packed.dtype == torch.bfloat16
+    x = torch.randn(3, 64).bfloat16()
+    torch.testing.assert_close(layer(x).double(), _reference(layer, x).double(), rtol=2**-8, atol=1e-3)

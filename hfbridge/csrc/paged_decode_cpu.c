@@ -1,4 +1,4 @@
-/* Decode attention over the paged KV cache on CPU, float32: one call per layer (paged_attention: one pass over each
+/* Decode attention over the paged KV cache on CPU, float32 or bfloat16 caches: one call per layer (paged_attention: one pass over each
  * request's context, scores, softmax and the weighted sum of V together), and the write of new K/V rows (one C call
  * where index_copy_ takes several torch ops per layer).
  *
@@ -30,6 +30,15 @@
 
 #ifndef HEAD_DIM
 #error "build with -DHEAD_DIM=<multiple of 16>"
+#endif
+/* -DKV_BF16: the cache and the new K/V rows are bfloat16 (half the bytes to read), widened to float32 as they
+ * are read; the query and the output stay float32. */
+#ifdef KV_BF16
+typedef uint16_t kv_t;
+#define load_kv load_bf16
+#else
+typedef float kv_t;
+#define load_kv load
 #endif
 #define CHUNKS (HEAD_DIM / LANES)
 /* A request's context slot by slot, in order, with no division per row (the block size is not known when the
@@ -105,12 +114,12 @@ typedef struct {
 
 /* out[h] = softmax_t(scale * query[h] . K[t]) . V[t] over t < len, for one request: LANES rows at a time (a short
  * last group repeats its first row in the missing lanes, whose scores become -inf). */
-static void request_attention(const float *restrict query, const float *restrict key_cache,
-                              const float *restrict value_cache, const int32_t *restrict table, int64_t len,
+static void request_attention(const float *restrict query, const kv_t *restrict key_cache,
+                              const kv_t *restrict value_cache, const int32_t *restrict table, int64_t len,
                               float *restrict out, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
                               float scale) {
     const int64_t group = num_heads / num_kv_heads, row_floats = num_kv_heads * HEAD_DIM;
-    const int64_t row_lines = row_floats * (int64_t)sizeof(float) / 64;
+    const int64_t row_lines = (row_floats * (int64_t)sizeof(kv_t) + 63) / 64;
     running_head heads[num_heads];
     for (int64_t h = 0; h < num_heads; h++) {
         heads[h].top = -INFINITY;
@@ -124,7 +133,7 @@ static void request_attention(const float *restrict query, const float *restrict
     for (int64_t i = 0; i < n; i++) slots[i] = next_slot(&walk);
     for (int64_t t0 = 0; t0 < len; t0 += LANES) {
         const int64_t next_n = t0 + LANES < len ? lanes_left(t0 + LANES, len) : 0;
-        const float *keys[LANES], *values[LANES];
+        const kv_t *keys[LANES], *values[LANES];
         line_cursor next_keys = {.row_lines = row_lines}, next_values = {.row_lines = row_lines};
         for (int64_t i = 0; i < LANES; i++) {
             keys[i] = key_cache + slots[i < n ? i : 0] * row_floats;
@@ -145,10 +154,10 @@ static void request_attention(const float *restrict query, const float *restrict
             const int64_t head = (h / group) * HEAD_DIM;
             vf partial[LANES];
             const vf first = load(q);
-            for (int i = 0; i < LANES; i++) partial[i] = first * load(keys[i] + head);
+            for (int i = 0; i < LANES; i++) partial[i] = first * load_kv(keys[i] + head);
             for (int c = 1; c < CHUNKS; c++) {
                 const vf chunk = load(q + c * LANES);
-                for (int i = 0; i < LANES; i++) partial[i] += chunk * load(keys[i] + head + c * LANES);
+                for (int i = 0; i < LANES; i++) partial[i] += chunk * load_kv(keys[i] + head + c * LANES);
             }
             vf scores = sum_lanes(partial) * scale;
             if (n < LANES) scores = select_lanes(lane < (int32_t)n, scores, splat(-INFINITY));
@@ -172,7 +181,7 @@ static void request_attention(const float *restrict query, const float *restrict
             memcpy(sums, heads[h].sums, sizeof sums);
             for (int64_t r = 0; r < n; r++) {
                 const vf w = splat(probs[h][r]);
-                for (int c = 0; c < CHUNKS; c++) sums[c] += w * load(values[r] + head + c * LANES);
+                for (int c = 0; c < CHUNKS; c++) sums[c] += w * load_kv(values[r] + head + c * LANES);
             }
             memcpy(heads[h].sums, sums, sizeof sums);
         }
@@ -191,8 +200,8 @@ static void request_attention(const float *restrict query, const float *restrict
 }
 
 /* out[b] for every request b, one request per work item */
-void paged_attention(const float *restrict query, const float *restrict key_cache,
-                     const float *restrict value_cache, const int32_t *restrict tables, int64_t table_width,
+void paged_attention(const float *restrict query, const kv_t *restrict key_cache,
+                     const kv_t *restrict value_cache, const int32_t *restrict tables, int64_t table_width,
                      const int32_t *restrict lens, float *restrict out, int64_t batch, int64_t num_heads,
                      int64_t num_kv_heads, int64_t block_size, float scale, int num_threads) {
 #pragma omp parallel for num_threads(num_threads) schedule(static)
@@ -204,15 +213,15 @@ void paged_attention(const float *restrict query, const float *restrict key_cach
 /* key_cache / value_cache rows [slot] = key / value [t] for t < num_tokens with slots[t] >= 0 (-1: not stored).
  * Token t's row starts at key + t * key_stride (the K of a fused qkv output is a strided view). Returns the first
  * slot past num_slots, writing nothing, if there is one; else -1. */
-int64_t write_kv(const float *restrict key, int64_t key_stride, const float *restrict value, int64_t value_stride,
-                 float *restrict key_cache, float *restrict value_cache, const int64_t *restrict slots,
+int64_t write_kv(const kv_t *restrict key, int64_t key_stride, const kv_t *restrict value, int64_t value_stride,
+                 kv_t *restrict key_cache, kv_t *restrict value_cache, const int64_t *restrict slots,
                  int64_t num_tokens, int64_t row_floats, int64_t num_slots) {
     for (int64_t t = 0; t < num_tokens; t++)
         if (slots[t] >= num_slots) return slots[t];
     for (int64_t t = 0; t < num_tokens; t++) {
         if (slots[t] < 0) continue;
-        memcpy(key_cache + slots[t] * row_floats, key + t * key_stride, row_floats * sizeof(float));
-        memcpy(value_cache + slots[t] * row_floats, value + t * value_stride, row_floats * sizeof(float));
+        memcpy(key_cache + slots[t] * row_floats, key + t * key_stride, row_floats * sizeof(kv_t));
+        memcpy(value_cache + slots[t] * row_floats, value + t * value_stride, row_floats * sizeof(kv_t));
     }
     return -1;
 }

@@ -33,32 +33,52 @@
 
 int panel_columns(void) { return COLS; }
 
+/* The bfloat16 panels' micro-kernels: the same tile, each panel vector widened to floats as it is read */
+MICRO_KERNEL_OF(1, bf16_rows_1, uint16_t, load_bf16) MICRO_KERNEL_OF(2, bf16_rows_2, uint16_t, load_bf16)
+MICRO_KERNEL_OF(3, bf16_rows_3, uint16_t, load_bf16) MICRO_KERNEL_OF(4, bf16_rows_4, uint16_t, load_bf16)
+MICRO_KERNEL_OF(5, bf16_rows_5, uint16_t, load_bf16) MICRO_KERNEL_OF(6, bf16_rows_6, uint16_t, load_bf16)
+MICRO_KERNEL_OF(7, bf16_rows_7, uint16_t, load_bf16) MICRO_KERNEL_OF(8, bf16_rows_8, uint16_t, load_bf16)
+MICRO_KERNEL_OF(9, bf16_rows_9, uint16_t, load_bf16) MICRO_KERNEL_OF(10, bf16_rows_10, uint16_t, load_bf16)
+MICRO_KERNEL_OF(11, bf16_rows_11, uint16_t, load_bf16) MICRO_KERNEL_OF(12, bf16_rows_12, uint16_t, load_bf16)
+MICRO_KERNEL_OF(13, bf16_rows_13, uint16_t, load_bf16) MICRO_KERNEL_OF(14, bf16_rows_14, uint16_t, load_bf16)
+
+typedef void (*bf16_micro_kernel)(const float *, int64_t, const uint16_t *, const float *, float *, int64_t,
+                                  int64_t, const uint16_t *, int);
+static const bf16_micro_kernel BF16_BY_ROWS[15] = {
+    0, bf16_rows_1, bf16_rows_2, bf16_rows_3, bf16_rows_4, bf16_rows_5, bf16_rows_6, bf16_rows_7, bf16_rows_8,
+    bf16_rows_9, bf16_rows_10, bf16_rows_11, bf16_rows_12, bf16_rows_13, bf16_rows_14};
+
 /* out [m, out_cols]; panels of `panel_cols` (COLS, or LANES outputs of a gate / up pair with silu_mul) columns
- * each, bias (or NULL) laid out like the panels' columns. */
-static void run(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t out_cols,
-                int64_t k, int num_threads, int silu_mul) {
-    const int64_t panel_cols = silu_mul ? LANES : COLS;
-    const int64_t num_panels = (out_cols + panel_cols - 1) / panel_cols;
-#pragma omp parallel num_threads(num_threads)
-    for (int64_t band = 0; band < m; band += BAND_ROWS) {
-        const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;
-        /* whole blocks of MAX_ROWS first, the rest last: 16 rows run as 14 + 2, not 8 + 8. The first block reads the
-         * panel from memory, and the more rows it computes meanwhile, the more of that wait it covers (a few
-         * percent against near-equal blocks: docs/kernel-measurements.md). */
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < num_panels; j++) {
-            const float *panel = panels + j * k * COLS;
-            const int64_t cols = out_cols - j * panel_cols < panel_cols ? out_cols - j * panel_cols : panel_cols;
-            float panel_bias[COLS] = {0};
-            if (bias) memcpy(panel_bias, bias + j * COLS, (silu_mul ? COLS : cols) * sizeof(float));
-            for (int64_t row = band; row < band + band_rows; row += MAX_ROWS) {
-                const int64_t rows = band + band_rows - row < MAX_ROWS ? band + band_rows - row : MAX_ROWS;
-                BY_ROWS[rows](x + row * k, k, panel, panel_bias, out + row * out_cols + j * panel_cols, out_cols, cols,
-                              row == band && j + 1 < num_panels ? panel + k * COLS : NULL, silu_mul);
-            }
-        }
+ * each, of W_T (float or bfloat16 bits), bias (or NULL) laid out like the panels' columns. */
+#define RUN_OF(NAME, W_T, KERNELS)                                                                                 \
+    static void NAME(const float *x, const W_T *panels, const float *bias, float *out, int64_t m,                 \
+                     int64_t out_cols, int64_t k, int num_threads, int silu_mul) {                                \
+        const int64_t panel_cols = silu_mul ? LANES : COLS;                                                        \
+        const int64_t num_panels = (out_cols + panel_cols - 1) / panel_cols;                                       \
+        _Pragma("omp parallel num_threads(num_threads)")                                                           \
+        for (int64_t band = 0; band < m; band += BAND_ROWS) {                                                      \
+            const int64_t band_rows = m - band < BAND_ROWS ? m - band : BAND_ROWS;                                 \
+            _Pragma("omp for schedule(static)")                                                                    \
+            for (int64_t j = 0; j < num_panels; j++) {                                                             \
+                const W_T *panel = panels + j * k * COLS;                                                          \
+                const int64_t cols = out_cols - j * panel_cols < panel_cols ? out_cols - j * panel_cols : panel_cols; \
+                float panel_bias[COLS] = {0};                                                                      \
+                if (bias) memcpy(panel_bias, bias + j * COLS, (silu_mul ? COLS : cols) * sizeof(float));           \
+                for (int64_t row = band; row < band + band_rows; row += MAX_ROWS) {                                \
+                    const int64_t rows = band + band_rows - row < MAX_ROWS ? band + band_rows - row : MAX_ROWS;    \
+                    KERNELS[rows](x + row * k, k, panel, panel_bias, out + row * out_cols + j * panel_cols,        \
+                                  out_cols, cols, row == band && j + 1 < num_panels ? panel + k * COLS : NULL,     \
+                                  silu_mul);                                                                       \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
     }
-}
+
+/* Whole blocks of MAX_ROWS rows first, the rest last: 16 rows run as 14 + 2, not 8 + 8. The first block reads the
+ * panel from memory, and the more rows it computes meanwhile, the more of that wait it covers (a few percent
+ * against near-equal blocks: docs/kernel-measurements.md). */
+RUN_OF(run, float, BY_ROWS)
+RUN_OF(run_bf16, uint16_t, BF16_BY_ROWS)
 
 void panel_gemm(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
                 int64_t k, int num_threads) {
@@ -71,4 +91,17 @@ void panel_gemm(const float *x, const float *panels, const float *bias, float *o
 void panel_gemm_silu_mul(const float *x, const float *panels, const float *bias, float *out, int64_t m, int64_t n,
                          int64_t k, int num_threads) {
     run(x, panels, bias, out, m, n, k, num_threads, 1);
+}
+
+/* panel_gemm and panel_gemm_silu_mul on panels of bfloat16 weights (the same layout, 2-byte elements): x, bias and
+ * out stay float32, and every product and sum is float32 as in the float32 kernels, so the result is that of the
+ * float32 kernel on the widened weights, bit for bit. */
+void panel_gemm_bf16(const float *x, const uint16_t *panels, const float *bias, float *out, int64_t m, int64_t n,
+                     int64_t k, int num_threads) {
+    run_bf16(x, panels, bias, out, m, n, k, num_threads, 0);
+}
+
+void panel_gemm_silu_mul_bf16(const float *x, const uint16_t *panels, const float *bias, float *out, int64_t m,
+                              int64_t n, int64_t k, int num_threads) {
+    run_bf16(x, panels, bias, out, m, n, k, num_threads, 1);
 }

@@ -15,10 +15,12 @@
 /* out[r, c] = bias[c] + sum_k x[r, k] * panel[k, c] for r < ROWS, c < cols; `ahead` (or NULL): the next panel.
  * With silu_mul the panel's two vectors are a gate and an up projection of the same LANES output columns, and
  * out[r, c] = silu(gate) * up for c < cols (cols <= LANES): the MLP's SiLU-and-mul on the tile in registers. */
-#define MICRO_KERNEL(ROWS)                                                                                         \
-    static void rows_##ROWS(const float *restrict x, int64_t k, const float *restrict panel,                     \
-                            const float *restrict bias, float *restrict out, int64_t ldo, int64_t cols,          \
-                            const float *restrict ahead, int silu_mul) {                                        \
+#define MICRO_KERNEL(ROWS) MICRO_KERNEL_OF(ROWS, rows_##ROWS, float, load)
+/* the same on panels stored in bfloat16 (W_T), widened to float as they are read (LOAD_W) */
+#define MICRO_KERNEL_OF(ROWS, NAME, W_T, LOAD_W)                                                                   \
+    static void NAME(const float *restrict x, int64_t k, const W_T *restrict panel,                              \
+                     const float *restrict bias, float *restrict out, int64_t ldo, int64_t cols,                 \
+                     const W_T *restrict ahead, int silu_mul) {                                                  \
         vf acc[ROWS][2];                                                                                             \
         for (int r = 0; r < ROWS; r++) acc[r][0] = acc[r][1] = (vf){0};                                           \
         for (int64_t p = 0; p < k; p++) {                                                                          \
@@ -26,7 +28,7 @@
                 __builtin_prefetch(ahead + p * COLS, 0, 1);                                                        \
                 __builtin_prefetch(ahead + p * COLS + LANES, 0, 1);                                                \
             }                                                                                                      \
-            const vf w0 = load(panel + p * COLS), w1 = load(panel + p * COLS + LANES);                            \
+            const vf w0 = LOAD_W(panel + p * COLS), w1 = LOAD_W(panel + p * COLS + LANES);                        \
             for (int r = 0; r < ROWS; r++) {                                                                       \
                 const vf xr = splat(x[r * k + p]);                                                                \
                 acc[r][0] += xr * w0;                                                                              \

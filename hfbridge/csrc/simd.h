@@ -40,6 +40,16 @@ static inline vf load(const float *p) {
     return v;
 }
 
+/* LANES bfloat16 values (the high halves of float32s) widened to floats, exactly: zero-extend, shift into the top
+ * half (vpmovzxwd + vpslld on x86). Weights and caches stored in bfloat16 take half the memory traffic. */
+typedef uint16_t vh __attribute__((vector_size(HFBRIDGE_VECTOR_BYTES / 2)));
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof h);
+    return (vf)(__builtin_convertvector(h, vi) << 16);
+}
+
 /* s in every lane: one broadcast load (vbroadcastss). Spelled out because `(vf){0} + s` costs an add besides,
  * and a loop over the lanes compiles to lane inserts. */
 #if LANES == 16

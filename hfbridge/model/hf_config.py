@@ -31,7 +31,9 @@ def load_hf_config(
         kwargs["gguf_file"] = source.gguf_file
     try:
         config = AutoConfig.from_pretrained(source.folder, **kwargs)
-    except ValueError as e:
+    except (ValueError, OSError, IndexError, KeyError, EOFError) as e:
+        if source.gguf_file:  # the reader's own errors name neither the file nor the problem
+            raise ValueError(unreadable_gguf(Path(source.folder) / source.gguf_file, e)) from e
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ValueError(
                 f"The model at {source.folder} ships custom code (config.json `auto_map`) that must run to load "
@@ -43,6 +45,14 @@ def load_hf_config(
     elif hf_overrides:
         apply_overrides(config, hf_overrides)
     return config
+
+
+def unreadable_gguf(path: Path, error: BaseException) -> str:
+    """The message for a GGUF file Transformers' reader (the `gguf` package) cannot read."""
+    if "architecture" in str(error) and "not supported" in str(error):
+        return f"{path}: {error} (Transformers' GGUF reader lists the architectures it converts)"
+    return (f"{path} is not a readable GGUF file ({type(error).__name__}: {error}); it may be truncated or "
+            "corrupt: download it again")
 
 
 def apply_overrides(target: Any, overrides: dict[str, Any]) -> None:

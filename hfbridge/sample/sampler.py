@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.native_build import declare, load_library
-from hfbridge.sample.argmax_cpu import row_argmax
+from hfbridge.sample.argmax_cpu import build_kernel as build_argmax_kernel, row_argmax
 from hfbridge.sample.token_tables import TokenTables, tables_of
 from hfbridge.sample.sampling_params import SamplingParams
 from hfbridge.sample.logprobs import SampledLogprobs, gather_logprobs
@@ -113,6 +113,14 @@ def argmax_only(row: SamplingRow) -> bool:
 class Sampler:
     def __init__(self, generator: torch.Generator):
         self.generator = generator  # for rows without a seed; seeded from the engine's `seed`
+
+    @staticmethod
+    def build_kernels(device: torch.device) -> None:
+        """Builds (or loads) the C kernels the sampler runs on CPU (row argmax, grammar bitmask) now, before the
+        server says ready, not on the first request."""
+        if device.type == "cpu":
+            build_argmax_kernel()
+            _bitmask_library()
 
     def __call__(
         self, logits: torch.Tensor, rows: list[SamplingRow]

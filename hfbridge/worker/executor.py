@@ -95,6 +95,10 @@ class InProcessExecutor:
         )
         sampler.generator.manual_seed(config.model_config.seed)  # the profile step drew from it
         backend = get_attention_backend(config.attention_backend, device)
+        shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
+        sampler.build_kernels(device)
+        if hasattr(backend, "build_kernels"):
+            backend.build_kernels(shapes, device)
         lora = None
         if config.lora_config is not None:
             lora = LoRAManager(model, config.lora_config, config.model_config.dtype, device)
@@ -106,7 +110,6 @@ class InProcessExecutor:
             if hasattr(model, "compile_regions") and lora is None:  # the native decoders; LoRA layers run eager
                 model.compile_regions(background=True)
             if hasattr(backend, "enable_compiled_decode"):
-                shapes = _decode_head_shapes(config.model_config.hf_text_config, layers)
                 if shapes:
                     backend.enable_compiled_decode(shapes, device)
         runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler, lora)
