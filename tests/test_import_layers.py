@@ -19,7 +19,7 @@ LAYERS = {
     0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build"),
     1: ("attention_backends", "sample"),
     2: ("pooling",),
-    3: ("native_overrides", "parallel"),
+    3: ("native_overrides", "parallel", "lora"),
     4: ("model",),
     5: ("core",),
     6: ("worker", "structured_output"),
