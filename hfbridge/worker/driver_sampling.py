@@ -12,9 +12,9 @@ import torch
 
 from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from hfbridge.sample.sampler import Sampler, SamplingRow, argmax_only
+from hfbridge.sample.sampler import Sampler, argmax_only
 from hfbridge.worker.model_runner import sample_step, sampling_rows
-from hfbridge.worker.step_inputs import prepare_inputs
+from hfbridge.worker.step_inputs import prepare_inputs, samples
 from hfbridge.worker.step_plan import StepLogits, StepPlan, StepPlanner
 
 
@@ -31,7 +31,8 @@ class DriverSampler:
         the scheduler output without what only the driver uses."""
         if not self.is_generation:
             return dataclasses.replace(scheduler_output, grammar_bitmask=None)
-        rows = _rows(scheduler_output)
+        sampled = [item for item in scheduler_output.scheduled if samples(item)]  # StepInputs.sample_requests
+        rows = sampling_rows(sampled, scheduler_output.grammar_bitmask)
         return self.planner.plan(scheduler_output, [i for i, row in enumerate(rows) if argmax_only(row)])
 
     def finish(self, scheduler_output: SchedulerOutput, plan: Any, reply: Any) -> ModelRunnerOutput:
@@ -40,7 +41,7 @@ class DriverSampler:
             return reply
         assert isinstance(reply, StepLogits) and isinstance(plan, StepPlan)
         step = prepare_inputs(scheduler_output.scheduled, self.block_size, self.device)
-        rows = sampling_rows(step, scheduler_output.grammar_bitmask)
+        rows = sampling_rows(step.sample_requests, scheduler_output.grammar_bitmask)
         fast = set(plan.argmax_rows)
         slow = [i for i in range(len(rows)) if i not in fast]
         sub_step = dataclasses.replace(step, sample_requests=[step.sample_requests[i] for i in slow])
@@ -49,10 +50,3 @@ class DriverSampler:
             output.sampled_token_ids[step.sample_requests[i].request.request_id] = token
         return output
 
-
-def _rows(scheduler_output: SchedulerOutput) -> list[SamplingRow]:
-    """The step's sampled rows in step order (as prepare_inputs orders them), without packing the step."""
-    bits = scheduler_output.grammar_bitmask.rows() if scheduler_output.grammar_bitmask is not None else {}
-    return [SamplingRow(r.sampling_params, r.prompt_token_ids, r.output_token_ids, r.generator, bits.get(r.request_id))
-            for item in scheduler_output.scheduled
-            if item.produces_output and (r := item.request).sampling_params is not None]

@@ -45,7 +45,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         step = self.prepare_inputs(scheduler_output.scheduled)
-        rows = sampling_rows(step, scheduler_output.grammar_bitmask)
+        rows = sampling_rows(step.sample_requests, scheduler_output.grammar_bitmask)
         if getattr(self.model, "sample_heads", None) is not None:
             is_fast = [argmax_only(row) for row in rows]
             if any(is_fast):
@@ -84,10 +84,11 @@ class ModelRunner:
         return self.lora.step(step.lora_rows) if self.lora is not None else contextlib.nullcontext()
 
 
-def sampling_rows(step: StepInputs, grammar: GrammarBitmask | None = None) -> list[SamplingRow]:
+def sampling_rows(sample_requests: list[ScheduledRequest], grammar: GrammarBitmask | None = None) -> list[SamplingRow]:
+    """The sampler's row for each sampled request, in order (StepInputs.sample_requests)."""
     bits = grammar.rows() if grammar is not None else {}
     return [SamplingRow(s.request.sampling_params, s.request.prompt_token_ids, s.request.output_token_ids,
-                        s.request.generator, bits.get(s.request.request_id)) for s in step.sample_requests]
+                        s.request.generator, bits.get(s.request.request_id)) for s in sample_requests]
 
 
 @torch.inference_mode()

@@ -30,6 +30,11 @@ class StepInputs:
     lora_rows: list[tuple[Any, int, int]] = field(default_factory=list)
 
 
+def samples(item: ScheduledRequest) -> bool:
+    """Whether the step samples a token for this request (its last scheduled token has a logits row)."""
+    return item.produces_output and item.request.sampling_params is not None
+
+
 def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: torch.device) -> StepInputs:
     bs = block_size
     ids, positions, slots, logits_indices = [], [], [], []
@@ -64,7 +69,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
     ends = np.cumsum(query_lens)
     sample_requests, sample_rows = [], []
     for i, item in enumerate(scheduled):
-        if item.produces_output and item.request.sampling_params is not None:
+        if samples(item):
             sample_requests.append(item)
             sample_rows.append(int(ends[i]) - 1)
     metadata = AttentionMetadata.build(
