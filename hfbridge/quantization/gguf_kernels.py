@@ -1,0 +1,151 @@
+"""Matmuls and dequantization on GGUF's quantized blocks (llama.cpp's Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q2_K to Q6_K)
+through hfbridge/csrc/gguf_matmul.c: out = x @ W^T with W [n, k] read in its blocks, never dequantized whole (a
+decode step reads each weight byte once). x may be float32 or bfloat16; the kernel computes in float32 and the result
+is rounded to x's dtype once. Each output row has the same bits whatever else shares the call (batch invariance).
+
+Without a C compiler (`load_library` returns None), and for the types without a kernel that gguf-py reads (F16,
+BF16, the IQ types, ...), gguf-py's numpy dequantizer and then F.linear run instead: slow, and the same values up to
+float32 summation order."""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from hfbridge.compilation import graph_op
+from hfbridge.native_build import declare, load_library
+
+# The types with a kernel, by GGML type number (gguf.GGMLQuantizationType): (name, elements and bytes per block),
+# as gguf.GGML_QUANT_SIZES has them (gguf itself, slow to import, is imported only for the other types)
+BLOCKS = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34),
+          10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110), 12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176),
+          14: ("Q6_K", 256, 210)}
+KERNEL_TYPES: frozenset[int] = frozenset(BLOCKS)
+X_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _block(qtype: int) -> tuple[str, int, int]:
+    """(name, elements, bytes) of a block of `qtype`; ValueError for a number that names no GGML type."""
+    if qtype in BLOCKS:
+        return BLOCKS[qtype]
+    import gguf
+    try:
+        kind = gguf.GGMLQuantizationType(qtype)
+        return (kind.name, *gguf.GGML_QUANT_SIZES[kind])
+    except (ValueError, KeyError):
+        raise ValueError(f"qtype={qtype} is not a GGML type that gguf knows") from None
+
+
+def row_bytes(qtype: int, k: int) -> int:
+    """Bytes of one row of k values of `qtype`."""
+    name, block, size = _block(qtype)
+    if k <= 0 or k % block:
+        raise ValueError(f"a row of {name} holds blocks of {block} values: k={k} is not a positive multiple of {block}")
+    return k // block * size
+
+
+def _check_data(data: torch.Tensor, qtype: int, rows: int | None, k: int) -> None:
+    """data uint8 [rows, row_bytes(qtype, k)] on CPU (rows: any where None)."""
+    expected = row_bytes(qtype, k)
+    if (data.dtype != torch.uint8 or not data.is_cpu or data.dim() != 2 or data.shape[1] != expected
+            or (rows is not None and data.shape[0] != rows)):
+        raise ValueError(f"{_block(qtype)[0]} blocks for {'' if rows is None else f'{rows} rows of '}{k} values must "
+                         f"be uint8 [{'rows' if rows is None else rows}, {expected}] on CPU, got {tuple(data.shape)} "
+                         f"{data.dtype} on {data.device}")
+
+
+def _check_x(x: torch.Tensor) -> None:
+    if x.dtype not in X_DTYPES or not x.is_cpu or x.dim() != 2:
+        raise ValueError(f"x must be [T, k] float32 or bfloat16 on CPU, got {tuple(x.shape)} {x.dtype} on {x.device}")
+
+
+def _quant_matmul(x: torch.Tensor, data: torch.Tensor, qtype: int, out_features: int) -> torch.Tensor:
+    """x [T, k] (float32 or bfloat16, CPU) @ W^T -> [T, out_features] in x's dtype, W [out_features, k] the rows of
+    blocks `data` (uint8 [out_features, row_bytes(qtype, k)]) of GGML type number `qtype`."""
+    _check_x(x)
+    _check_data(data, qtype, out_features, x.shape[1])
+    lib = _library() if qtype in KERNEL_TYPES else None
+    if lib is None:
+        return F.linear(x.float(), dequantize(data, qtype, x.shape[1])).to(x.dtype)
+    return run_quant_matmul(lib, x, data, qtype, out_features)
+
+
+# An operator inside torch.compile graphs, a plain call in eager code (graph_op)
+quant_matmul = graph_op("hfbridge::gguf_matmul", "(Tensor x, Tensor data, int qtype, int out_features) -> Tensor",
+                        _quant_matmul, lambda x, data, qtype, out_features: x.new_empty(x.shape[0], out_features))
+
+
+def quant_matmul_into(x: torch.Tensor, data: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
+    """quant_matmul written into `out` float32 [T, n], whose rows may be farther apart than n (a column slice of a
+    wider output: the parts of a fused projection side by side, without a concatenation). Eager code only."""
+    _check_x(x)
+    if (out.dtype != torch.float32 or not out.is_cpu or out.dim() != 2 or out.shape[0] != x.shape[0]
+            or out.stride(1) != 1 or out.stride(0) < out.shape[1]):
+        raise ValueError(f"out must be float32 [{x.shape[0]}, n] on CPU with unit column stride, got "
+                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
+    _check_data(data, qtype, out.shape[1], x.shape[1])
+    lib = _library() if qtype in KERNEL_TYPES else None
+    if lib is None:
+        return out.copy_(F.linear(x.float(), dequantize(data, qtype, x.shape[1])))
+    _run(lib, x, data, qtype, out)
+    return out
+
+
+def run_quant_matmul(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, qtype: int,
+                     out_features: int) -> torch.Tensor:
+    """quant_matmul through `lib` (a build of gguf_matmul.c), on inputs already checked."""
+    out = torch.empty(x.shape[0], out_features)
+    _run(lib, x, data, qtype, out)
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _run(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, qtype: int, out: torch.Tensor) -> None:
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    if not data.is_contiguous():
+        data = data.contiguous()
+    m, k = x.shape
+    n = out.shape[1]
+    if m and n:
+        lib.gguf_matmul(qtype, x.data_ptr(), data.data_ptr(), out.data_ptr(), m, n, k, out.stride(0),
+                        torch.get_num_threads())
+
+
+def dequantize(data: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """Rows of blocks, uint8 [r, row_bytes(qtype, k)] -> float32 [r, k], gguf-py's values exactly (any type gguf-py
+    reads: the kernel's ten in C, the others in gguf-py's numpy)."""
+    _check_data(data, qtype, None, k)
+    lib = _library() if qtype in KERNEL_TYPES else None
+    if lib is not None:
+        return run_dequantize(lib, data, qtype, k)
+    if data.shape[0] == 0:
+        return torch.empty(0, k)
+    import gguf.quants
+    values = gguf.quants.dequantize(data.contiguous().numpy(), gguf.GGMLQuantizationType(qtype))
+    return torch.from_numpy(values.astype("float32")).reshape(data.shape[0], k)  # a copy: F32 comes back as a view
+
+
+def run_dequantize(lib: ctypes.CDLL, data: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """dequantize through `lib`, on inputs already checked."""
+    data = data.contiguous()
+    out = torch.empty(data.shape[0], k)
+    if data.shape[0]:
+        lib.gguf_dequantize(qtype, data.data_ptr(), out.data_ptr(), data.shape[0], k, torch.get_num_threads())
+    return out
+
+
+def build_kernels() -> bool:
+    """Builds (or loads) gguf_matmul.c now rather than at the first call; whether the kernels run here."""
+    return _library() is not None
+
+
+@functools.cache
+def _library(vector_bytes: int | None = None, defines: tuple[str, ...] = ()) -> ctypes.CDLL | None:
+    """The kernels built for this machine's vector width, or for `vector_bytes` (16, 32, 64: the tests run all)."""
+    i64, ptr, c_int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    return declare(load_library("gguf_matmul.c", defines, vector_bytes), {
+        "gguf_supported": ([c_int], c_int),
+        "gguf_dequantize": ([c_int, ptr, ptr, i64, i64, c_int], None),
+        "gguf_matmul": ([c_int, ptr, ptr, ptr, i64, i64, i64, i64, c_int], None)})
