@@ -66,7 +66,7 @@ class DecodeGraph(BackgroundCompile):
         self.fn: Callable[..., torch.Tensor] | None = None  # set on the compile thread (Inductor's import: ~1 s)
         # The CPU kernels where they run (the cache has the weights' dtype; the caller leaves sliding windows out),
         # else the compiled formulation of paged_decode.py.
-        weight, attn = model.embed_tokens.weight, model.layers[0].self_attn
+        weight, attn = model.norm.weight, model.layers[0].self_attn
         self.cpu_kernels = cpu_kernels.available(weight.device, weight.dtype, attn.head_dim)
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
@@ -94,7 +94,7 @@ class DecodeGraph(BackgroundCompile):
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
         # time would be assumed equal forever, "duck sizing"), the cache too: 29 blocks of 13 slots.
         self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
-        weight, attn = self.model.embed_tokens.weight, self.model.layers[0].self_attn
+        weight, attn = self.model.norm.weight, self.model.layers[0].self_attn
         shape = (2, 29, 13, attn.num_kv_heads, attn.head_dim)
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)
         caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.model.layers]

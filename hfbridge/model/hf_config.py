@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import AutoConfig, GenerationConfig, PretrainedConfig
 
+from hfbridge.model.gguf_metadata import gguf_metadata_folder
 from hfbridge.model.model_source import ModelSource
 
 # The generation_config.json fields vLLM turns into default SamplingParams (generation_config="auto").
@@ -27,10 +28,11 @@ def load_hf_config(
     hf_overrides: dict[str, Any] | Callable[[PretrainedConfig], PretrainedConfig] | None,
 ) -> PretrainedConfig:
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "revision": revision}
-    if source.gguf_file:
-        kwargs["gguf_file"] = source.gguf_file
     try:
-        config = AutoConfig.from_pretrained(source.folder, **kwargs)
+        if source.gguf_file:  # the file's config, kept as config.json after the first read
+            config = AutoConfig.from_pretrained(gguf_metadata_folder(Path(source.folder) / source.gguf_file))
+        else:
+            config = AutoConfig.from_pretrained(source.folder, **kwargs)
     except (ValueError, OSError, IndexError, KeyError, EOFError) as e:
         if source.gguf_file:  # the reader's own errors name neither the file nor the problem
             raise ValueError(unreadable_gguf(Path(source.folder) / source.gguf_file, e)) from e

@@ -18,6 +18,11 @@ from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
+from hfbridge.native_overrides.quantized import install_quantized
+from hfbridge.model.hf_config import unreadable_gguf
+from hfbridge.quantization import gguf_kernels
+from hfbridge.quantization.gguf_checkpoint import QuantizedWeight, read_gguf_weights
+from hfbridge.quantization.quantized_linear import install_quantized_linears
 from hfbridge.model.pipeline_stage import install_stage_forward
 from hfbridge.model.pp_probe import check_pp_split
 from hfbridge.parallel.pp_plan import check_pp_plan as check_stage_plan
@@ -46,9 +51,11 @@ def build_on_meta(model_class: ModelClass, model_config: ModelConfig) -> nn.Modu
 
 def load_checkpoint_into(model: nn.Module, model_config: ModelConfig, device: torch.device) -> None:
     if isinstance(model, BaseModelWithLMHead):
-        weights, prefix, conversion_source = _weights(model_config, model.base_model), model.prefix, model.base_model
+        weights = _weights(model_config, model.base_model, device)
+        prefix, conversion_source = model.prefix, model.base_model
     else:
-        weights, prefix, conversion_source = _weights(model_config, model), getattr(model, "base_model_prefix", ""), None
+        weights = _weights(model_config, model, device)
+        prefix, conversion_source = getattr(model, "base_model_prefix", ""), None
     load_weights(model, weights, device, prefix, conversion_source)
     if hasattr(model, "tie_weights") and get_pp_group().is_last:  # only the last stage holds the head
         model.tie_weights()
@@ -61,27 +68,52 @@ def load_checkpoint_into(model: nn.Module, model_config: ModelConfig, device: to
     model.to(device)
 
 
-def _weights(model_config: ModelConfig, model: nn.Module):
+def _weights(model_config: ModelConfig, model: nn.Module, device: torch.device):
+    """(name, lazy tensor) pairs; a GGUF file's quantized projections become QuantizedLinear modules of `model`
+    (on meta) where the kernels serve them: one CPU process."""
     if model_config.gguf_file is None:
         return iter_checkpoint(model_config.model_path)
-    # GGUF: Transformers' reader dequantises and renames to the model's own names.
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    path = str(Path(model_config.model_path) / model_config.gguf_file)
-    tensors = load_gguf_checkpoint(path, return_tensors=True, model_to_load=model)["tensors"]
+    single = device.type == "cpu" and get_tp_group().size == 1 and get_pp_group().size == 1
+    tensors = install_quantized_linears(model, gguf_tensors(model_config, model, quantized=single))
     return ((name, (lambda t=t: t)) for name, t in tensors.items())
 
 
+def gguf_tensors(model_config: ModelConfig, model: nn.Module,
+                 quantized: bool) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """The GGUF file's tensors under `model`'s (a Transformers model on meta) names: quantized ones as
+    QuantizedWeight where `quantized` and the architecture allow, else dequantized to float32."""
+    path = Path(model_config.model_path) / model_config.gguf_file
+    try:
+        tensors = read_gguf_weights(path, model, model_config.hf_text_config)
+    except (OSError, IndexError, KeyError, EOFError) as e:  # gguf's reader names neither the file nor the problem
+        raise ValueError(unreadable_gguf(path, e)) from e
+    except NotImplementedError as e:  # Transformers' reader converts this architecture's tensors
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        logger.info("%s: GGUF architecture %r is served dequantized (Transformers' reader converts its tensors)",
+                    path.name, str(e))
+        return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+    if not quantized:
+        if any(isinstance(t, QuantizedWeight) for t in tensors.values()):
+            logger.info("%s: dequantized at load (the quantized kernels serve one CPU process: no tensor or "
+                        "pipeline parallelism, no GPU)", path.name)
+        return {name: t.dequantize() if isinstance(t, QuantizedWeight) else t for name, t in tensors.items()}
+    gguf_kernels.build_kernels()  # before the first request (a build takes seconds)
+    return tensors
+
+
 def load_native(model_class: ModelClass, model_config: ModelConfig, device: torch.device) -> nn.Module:
-    """Allocate the native model on `device`, then fill its fused parameters from the checkpoint's tensors."""
+    """Allocate the native model on `device`, then fill its fused parameters from the checkpoint's tensors; a GGUF
+    file's quantized tensors stay quantized on CPU (native_overrides.quantized)."""
     config = model_config.hf_text_config
-    model = model_class.cls.from_config(config, model_config.dtype, model_config.max_model_len, device)
+    model = model_class.cls(config, model_config.dtype, model_config.max_model_len)  # on meta
     if model_config.gguf_file is None:
         weights = iter_checkpoint(model_config.model_path)
-    else:  # Transformers' GGUF reader names tensors after its own model, which the native names follow
+    else:  # named after Transformers' own model, which the native names follow
         twin = build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config)
-        weights = _weights(model_config, twin)
-    model.load_weights(weights)
+        tensors = install_quantized(model, gguf_tensors(model_config, twin, quantized=device.type == "cpu"))
+        weights = ((name, (lambda t=t: t)) for name, t in tensors.items())
+    model.allocate(device).load_weights(weights)
     return model
 
 

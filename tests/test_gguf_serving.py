@@ -1,0 +1,135 @@
+"""The bundled GGUF (SmolLM2-135M-Instruct, Q4_1 projections, Q8_0 embedding and tied head) served quantized,
+against Transformers' own GGUF reader (which dequantizes to float32) and generate(): greedy tokens on chat prompts,
+"Paris", and the process's memory against the float32 load of the same weights."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from greedy import hf_greedy
+
+from hfbridge import LLM, SamplingParams
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "How many legs does a spider have?",
+    "Explain photosynthesis in one sentence.",
+    "Give me three names for a pet cat.",
+    "What is 12 times 7?",
+    "Translate 'good morning' into Spanish.",
+    "Who wrote Romeo and Juliet?",
+    "Name a primary color.",
+    "What does a thermometer measure?",
+    "Suggest a title for a story about a lost key.",
+    "Why is the sky blue?",
+]
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def reference(smollm2_float32):
+    """Transformers' GGUF reader's float32 model (saved as it read it) and tokenizer."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_float32, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(smollm2_float32)
+
+
+def test_served_quantized_agrees_with_transformers_reader(smollm2_gguf, reference):
+    """The native model runs on the blocks (no float copy of a projection); its greedy tokens equal Transformers'
+    for the first NEW_TOKENS tokens of most prompts. Both compute with the same dequantized values in float32,
+    in different summation orders: a prompt may part at a near tie."""
+    model, tokenizer = reference
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in QUESTIONS]
+    prompts = [p["input_ids"] if isinstance(p, dict) or hasattr(p, "keys") else p for p in prompts]
+    expected = [hf_greedy(model, p, NEW_TOKENS)[0] for p in prompts]
+
+    llm = LLM(model=str(smollm2_gguf), max_model_len=512, dtype="float32")
+    kinds = llm.apply_model(lambda m: sorted({type(x).__name__ for x in m.modules()}))[0]
+    assert "QuantizedLinear" in kinds and "QuantizedEmbedding" in kinds and "PackedLinear" not in kinds
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=NEW_TOKENS), use_tqdm=False)
+    ours = [o.outputs[0].token_ids for o in outs]
+    equal = sum(a == b[:len(a)] or a[:len(b)] == b for a, b in zip(ours, expected))
+    first8 = sum(a[:8] == b[:8] for a, b in zip(ours, expected))
+    print(f"agreement: {equal}/{len(prompts)} prompts equal for {NEW_TOKENS} tokens, {first8} for 8")
+    assert equal >= len(prompts) - 2 and first8 == len(prompts), (equal, first8, ours, expected)
+    assert "Paris" in outs[0].outputs[0].text
+
+
+RSS_SCRIPT = """
+import json, sys, psutil
+from hfbridge import LLM
+llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, num_gpu_blocks_override=16)
+print(json.dumps(psutil.Process().memory_info().rss))
+"""
+
+
+def _rss_after_load(model: str) -> int:
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, model], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_quantized_load_takes_well_under_half_the_memory(smollm2_gguf, smollm2_float32):
+    """Process RSS after loading, with a small KV cache: the GGUF served quantized against the same weights
+    dequantized to float32 (saved by Transformers from its reader) served in float32."""
+    quantized, float32 = _rss_after_load(str(smollm2_gguf)), _rss_after_load(str(smollm2_float32))
+    print(f"RSS after load: quantized {quantized / 2**20:.0f} MiB, float32 {float32 / 2**20:.0f} MiB")
+    assert quantized < 0.5 * float32, (quantized, float32)
+
+
+def _tiny_llama(hidden: int, tie: bool):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=256, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+Q4_K_M = {"token_embd": "Q4_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K", "blk.1.ffn_down": "Q6_K"}
+LEGACY = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q5_0", "attn_output": "Q5_1",
+          "ffn_gate": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+
+
+def _type_of(table: dict[str, str], default: str):
+    import gguf
+
+    def type_of(name: str) -> int:
+        stem = name.rsplit(".", 1)[0]  # blk.0.attn_v
+        key = next((k for k in table if stem == k or stem.endswith("." + k)), None)
+        return int(gguf.GGMLQuantizationType[table[key] if key else default])
+    return type_of
+
+
+@pytest.mark.parametrize("case", ["q4_k_m", "legacy_tied"])
+def test_a_converted_tiny_model_matches_transformers_reader(tmp_path, case):
+    """A tiny Llama written as GGUF in the test (llama.cpp's layout, each tensor quantized from its definition),
+    served quantized on both paths (native and model_impl="transformers"), against Transformers' reader of the same
+    file: the same dequantized values in float32, so greedy tokens equal but for near ties."""
+    from gguf_files import quantize_any, write_llama_gguf
+    from greedy import assert_greedy_match
+
+    if case == "q4_k_m":  # K-quants: rows of whole 256-value super-blocks
+        model, types = _tiny_llama(256, tie=False), _type_of(Q4_K_M, "Q4_K")
+    else:
+        model, types = _tiny_llama(96, tie=True), _type_of(LEGACY, "Q8_0")
+    path = write_llama_gguf(tmp_path / f"{case}.gguf", model, types, quantize_any)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                                  dtype=torch.float32).eval()
+    prompts = [list(range(3, 40)), [7, 300, 21, 9, 480, 11]]
+    expected = [hf_greedy(reference, p, NEW_TOKENS) for p in prompts]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+    for impl in ("auto", "transformers"):
+        llm = LLM(model=str(path), model_impl=impl, max_model_len=128, dtype="float32", skip_tokenizer_init=True)
+        # every projection on the blocks; on the Transformers path a tied head shares the (dequantized) embedding
+        float_linears = llm.apply_model(
+            lambda m: [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)])[0]
+        assert float_linears == (["model.lm_head"] if impl == "transformers" and case == "legacy_tied" else [])
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        for out, (tokens, logits) in zip(outs, expected):
+            assert_greedy_match(list(out.outputs[0].token_ids), tokens, logits)
+        del llm
