@@ -189,10 +189,32 @@ def thread_settings(vllm_python: str) -> str:
     return f"hfbridge: its defaults (no OMP_NUM_THREADS and the like); vLLM: {shown}"
 
 
+# hfbridge's default model as a float Transformers folder, for engines that load folders: its GGUF read by
+# Transformers' reader (dequantized) and saved in bfloat16, once, in the cache folder.
+CONVERT_DEFAULT_MODEL = """
+import sys, torch, transformers
+from pathlib import Path
+from hfbridge.model.default_model import find_default_gguf
+from hfbridge.model.gguf_metadata import cache_key, write_atomically
+from hfbridge.paths import cache_root
+gguf = find_default_gguf()
+folder = cache_root() / "benchmarks" / (cache_key(gguf) + "-bf16")
+def convert(out):
+    kwargs = {"gguf_file": gguf.name}
+    transformers.AutoTokenizer.from_pretrained(gguf.parent, **kwargs).save_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    del model.config.quantization_config  # else save_pretrained refuses a GGUF-loaded model
+    model.hf_quantizer = None
+    model.to(torch.bfloat16).save_pretrained(out)
+if not (folder / "config.json").is_file():
+    write_atomically(folder, convert)
+print(folder)
+"""
+
+
 def default_model() -> str:
-    """hfbridge's default model as a Transformers folder (converted and cached on first use)."""
-    code = "from hfbridge.model.default_model import default_model_path; print(default_model_path())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    """hfbridge's default model as a bfloat16 Transformers folder (converted and cached on first use)."""
+    done = subprocess.run([sys.executable, "-c", CONVERT_DEFAULT_MODEL], capture_output=True, text=True, check=True)
     return done.stdout.strip().splitlines()[-1]
 
 

@@ -153,10 +153,11 @@ def main() -> None:
     if args.engine is not None:
         print(json.dumps(run_mode(args)), flush=True)
         return
-    if args.model is None:
-        from hfbridge.model.default_model import default_model_path
+    if args.model is None:  # a float folder, the same files for both engines
+        sys.path.insert(0, str(HERE))
+        from compare import default_model
 
-        args.model = default_model_path()
+        args.model = default_model()
     engines = ["hfbridge"]
     if args.peer:
         if os.path.exists(args.vllm_python):

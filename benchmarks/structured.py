@@ -188,9 +188,9 @@ def report(results: list[dict], cost: dict | None, args) -> str:
 
 
 def _default_model() -> str:
-    from hfbridge.model.default_model import default_model_path
+    from compare import default_model
 
-    return default_model_path()
+    return default_model()
 
 
 def main() -> None:
