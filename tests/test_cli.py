@@ -87,7 +87,6 @@ def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["-q", "awq"], "--quantization is not supported: quantized checkpoints"),
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 is not supported"),
     (["-dp", "2"], "--data-parallel-size 2 is not supported"),
     (["--speculative-config", "{}"], "speculative decoding"),
@@ -98,6 +97,20 @@ def test_vllm_only_flags_are_accepted_with_a_warning(captured, caplog):
 def test_vllm_flags_that_would_change_the_output_are_refused(flags, message):
     with pytest.raises(click.UsageError, match=re.escape(message)):
         normalize_argv(["serve", "/models/x", *flags])
+
+
+def test_quantization_reaches_the_engine(captured, tmp_path):
+    """-q gguf is vLLM's spelling of what a .gguf MODEL implies; the engine refuses it for any other model, and
+    any other method for every model."""
+    from hfbridge import EngineArgs
+
+    result = run(["serve", "/models/x", "-q", "gguf"])
+    assert result.exit_code == 0, result.output
+    assert captured["engine_args"].quantization == "gguf"
+    (tmp_path / "config.json").write_text("{}")
+    for value in ("gguf", "awq"):
+        with pytest.raises(ValueError, match=f"quantization='{value}' is not supported: hfbridge serves GGUF"):
+            EngineArgs(model=str(tmp_path), quantization=value, device="cpu").create_engine_config()
 
 
 def test_lora_flags_reach_the_engine_and_the_server(captured, monkeypatch):

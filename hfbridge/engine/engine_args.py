@@ -61,7 +61,6 @@ IGNORED_ARGS = frozenset(
 # vLLM arguments that would change the output: accepted with the values that change nothing here (vLLM's
 # defaults), refused with the reason otherwise; never dropped with a warning. name -> (values accepted, reason).
 REFUSED_ARGS: dict[str, tuple[tuple[Any, ...], str]] = {
-    "quantization": ((None,), "quantized checkpoints are not served yet; use an unquantized model"),
     "kv_cache_dtype": (("auto",), "the KV cache keeps the model's dtype (auto)"),
     "load_format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
     "code_revision": ((None,), "remote code is read at `revision`"),
@@ -89,6 +88,7 @@ class EngineArgs:
     hf_token: str | bool | None = None
     trust_remote_code: bool = False
     gguf_file: str | None = None
+    quantization: str | None = None  # "gguf", implied by a GGUF file: the only method served
     dtype: str | torch.dtype = "auto"
     seed: int | None = 0
     max_model_len: int | str | None = None
@@ -235,6 +235,11 @@ class EngineArgs:
             raise ValueError(f"tokenizer_mode={self.tokenizer_mode!r} is not supported; use one of {TOKENIZER_MODES}")
         source = resolve_model_source(model, revision=self.revision, hf_token=self.hf_token, gguf_file=self.gguf_file,
                                       download_dir=self.download_dir)
+        if self.quantization not in (None, "gguf") or (self.quantization == "gguf" and source.gguf_file is None):
+            raise ValueError(
+                f"quantization={self.quantization!r} is not supported: hfbridge serves GGUF files quantized "
+                "(quantization='gguf', implied by a .gguf model); other quantized checkpoints are not served yet"
+            )
         hf_config = load_hf_config(source, self.trust_remote_code, self.revision, self.hf_overrides)
         if self.override_pooler_config is not None:
             logger.warning("override_pooler_config is deprecated; use pooler_config")

@@ -44,7 +44,6 @@ IGNORED_FLAGS: dict[str, int] = {
 # defaults), refused with the reason otherwise; never dropped with a warning. name -> (values accepted, reason).
 # A switch (no value) lists no values: it is always refused.
 OUTPUT_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
-    "--quantization": ((), "quantized checkpoints are not served yet; use an unquantized model"),
     "--kv-cache-dtype": (("auto",), "the KV cache keeps the model's dtype (auto)"),
     "--data-parallel-size": (("1",), "data parallelism is not supported; run one server per replica"),
     "--speculative-config": ((), "speculative decoding is not supported"),
@@ -212,6 +211,7 @@ ENGINE_OPTIONS = [
     click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
                  callback=load_config_file, help="YAML file of flag values; flags given here win."),
     click.option("--tokenizer", help="Tokenizer folder or Hub id, if not the model's."),
+    click.option("--quantization", help="gguf (implied by a .gguf MODEL), the only quantization served."),
     click.option("--revision", help="Hub branch, tag or commit of the model."),
     click.option("--tokenizer-revision", help="Hub revision of the tokenizer."),
     click.option("--tokenizer-mode", type=click.Choice(["auto", "hf", "slow"]),
