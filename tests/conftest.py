@@ -46,15 +46,22 @@ def smollm2_gguf():
 @pytest.fixture(scope="session")
 def smollm2_float32(smollm2_gguf, tmp_path_factory):
     """A folder with the default model as Transformers' own GGUF reader reads it (dequantized, float32), saved
-    once: the oracle for the quantized path, and a real float checkpoint for the float paths."""
+    once: the oracle for the quantized path, and a real float checkpoint for the float paths. The config and
+    tokenizer are those Transformers read from the file (kept by the first read); the tensors come from its reader
+    (`load_gguf_checkpoint`, what from_pretrained(gguf_file=...) calls, which would also parse the file twice more)."""
     import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    folder = tmp_path_factory.mktemp("smollm2_float32")
-    kwargs = {"gguf_file": smollm2_gguf.name}
-    transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, **kwargs).save_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, dtype=torch.float32, **kwargs)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): save the same tensors without the mark
-    del model.config.quantization_config
-    model.hf_quantizer = None
+    from hfbridge.model.gguf_metadata import gguf_metadata_folder
+
+    folder, metadata = tmp_path_factory.mktemp("smollm2_float32"), gguf_metadata_folder(smollm2_gguf)
+    transformers.AutoTokenizer.from_pretrained(metadata).save_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(metadata)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(str(smollm2_gguf), return_tensors=True, model_to_load=model)["tensors"]
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    assert not [n for n, p in model.named_parameters() if p.is_meta], "the reader left parameters unset"
     model.save_pretrained(folder)
     return folder
