@@ -98,8 +98,10 @@ def figures(load_s: float, rss: float, single: float, long: float, batch: float,
             "batch_tok_per_s": args.batch * args.new_tokens / batch}
 
 
-ROWS = [("single stream, ms/token", "single_ms_per_token", min), ("prompt processing, tokens/s", "prompt_tok_per_s", max),
-        ("batch, output tokens/s", "batch_tok_per_s", max), ("load, s", "load_s", min), ("RSS after load, MiB", "rss_mib", min)]
+ROWS = [("single stream, ms/token", "single_ms_per_token", min),
+        ("prompt processing, tokens/s", "prompt_tok_per_s", max),
+        ("batch, output tokens/s", "batch_tok_per_s", max), ("load, s", "load_s", min),
+        ("RSS after load, MiB", "rss_mib", min)]
 
 
 def main() -> None:

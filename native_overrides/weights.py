@@ -62,3 +62,13 @@ def _locate(model: nn.Module, name: str) -> tuple[str, slice | None]:
             module = model.get_submodule(target.rsplit(".", 2)[0])
             return target, _shard_rows(module, shard)
     return name, None
+
+
+def checkpoint_names(model: nn.Module) -> list[str]:
+    """The unfused checkpoint names `model`'s parameters load from (Transformers' own: `...q_proj.weight` for a
+    shard of `...qkv_proj.weight`), found without building the Transformers model."""
+    names = []
+    for name in model.state_dict():
+        fused = [(single, f".{fused}.") for fused, single, _ in STACKED_PARAMS if f".{fused}." in name]
+        names += [name.replace(marker, f".{single}.") for single, marker in fused] or [name]
+    return names

@@ -5,6 +5,7 @@ import copy
 import logging
 import threading
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, Transform
 from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
 from hfbridge.native_overrides.quantized import install_quantized
+from hfbridge.native_overrides.weights import checkpoint_names
 from hfbridge.model.hf_config import unreadable_gguf
 from hfbridge.quantization import gguf_kernels
 from hfbridge.quantization.gguf_checkpoint import QuantizedWeight, read_gguf_weights
@@ -74,17 +76,19 @@ def _weights(model_config: ModelConfig, model: nn.Module, device: torch.device):
     if model_config.gguf_file is None:
         return iter_checkpoint(model_config.model_path)
     single = device.type == "cpu" and get_tp_group().size == 1 and get_pp_group().size == 1
-    tensors = install_quantized_linears(model, gguf_tensors(model_config, model, quantized=single))
+    tensors = gguf_tensors(model_config, model.state_dict(), lambda: model, single)
+    tensors = install_quantized_linears(model, tensors)
     return ((name, (lambda t=t: t)) for name, t in tensors.items())
 
 
-def gguf_tensors(model_config: ModelConfig, model: nn.Module,
+def gguf_tensors(model_config: ModelConfig, hf_names: Iterable[str], transformers_model: Callable[[], nn.Module],
                  quantized: bool) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """The GGUF file's tensors under `model`'s (a Transformers model on meta) names: quantized ones as
-    QuantizedWeight where `quantized` and the architecture allow, else dequantized to float32."""
+    """The GGUF file's tensors under the Transformers parameter names `hf_names`: quantized ones as QuantizedWeight
+    where `quantized` and the architecture allow, else dequantized to float32. `transformers_model` (the model
+    on meta) serves the architectures only Transformers' reader converts."""
     path = Path(model_config.model_path) / model_config.gguf_file
     try:
-        tensors = read_gguf_weights(path, model, model_config.hf_text_config)
+        tensors = read_gguf_weights(path, hf_names, model_config.hf_text_config)
     except (OSError, IndexError, KeyError, EOFError) as e:  # gguf's reader names neither the file nor the problem
         raise ValueError(unreadable_gguf(path, e)) from e
     except NotImplementedError as e:  # Transformers' reader converts this architecture's tensors
@@ -92,7 +96,7 @@ def gguf_tensors(model_config: ModelConfig, model: nn.Module,
 
         logger.info("%s: GGUF architecture %r is served dequantized (Transformers' reader converts its tensors)",
                     path.name, str(e))
-        return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
+        return load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=transformers_model())["tensors"]
     if not quantized:
         if any(isinstance(t, QuantizedWeight) for t in tensors.values()):
             logger.info("%s: dequantized at load (the quantized kernels serve one CPU process: no tensor or "
@@ -109,9 +113,12 @@ def load_native(model_class: ModelClass, model_config: ModelConfig, device: torc
     model = model_class.cls(config, model_config.dtype, model_config.max_model_len)  # on meta
     if model_config.gguf_file is None:
         weights = iter_checkpoint(model_config.model_path)
-    else:  # named after Transformers' own model, which the native names follow
-        twin = build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config)
-        tensors = install_quantized(model, gguf_tensors(model_config, twin, quantized=device.type == "cpu"))
+    else:  # the checkpoint's names are Transformers' (unfused), which the native names follow
+        def twin() -> nn.Module:
+            return build_on_meta(ModelClass("transformers", _transformers_twin(model_class)), model_config)
+
+        tensors = gguf_tensors(model_config, checkpoint_names(model), twin, quantized=device.type == "cpu")
+        tensors = install_quantized(model, tensors)
         weights = ((name, (lambda t=t: t)) for name, t in tensors.items())
     model.allocate(device).load_weights(weights)
     return model

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from hfbridge.quantization import gguf_kernels
 
@@ -78,14 +78,14 @@ def open_reader(path: Path):
     return Reader(str(path))
 
 
-def read_gguf_weights(path: Path, model_to_load: nn.Module, hf_config) -> dict[str, torch.Tensor | QuantizedWeight]:
-    """{Transformers parameter name: float tensor or QuantizedWeight} for `model_to_load` (its Transformers class,
-    on meta). Types without a kernel are dequantized, with one log line naming them."""
+def read_gguf_weights(path: Path, hf_names: Iterable[str], hf_config) -> dict[str, torch.Tensor | QuantizedWeight]:
+    """{Transformers parameter name: float tensor or QuantizedWeight} for the parameter names `hf_names` (a
+    Transformers model's state_dict keys). Types without a kernel are dequantized, with one log line naming them."""
     reader = open_reader(path)
     architecture = str(reader.fields["general.architecture"].contents())
     if architecture not in PACKED_ARCHITECTURES:
         raise NotImplementedError(architecture)
-    names = _hf_names(model_to_load, architecture, hf_config.num_hidden_layers)
+    names = _hf_names(hf_names, architecture, hf_config.num_hidden_layers)
     weights: dict[str, torch.Tensor | QuantizedWeight] = {}
     dequantized: Counter[str] = Counter()
     for tensor in reader.tensors:
@@ -108,7 +108,7 @@ def read_gguf_weights(path: Path, model_to_load: nn.Module, hf_config) -> dict[s
     return weights
 
 
-def _hf_names(model: nn.Module, architecture: str, num_layers: int) -> dict[str, str]:
+def _hf_names(hf_names: Iterable[str], architecture: str, num_layers: int) -> dict[str, str]:
     """GGUF tensor name -> the model's parameter name, through gguf's own name table (what Transformers'
     get_gguf_hf_weights_map does, with the table built once rather than once per submodule)."""
     import gguf
@@ -116,7 +116,7 @@ def _hf_names(model: nn.Module, architecture: str, num_layers: int) -> dict[str,
     arch = next(key for key, value in gguf.MODEL_ARCH_NAMES.items() if value == architecture)
     table = gguf.get_tensor_name_map(arch, num_layers)
     names = {}
-    for name in model.state_dict():
+    for name in hf_names:
         stem, dot, suffix = name.rpartition(".")
         gguf_name = table.get_name(stem)
         if gguf_name is not None:
