@@ -133,3 +133,33 @@ def test_a_converted_tiny_model_matches_transformers_reader(tmp_path, case):
         for out, (tokens, logits) in zip(outs, expected):
             assert_greedy_match(list(out.outputs[0].token_ids), tokens, logits)
         del llm
+
+
+@pytest.mark.parametrize("model_impl", ["native", "transformers"])
+def test_lora_adapters_over_quantized_projections_equal_peft(tmp_path, model_impl):
+    """PEFT adapters over a GGUF file served quantized: the adapter's delta adds to the blocks' output. Oracle:
+    PEFT's model over Transformers' dequantizing reader of the same file."""
+    from gguf_files import quantize_any, write_llama_gguf
+    from greedy import assert_greedy_match
+    from lora_adapters import ALL_PROJECTIONS, make_adapter, peft_model
+
+    from hfbridge import LoRARequest
+
+    path = write_llama_gguf(tmp_path / "tiny.gguf", _tiny_llama(96, tie=True), _type_of(LEGACY, "Q8_0"),
+                            quantize_any)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
+                                                             dtype=torch.float32).eval()
+    adapter = make_adapter(base, tmp_path / "all", 8, ALL_PROJECTIONS, seed=1)
+    oracles = {None: base, "all": peft_model(base, adapter)}
+    llm = LLM(model=str(path), model_impl=model_impl, enable_lora=True, max_lora_rank=8, max_model_len=128,
+              dtype="float32", skip_tokenizer_init=True)
+    assert "QuantizedLinear" in llm.apply_model(lambda m: {type(x).__name__ for x in m.modules()})[0]
+    prompts, names = [list(range(3, 30)), list(range(40, 52))], ["all", None]
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                        lora_request=[LoRARequest("all", 1, str(adapter)), None])
+    for prompt, name, out in zip(prompts, names, outs):
+        tokens, logits = hf_greedy(oracles[name], prompt, NEW_TOKENS, ignore_eos=True)
+        assert_greedy_match(list(out.outputs[0].token_ids), tokens, logits)
+    assert hf_greedy(oracles["all"], prompts[0], NEW_TOKENS, True)[0] != hf_greedy(base, prompts[0], NEW_TOKENS,
+                                                                                   True)[0]
