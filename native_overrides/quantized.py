@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear
+from hfbridge.native_overrides.weights import FUSED_PARTS
 from hfbridge.quantization.gguf_checkpoint import QuantizedWeight
 from hfbridge.quantization.quantized_linear import QuantizedEmbedding, QuantizedGateUp, QuantizedHead, QuantizedLinear
 
@@ -16,18 +18,17 @@ Weights = dict[str, torch.Tensor | QuantizedWeight]
 def install_quantized(model: nn.Module, weights: Weights) -> Weights:
     """Swap `model`'s (a NativeCausalLM on meta) modules for the quantized ones `weights` (Transformers names)
     calls for; returns the float tensors left for `load_weights`."""
-    opts, dtype, left = model.options, model.model.norm.weight.dtype, dict(weights)
+    dtype, left = model.model.norm.weight.dtype, dict(weights)
     for i, layer in enumerate(model.model.layers):
-        attn, mlp, prefix = layer.self_attn, layer.mlp, f"model.layers.{i}"
-        _swap(attn, "qkv_proj", left, [f"{prefix}.self_attn.{p}_proj" for p in "qkv"], opts.qkv_bias, dtype)
-        _swap(attn, "o_proj", left, [f"{prefix}.self_attn.o_proj"], opts.o_bias, dtype)
-        _swap(mlp, "gate_up_proj", left, [f"{prefix}.mlp.gate_proj", f"{prefix}.mlp.up_proj"], opts.mlp_bias,
-              dtype, QuantizedGateUp)
-        _swap(mlp, "down_proj", left, [f"{prefix}.mlp.down_proj"], opts.mlp_bias, dtype)
+        for block in ("self_attn", "mlp"):
+            for attr, linear in list(getattr(layer, block).named_children()):
+                if isinstance(linear, PackedLinear):
+                    names = [f"model.layers.{i}.{block}.{part}" for part in FUSED_PARTS.get(attr, [attr])]
+                    _swap(getattr(layer, block), attr, linear, left, names, dtype)
     embedding = left.get("model.embed_tokens.weight")
     if isinstance(embedding, QuantizedWeight):
         model.model.embed_tokens = QuantizedEmbedding(left.pop("model.embed_tokens.weight"), dtype)
-    head = embedding if opts.tie_word_embeddings else left.get("lm_head.weight")
+    head = embedding if model.options.tie_word_embeddings else left.get("lm_head.weight")
     if isinstance(head, QuantizedWeight):
         left.pop("lm_head.weight", None)
         if hasattr(model, "lm_head"):
@@ -36,8 +37,9 @@ def install_quantized(model: nn.Module, weights: Weights) -> Weights:
     return left
 
 
-def _swap(parent: nn.Module, attr: str, weights: Weights, names: list[str], bias: bool, dtype: torch.dtype,
-          cls: type[QuantizedLinear] = QuantizedLinear) -> None:
+def _swap(parent: nn.Module, attr: str, linear: PackedLinear, weights: Weights, names: list[str],
+          dtype: torch.dtype) -> None:
+    """parent.attr (`linear`, loading the checkpoint modules `names`) -> its quantized twin, if any part is."""
     parts = [weights.get(f"{name}.weight") for name in names]
     if not any(isinstance(p, QuantizedWeight) for p in parts):
         return  # all float: the packed float projection serves it
@@ -45,4 +47,6 @@ def _swap(parent: nn.Module, attr: str, weights: Weights, names: list[str], bias
         raise ValueError(f"The GGUF file has no weight for {[n for n, p in zip(names, parts) if p is None]}")
     for name in names:
         del weights[f"{name}.weight"]
-    setattr(parent, attr, cls([p if isinstance(p, QuantizedWeight) else p.to(dtype) for p in parts], bias, dtype))
+    cls = QuantizedGateUp if isinstance(linear, GateUpLinear) else QuantizedLinear
+    parts = [p if isinstance(p, QuantizedWeight) else p.to(dtype) for p in parts]
+    setattr(parent, attr, cls(parts, linear.bias is not None, dtype))

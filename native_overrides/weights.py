@@ -15,6 +15,9 @@ STACKED_PARAMS = (
     ("gate_up_proj", "up_proj", 1),
 )
 
+# fused module name -> its checkpoint modules, in the fused order: "qkv_proj" -> ["q_proj", "k_proj", "v_proj"]
+FUSED_PARTS = {fused: [s for f, s, _ in STACKED_PARAMS if f == fused] for fused, _, _ in STACKED_PARAMS}
+
 
 def _shard_rows(module: nn.Module, shard) -> slice:
     """Rows of the fused weight (dim 0) that one checkpoint tensor fills."""
@@ -69,6 +72,6 @@ def checkpoint_names(model: nn.Module) -> list[str]:
     shard of `...qkv_proj.weight`), found without building the Transformers model."""
     names = []
     for name in model.state_dict():
-        fused = [(single, f".{fused}.") for fused, single, _ in STACKED_PARAMS if f".{fused}." in name]
-        names += [name.replace(marker, f".{single}.") for single, marker in fused] or [name]
+        fused = next((f for f in FUSED_PARTS if f".{f}." in name), None)
+        names += [name.replace(f".{fused}.", f".{single}.") for single in FUSED_PARTS[fused]] if fused else [name]
     return names

@@ -134,17 +134,6 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
             torch.set_num_threads(threads)
 
 
-def test_into_a_column_slice_of_a_wider_output():
-    """quant_matmul_into writes its columns of a wider output (rows ldo apart) and nothing else."""
-    data, w = _weights(Q.Q4_K)
-    for m in (1, 5, 70):
-        x = torch.randn(m, w.shape[1])
-        wide = torch.full((m, N + 10), 7.0)
-        gguf_kernels.quant_matmul_into(x, data, int(Q.Q4_K), wide[:, 4:4 + N])
-        assert torch.equal(wide[:, 4:4 + N], gguf_kernels.quant_matmul(x, data, int(Q.Q4_K), N))
-        assert (wide[:, :4] == 7).all() and (wide[:, 4 + N:] == 7).all()
-
-
 def test_without_a_compiler_the_numpy_fallback_gives_the_same_values(monkeypatch):
     """No C compiler (the library loader returns None): gguf-py's dequantizer and F.linear, within the same bound
     of the definition as the kernels (the sums run in another order: the bits differ)."""
@@ -155,8 +144,6 @@ def test_without_a_compiler_the_numpy_fallback_gives_the_same_values(monkeypatch
     fallback = gguf_kernels.quant_matmul(x, data, int(Q.Q5_K), N)
     _assert_matmul(fallback, x, w)
     assert gguf_kernels.quant_matmul(x.bfloat16(), data, int(Q.Q5_K), N).dtype == torch.bfloat16
-    out = torch.empty(6, N)
-    assert torch.equal(gguf_kernels.quant_matmul_into(x, data, int(Q.Q5_K), out), fallback)
     assert not gguf_kernels.build_kernels()
 
 
@@ -193,10 +180,6 @@ def test_bad_inputs_raise_value_errors():
             gguf_kernels.quant_matmul(*args)
     with pytest.raises(ValueError):
         gguf_kernels.dequantize(data, q4_0, k + 32)
-    with pytest.raises(ValueError):
-        gguf_kernels.quant_matmul_into(x, data, q4_0, torch.empty(2, N, dtype=torch.bfloat16))
-    with pytest.raises(ValueError):
-        gguf_kernels.quant_matmul_into(x, data, q4_0, torch.empty(N, 2).T)  # columns not contiguous
 
 
 def test_compiled_graphs_keep_the_operator():

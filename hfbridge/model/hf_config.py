@@ -33,7 +33,7 @@ def load_hf_config(
             config = AutoConfig.from_pretrained(gguf_metadata_folder(Path(source.folder) / source.gguf_file))
         else:
             config = AutoConfig.from_pretrained(source.folder, **kwargs)
-    except (ValueError, OSError, IndexError, KeyError, EOFError) as e:
+    except (ValueError, *GGUF_READ_ERRORS) as e:
         if source.gguf_file:  # the reader's own errors name neither the file nor the problem
             raise ValueError(unreadable_gguf(Path(source.folder) / source.gguf_file, e)) from e
         if "trust_remote_code" in str(e) and not trust_remote_code:
@@ -47,6 +47,10 @@ def load_hf_config(
     elif hf_overrides:
         apply_overrides(config, hf_overrides)
     return config
+
+
+# What gguf's reader raises on a truncated or corrupt file (numpy reshapes past the end, bad offsets)
+GGUF_READ_ERRORS = (OSError, IndexError, KeyError, EOFError)
 
 
 def unreadable_gguf(path: Path, error: BaseException) -> str:

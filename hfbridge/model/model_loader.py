@@ -21,7 +21,7 @@ from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersF
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
 from hfbridge.native_overrides.quantized import install_quantized
 from hfbridge.native_overrides.weights import checkpoint_names
-from hfbridge.model.hf_config import unreadable_gguf
+from hfbridge.model.hf_config import GGUF_READ_ERRORS, unreadable_gguf
 from hfbridge.quantization import gguf_kernels
 from hfbridge.quantization.gguf_checkpoint import QuantizedWeight, read_gguf_weights
 from hfbridge.quantization.quantized_linear import install_quantized_linears
@@ -89,7 +89,7 @@ def gguf_tensors(model_config: ModelConfig, hf_names: Iterable[str], transformer
     path = Path(model_config.model_path) / model_config.gguf_file
     try:
         tensors = read_gguf_weights(path, hf_names, model_config.hf_text_config)
-    except (OSError, IndexError, KeyError, EOFError) as e:  # gguf's reader names neither the file nor the problem
+    except GGUF_READ_ERRORS as e:  # gguf's reader names neither the file nor the problem
         raise ValueError(unreadable_gguf(path, e)) from e
     except NotImplementedError as e:  # Transformers' reader converts this architecture's tensors
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint

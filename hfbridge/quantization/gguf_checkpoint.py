@@ -93,15 +93,14 @@ def read_gguf_weights(path: Path, hf_names: Iterable[str], hf_config) -> dict[st
         if name is None:  # e.g. rope_freqs, which Transformers recomputes
             continue
         qtype = int(tensor.tensor_type)
-        if qtype in FLOAT_TYPES:
-            weights[name] = _permuted(torch.from_numpy(np.array(tensor.data)), tensor.name, architecture, hf_config)
-        elif qtype in gguf_kernels.KERNEL_TYPES and len(tensor.shape) == 2:
-            data = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))  # [out, row_bytes], owned
-            weights[name] = QuantizedWeight(_permuted(data, tensor.name, architecture, hf_config), qtype,
-                                            int(tensor.shape[0]))
+        packed = qtype in gguf_kernels.KERNEL_TYPES and len(tensor.shape) == 2
+        if qtype in FLOAT_TYPES or packed:  # an owned copy; blocks as uint8 [out, row_bytes]
+            rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8 if packed else None))
         else:
-            weights[name] = _permuted(_dequantize_any(path, tensor), tensor.name, architecture, hf_config)
+            rows = _dequantize_any(path, tensor)
             dequantized[type_name(qtype)] += 1
+        rows = _permuted(rows, tensor.name, architecture, hf_config)
+        weights[name] = QuantizedWeight(rows, qtype, int(tensor.shape[0])) if packed else rows
     if dequantized:
         logger.info("%s: %s have no quantized kernel here; dequantized at load",
                     path.name, ", ".join(f"{n} tensors of {t}" for t, n in dequantized.items()))

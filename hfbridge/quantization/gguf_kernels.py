@@ -77,40 +77,16 @@ quant_matmul = graph_op("hfbridge::gguf_matmul", "(Tensor x, Tensor data, int qt
                         _quant_matmul, lambda x, data, qtype, out_features: x.new_empty(x.shape[0], out_features))
 
 
-def quant_matmul_into(x: torch.Tensor, data: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
-    """quant_matmul written into `out` float32 [T, n], whose rows may be farther apart than n (a column slice of a
-    wider output: the parts of a fused projection side by side, without a concatenation). Eager code only."""
-    _check_x(x)
-    if (out.dtype != torch.float32 or not out.is_cpu or out.dim() != 2 or out.shape[0] != x.shape[0]
-            or out.stride(1) != 1 or out.stride(0) < out.shape[1]):
-        raise ValueError(f"out must be float32 [{x.shape[0]}, n] on CPU with unit column stride, got "
-                         f"{tuple(out.shape)} {out.dtype} strides {out.stride()} on {out.device}")
-    _check_data(data, qtype, out.shape[1], x.shape[1])
-    lib = _library() if qtype in KERNEL_TYPES else None
-    if lib is None:
-        return out.copy_(F.linear(x.float(), dequantize(data, qtype, x.shape[1])))
-    _run(lib, x, data, qtype, out)
-    return out
-
-
 def run_quant_matmul(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, qtype: int,
                      out_features: int) -> torch.Tensor:
     """quant_matmul through `lib` (a build of gguf_matmul.c), on inputs already checked."""
-    out = torch.empty(x.shape[0], out_features)
-    _run(lib, x, data, qtype, out)
-    return out if x.dtype == torch.float32 else out.to(x.dtype)
-
-
-def _run(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, qtype: int, out: torch.Tensor) -> None:
-    if x.dtype != torch.float32 or not x.is_contiguous():
-        x = x.float().contiguous()
-    if not data.is_contiguous():
-        data = data.contiguous()
-    m, k = x.shape
-    n = out.shape[1]
-    if m and n:
-        lib.gguf_matmul(qtype, x.data_ptr(), data.data_ptr(), out.data_ptr(), m, n, k, out.stride(0),
+    dtype, (m, k) = x.dtype, x.shape
+    x, data = x.float().contiguous(), data.contiguous()  # no copies when already so
+    out = torch.empty(m, out_features)
+    if m and out_features:
+        lib.gguf_matmul(qtype, x.data_ptr(), data.data_ptr(), out.data_ptr(), m, out_features, k, out_features,
                         torch.get_num_threads())
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def dequantize(data: torch.Tensor, qtype: int, k: int) -> torch.Tensor:

@@ -73,9 +73,6 @@ class QuantizedGateUp(QuantizedLinear):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection(x)
-
 
 class QuantizedEmbedding(nn.Module):
     """ids [T] -> [T, hidden] in `dtype`: the rows of a quantized table, dequantized as they are looked up."""
@@ -95,9 +92,6 @@ class QuantizedHead:
 
     def __init__(self, weight: QuantizedWeight):
         self.weight = weight
-
-    def is_current(self, weight) -> bool:
-        return True  # the blocks are never edited in place
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         return _project(hidden, self.weight)
