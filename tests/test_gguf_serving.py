@@ -95,6 +95,8 @@ def _tiny_llama(hidden: int, tie: bool):
 Q4_K_M = {"token_embd": "Q4_K", "output": "Q6_K", "blk.0.attn_v": "Q6_K", "blk.1.ffn_down": "Q6_K"}
 LEGACY = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q5_0", "attn_output": "Q5_1",
           "ffn_gate": "Q8_0", "ffn_up": "Q4_1", "ffn_down": "Q4_0"}
+# float tensors beside blocks, in the same fused projections: BF16 (which gguf reads as bytes) and F16
+FLOATS = {"token_embd": "BF16", "attn_q": "Q8_0", "attn_k": "F16", "attn_v": "BF16", "ffn_up": "F16"}
 
 
 def _type_of(table: dict[str, str], default: str):
@@ -107,17 +109,20 @@ def _type_of(table: dict[str, str], default: str):
     return type_of
 
 
-@pytest.mark.parametrize("case", ["q4_k_m", "legacy_tied"])
+@pytest.mark.parametrize("case", ["q4_k_m", "legacy_tied", "floats_tied"])
 def test_a_converted_tiny_model_matches_transformers_reader(tmp_path, case):
     """A tiny Llama written as GGUF in the test (llama.cpp's layout, each tensor quantized from its definition),
     served quantized on both paths (native and model_impl="transformers"), against Transformers' reader of the same
     file: the same dequantized values in float32, so greedy tokens equal but for near ties."""
-    from gguf_files import quantize_any, write_llama_gguf
+    import gguf
+    from gguf_files import gguf_name, quantize_any, write_llama_gguf
 
     if case == "q4_k_m":  # K-quants: rows of whole 256-value super-blocks
         model, types = _tiny_llama(256, tie=False), _type_of(Q4_K_M, "Q4_K")
-    else:
+    elif case == "legacy_tied":
         model, types = _tiny_llama(96, tie=True), _type_of(LEGACY, "Q8_0")
+    else:
+        model, types = _tiny_llama(96, tie=True), _type_of(FLOATS, "Q4_0")
     path = write_llama_gguf(tmp_path / f"{case}.gguf", model, types, quantize_any)
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
                                                                   dtype=torch.float32).eval()
@@ -126,10 +131,15 @@ def test_a_converted_tiny_model_matches_transformers_reader(tmp_path, case):
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
     for impl in ("auto", "transformers"):
         llm = LLM(model=str(path), model_impl=impl, max_model_len=128, dtype="float32", skip_tokenizer_init=True)
-        # every projection on the blocks; on the Transformers path a tied head shares the (dequantized) embedding
+        # every quantized projection on the blocks (native: fused with any float parts); on the Transformers path
+        # a tied head shares the (dequantized) embedding, and a projection stored as F16 / BF16 stays nn.Linear
         float_linears = llm.apply_model(
             lambda m: [n for n, x in m.named_modules() if isinstance(x, torch.nn.Linear)])[0]
-        assert float_linears == (["model.lm_head"] if impl == "transformers" and case == "legacy_tied" else [])
+        stored_float = [] if impl != "transformers" else [
+            f"model.{n.removesuffix('.weight')}" for n in model.state_dict()
+            if n.endswith("_proj.weight") and gguf.GGMLQuantizationType(types(gguf_name(n))).name in ("F16", "BF16")]
+        tied_head = ["model.lm_head"] if impl == "transformers" and case != "q4_k_m" else []
+        assert sorted(float_linears) == sorted(tied_head + stored_float)
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         for out, (tokens, logits) in zip(outs, expected):
             assert_greedy_match(list(out.outputs[0].token_ids), tokens, logits)

@@ -94,8 +94,10 @@ def read_gguf_weights(path: Path, hf_names: Iterable[str], hf_config) -> dict[st
             continue
         qtype = int(tensor.tensor_type)
         packed = qtype in gguf_kernels.KERNEL_TYPES and len(tensor.shape) == 2
-        if qtype in FLOAT_TYPES or packed:  # an owned copy; blocks as uint8 [out, row_bytes]
-            rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8 if packed else None))
+        if packed:  # an owned copy, uint8 [out, row_bytes]
+            rows = torch.from_numpy(np.array(tensor.data, dtype=np.uint8))
+        elif qtype in FLOAT_TYPES:  # gguf reads BF16 as its bytes: viewed as the type, the last dim halves
+            rows = torch.from_numpy(np.array(tensor.data)).view(FLOAT_TYPES[qtype])
         else:
             rows = _dequantize_any(path, tensor)
             dequantized[type_name(qtype)] += 1
