@@ -1,6 +1,7 @@
 """One frozen engine config, made of sections, validated when built (see engine_args.py), never mutated."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +100,27 @@ class LoRAConfig:
             raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
 
 
+MODALITIES = ("image",)  # what multi_modal_data may hold; vLLM's video and audio are refused by name
+
+
+@dataclass(frozen=True)
+class MultiModalConfig:
+    """Images in prompts (vLLM's names where it has them): at most limit_per_prompt[modality] items in one
+    prompt; image URLs fetched within a timeout and a size cap, from allowed_media_domains when set, file:// only
+    under allowed_local_media_path; encoder outputs cached up to encoder_cache_rows embedding rows."""
+
+    limit_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 999})
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: frozenset[str] | None = None
+    # seconds for an http(s) image; HFBRIDGE_IMAGE_FETCH_TIMEOUT sets it (vLLM's VLLM_IMAGE_FETCH_TIMEOUT, 5 s)
+    media_fetch_timeout: float = field(
+        default_factory=lambda: float(os.environ.get("HFBRIDGE_IMAGE_FETCH_TIMEOUT", "5")))
+    max_media_bytes: int = 20 << 20
+    max_image_pixels: int = 8192 * 8192  # checked from the file header, before decoding (decompression bombs)
+    encoder_cache_rows: int = 16384
+    max_num_encoder_input_tokens: int = 8192  # image embedding rows a step may encode (vLLM's name)
+
+
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher", "ray")
 
 
@@ -130,3 +152,4 @@ class EngineConfig:
     attention_backend: str = "torch"  # resolved by name: torch | triton | flash_attn
     parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
     lora_config: LoRAConfig | None = None  # None: enable_lora=False
+    multimodal_config: MultiModalConfig | None = None  # None: a text-only model

@@ -15,6 +15,7 @@ from hfbridge.engine.input_processor import truncate_tokens
 from hfbridge.engine.async_engine import AsyncLLMEngine, RequestStream
 from hfbridge.sample.bad_words import tokenize_bad_words
 from hfbridge.errors import ValidationError
+from hfbridge.multimodal.inputs import MultiModalInputs
 from hfbridge.outputs import RequestOutput
 from hfbridge.sample.sampling_params import RequestOutputKind, SamplingParams
 from hfbridge.server.errors import APIError, set_request_log_id
@@ -28,6 +29,7 @@ class PreparedPrompt:
     text: str | None
     token_ids: list[int]
     params: SamplingParams
+    mm_inputs: MultiModalInputs | None = None  # the prompt's images, processed (a vision-language model)
 
 
 @dataclass
@@ -88,12 +90,20 @@ def fit_max_tokens(requested: int | None, default: int | None, num_prompt_tokens
 def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str | list[int], *,
                    logprobs: int | None, prompt_logprobs: int | None, default_max_tokens: int | None,
                    max_tokens_param: str, prompt_param: str,
-                   bad_words_token_ids: list[list[int]] | None = None) -> PreparedPrompt:
+                   bad_words_token_ids: list[list[int]] | None = None, images: list | None = None) -> PreparedPrompt:
     """Runs on the tokenizer thread: tokenizing the prompt and the bad words, and parsing a constraint, take
     milliseconds to seconds that the event loop and the engine thread must not wait for."""
     engine, card = state.require_engine()
     tokenizer = engine.engine.get_tokenizer()
-    text, token_ids = tokenize(tokenizer, prompt, request.add_special_tokens)
+    mm_inputs = None
+    if images:  # the processor expands each image's placeholders while it tokenizes
+        if request.sampling.get("truncate_prompt_tokens"):
+            raise APIError(400, "truncate_prompt_tokens cannot cut a prompt with images (it could cut an image's "
+                                "placeholders); shorten the text instead", "truncate_prompt_tokens")
+        text, (token_ids, mm_inputs) = prompt, engine.engine.mm_processor.process(
+            prompt, None, {"image": images}, request.add_special_tokens)
+    else:
+        text, token_ids = tokenize(tokenizer, prompt, request.add_special_tokens)
     # Truncated here rather than only in the engine, so max_tokens is fitted to the prompt actually run (0 means
     # none; other values out of range are refused by SamplingParams below).
     truncate = request.sampling.get("truncate_prompt_tokens") or None
@@ -113,7 +123,7 @@ def prepare_prompt(state: ServingState, request: GenerationRequest, prompt: str 
     if params.structured_outputs is not None:  # parsed here, off the engine thread; cached for the engine
         engine.engine.structured_outputs.validate(params.structured_outputs)
     params.output_kind = RequestOutputKind.DELTA  # the route assembles full texts itself when not streaming
-    return PreparedPrompt(text, token_ids, params)
+    return PreparedPrompt(text, token_ids, params, mm_inputs)
 
 
 async def prepare_prompts(state: ServingState, request: GenerationRequest, prompts: list[str | list[int]],
@@ -140,6 +150,8 @@ async def submit(engine: AsyncLLMEngine, response_id: str, prompts: list[Prepare
             engine_prompt["prompt"] = prepared.text
         if request.cache_salt is not None:
             engine_prompt["cache_salt"] = request.cache_salt
+        if prepared.mm_inputs is not None:
+            engine_prompt["multi_modal_data"] = prepared.mm_inputs
         requests.append((f"{response_id}-{i}", engine_prompt, prepared.params, True, request.priority, lora_request))
     try:
         return await engine.add_requests(requests)

@@ -355,20 +355,31 @@ def _messages(name: str, value: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _content(name: str, value: Any) -> str | None:
-    """Text content: a string, or a list of text parts joined by newlines (vLLM's "string" format)."""
+def _content(name: str, value: Any) -> str | list[dict[str, Any]] | None:
+    """Text content: a string, or a list of text parts joined by newlines (vLLM's "string" format). With image
+    parts, the list of parts: {"type": "text", "text": ...} and {"type": "image_url", "image_url": {"url": ...}}."""
     if value is None or isinstance(value, str):
         return value
     if not isinstance(value, list):
         raise _fail(name, "a string or a list of content parts", value)
-    texts = []
+    parts: list[dict[str, Any]] = []
     for part in value:
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str):
+                raise APIError(400, f"{name}: an image_url part needs an `image_url` object with a string `url`",
+                               "messages")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+            continue
         if kind not in ("text", "input_text") or not isinstance(part.get("text"), str):
-            raise APIError(400, f"{name}: only text content parts are supported, got {kind or type(part).__name__}",
-                           "messages")
-        texts.append(part["text"])
-    return "\n".join(texts)
+            raise APIError(400, f"{name}: content parts must be text or image_url, got "
+                                f"{kind or type(part).__name__}", "messages")
+        parts.append({"type": "text", "text": part["text"]})
+    if any(part["type"] == "image_url" for part in parts):
+        return parts
+    return "\n".join(part["text"] for part in parts)
 
 
 def _tool_calls(name: str, value: Any) -> list[dict[str, Any]]:

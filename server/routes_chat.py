@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages rendered with the chat template, then generated like a completion."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from typing import Any
@@ -11,6 +12,7 @@ from aiohttp import web
 from hfbridge.engine.chat_utils import render_chat
 from hfbridge.engine.detokenizer import decode_token
 from hfbridge.errors import ValidationError
+from hfbridge.multimodal.chat import count_image_parts, split_images
 from hfbridge.server.errors import APIError, read_json_object
 from hfbridge.server.generation import OutputMerger, PreparedPrompt, collect, new_response_id, prepare_prompt, start
 from hfbridge.server.logprobs import chat_logprobs, prompt_logprobs_json
@@ -67,7 +69,14 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
 
 async def prepare_chat(state: ServingState, card: ModelCard, body: ChatRequest, max_tokens_param: str) -> PreparedPrompt:
     """Render (a request's own template in the sandbox) and tokenize on the tokenizer thread (seconds for a huge
-    conversation)."""
+    conversation). Image parts are fetched and decoded first, on a thread of their own (a slow URL must not hold
+    up everyone's tokenizing), and become {"type": "image"} parts for the template."""
+    images = None
+    if count_image_parts(body.messages):
+        engine, _ = state.require_engine()
+        messages, images = await asyncio.get_running_loop().run_in_executor(
+            None, split_images, body.messages, engine.engine.config.multimodal_config, card.names[0])
+        body = dataclasses.replace(body, messages=messages)
     own_template = await render_with_request_template(state, body)  # None: the model's template, below
 
     def render_and_prepare() -> PreparedPrompt:
@@ -77,7 +86,7 @@ async def prepare_chat(state: ServingState, card: ModelCard, body: ChatRequest, 
             # Unset means "whatever the context has left" (vLLM), unless generation_config.json names a limit;
             # either way the request holds its seat in the queue like any other.
             default_max_tokens=card.default_sampling.get("max_tokens"),
-            max_tokens_param=max_tokens_param, prompt_param="messages",
+            max_tokens_param=max_tokens_param, prompt_param="messages", images=images,
         )
 
     return await state.off_loop(render_and_prepare)

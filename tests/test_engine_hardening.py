@@ -396,9 +396,9 @@ def test_cache_salt_isolates_the_prefix_cache(tiny_llama):
 
 
 def test_prompt_keys_hfbridge_cannot_serve_are_refused(tiny_llama, llm):
-    """An image must never be dropped silently: multimodal keys are refused until they are served."""
+    """An image must never be dropped silently: a text-only model refuses multimodal keys."""
     params = SamplingParams(temperature=0, max_tokens=2)
-    with pytest.raises(ValueError, match="multi_modal_data.*multimodal inputs"):
+    with pytest.raises(ValueError, match="takes no multi_modal_data"):
         llm.generate([{"prompt": "Describe", "multi_modal_data": {"image": object()}}], params, use_tqdm=False)
     with pytest.raises(ValueError, match="Unknown prompt key 'promt'"):
         llm.generate([{"prompt": "Hi", "promt": "typo"}], params, use_tqdm=False)
@@ -410,7 +410,8 @@ def test_prompt_keys_hfbridge_cannot_serve_are_refused(tiny_llama, llm):
     (dict(kv_cache_dtype="fp8"), "kv_cache_dtype='fp8' is not supported"),
     (dict(enable_lora=True, task="embed"), "enable_lora=True is not supported with pooling models"),
     (dict(enable_lora=True, max_loras=2, max_cpu_loras=1), r"max_cpu_loras \(1\) must be >= max_loras \(2\)"),
-    (dict(limit_mm_per_prompt={"image": 2}), "multimodal"),
+    (dict(limit_mm_per_prompt={"video": 1}), "video inputs are not supported"),
+    (dict(mm_processor_kwargs={"num_crops": 4}), "processor options are not supported"),
     (dict(scheduling_policy="lottery"), "scheduling_policy='lottery'"),
 ])
 def test_engine_arguments_that_change_outputs_are_refused(tiny_llama, kwargs, message):

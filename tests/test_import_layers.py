@@ -18,7 +18,7 @@ LAYERS = {
     # shared types and helpers, imported by everyone
     0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build"),
     1: ("attention_backends", "sample"),
-    2: ("pooling", "quantization"),
+    2: ("pooling", "quantization", "multimodal"),
     3: ("native_overrides", "parallel", "lora"),
     4: ("model",),
     5: ("core",),

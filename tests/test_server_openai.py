@@ -92,3 +92,11 @@ def test_wrong_key_is_an_authentication_error(server):
         wrong.models.list()
     with urllib.request.urlopen(server + "/health") as response:  # probes stay open
         assert response.status == 200
+
+
+def test_image_part_to_a_text_only_model_is_400(client):
+    url = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJ"
+           "RU5ErkJggg==")  # a 1x1 PNG
+    content = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": url}}]
+    with pytest.raises(openai.BadRequestError, match="takes no images"):
+        client.chat.completions.create(model=MODEL, max_completion_tokens=4, messages=[{"role": "user", "content": content}])

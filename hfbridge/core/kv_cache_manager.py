@@ -136,6 +136,11 @@ class KVCacheManager:
         while len(hashes) < request.num_tokens // bs:
             i = len(hashes)
             parent = hashes[-1] if hashes else first_parent_hash(request)
+            images = request.mm_inputs
+            if images is not None and i * bs <= images.first_position < (i + 1) * bs:
+                # the block of the first image placeholder covers every image of the request; later blocks
+                # chain from it
+                parent = hashlib.sha256((parent or b"") + images.group_hash).digest()
             hashes.append(hash_block(parent, request.all_token_ids[i * bs : (i + 1) * bs]))
 
     def _cache_full_blocks(self, request: Request, blocks: list[KVCacheBlock], num_tokens: int) -> None:

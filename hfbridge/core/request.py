@@ -9,6 +9,7 @@ import torch
 
 if TYPE_CHECKING:
     from hfbridge.lora.request import LoRARequest
+    from hfbridge.multimodal.inputs import MultiModalInputs
     from hfbridge.sample.sampling_params import SamplingParams
 
 
@@ -41,6 +42,7 @@ class Request:
         priority: int = 0,
         cache_salt: str | None = None,
         lora_request: LoRARequest | None = None,
+        mm_inputs: MultiModalInputs | None = None,
     ):
         self.request_id = request_id
         # The user request this one belongs to (the n samples of a request share it); the scheduler admits
@@ -53,6 +55,7 @@ class Request:
         self.priority = priority  # lower runs first under --scheduling-policy priority (vLLM's order)
         self.cache_salt = cache_salt  # prefix-cache entries are shared only between requests of one salt
         self.lora_request = lora_request  # the adapter its tokens run under; part of its block hashes too
+        self.mm_inputs = mm_inputs  # its images (a vision-language model); part of its block hashes too
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.first_scheduled_time: float | None = None  # time.monotonic() when it first got a step
         self.generator = generator  # per-request RNG when SamplingParams.seed is set

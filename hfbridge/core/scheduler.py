@@ -13,9 +13,14 @@ from hfbridge.core.waiting_queue import WAITING_QUEUES
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_loras: int = 0):
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager, max_loras: int = 0,
+                 max_encoder_rows: int = 0):
         self.config = config
         self.max_loras = max_loras  # enable_lora: distinct adapters the running batch may hold (0: LoRA off)
+        # a vision-language model: the image embedding rows one step may encode (vLLM's
+        # max_num_encoder_input_tokens), so one request with many images cannot stall everyone's decode
+        self.max_encoder_rows = max_encoder_rows
+        self._encoder_budget = max_encoder_rows  # what is left of it in the step being scheduled
         self.kv_cache_manager = kv_cache_manager
         self.requests: dict[str, Request] = {}
         self.waiting = WAITING_QUEUES[config.policy]()
@@ -32,6 +37,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         self.kv_cache_manager.begin_step()
         budget = self.config.max_num_batched_tokens
+        self._encoder_budget = self.max_encoder_rows
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
 
@@ -40,6 +46,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = self._fit_encoder(request, request.num_computed_tokens, num_new)
             if num_new <= 0:
                 i += 1
                 continue
@@ -81,6 +88,9 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
+            num_new = self._fit_encoder(request, num_hit_tokens, num_new)
+            if num_new <= 0:
+                break
             blocks = self.kv_cache_manager.allocate_slots(request, num_new, hits)
             if blocks is None:
                 break
@@ -103,6 +113,20 @@ class Scheduler:
             scheduled.sort(key=lambda s: 0 if s.request.lora_request is None else s.request.lora_request.lora_int_id)
         num_tokens = self.config.max_num_batched_tokens - budget
         return SchedulerOutput(scheduled, num_tokens, preempted)
+
+    def _fit_encoder(self, request: Request, start: int, num_new: int) -> int:
+        """The chunk's length within the step's encoder budget: a chunk that reaches a request's first image
+        placeholder runs the encoder over all its images (their rows count against the budget); past the budget,
+        the chunk stops before the images (0: the request waits for the next step). The step's first encoder work
+        always runs, so a request with more rows than the budget still makes progress."""
+        images = request.mm_inputs
+        if images is None or not start <= images.first_position < start + num_new:
+            return num_new
+        rows = len(images.positions)
+        if rows <= self._encoder_budget or self._encoder_budget == self.max_encoder_rows:
+            self._encoder_budget -= min(rows, self._encoder_budget)
+            return num_new
+        return images.first_position - start
 
     def _victim_index(self) -> int:
         if self.config.policy == "priority":

@@ -56,5 +56,6 @@ class ModelRunnerOutput:
     # entries are already known.
     prompt_logprobs: dict[str, tuple[int, list[SampledLogprobs]]] = field(default_factory=dict)
     pooled: dict[str, torch.Tensor] = field(default_factory=dict)
-    # request id -> why it got no token: every token was masked (its grammar and its other parameters disagree)
-    failed: dict[str, str] = field(default_factory=dict)
+    # request id -> (the parameter at fault, why the request got no token): every token was masked (its grammar
+    # and its other parameters disagree), or its images make more or fewer rows than it has placeholders
+    failed: dict[str, tuple[str, str]] = field(default_factory=dict)

@@ -96,10 +96,19 @@ def format_conversation(
 
 
 def _format_content(content: Any, content_format: str) -> str | list[dict[str, str]]:
-    texts = [content] if isinstance(content, str) else [_text_of(part) for part in content]
+    parts = [content] if isinstance(content, str) else list(content)
     if content_format == "string":
-        return "\n".join(texts)
-    return [{"type": "text", "text": t} for t in texts]
+        if any(_is_image(part) for part in parts):
+            raise ValidationError("the chat template takes each message's content as a string, so it cannot place "
+                                  "images; use a template that loops over content parts "
+                                  "(chat_template_content_format='openai')", parameter="chat_template_content_format")
+        return "\n".join(_text_of(part) for part in parts)
+    return [part if _is_image(part) else {"type": "text", "text": _text_of(part)} for part in parts]
+
+
+def _is_image(part: Any) -> bool:
+    """An image part as multimodal/chat.py leaves it for the template."""
+    return isinstance(part, dict) and part.get("type") == "image" and len(part) == 1
 
 
 def _text_of(part: Any) -> str:

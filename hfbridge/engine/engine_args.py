@@ -13,15 +13,18 @@ import torch
 from hfbridge.attention_backends.registry import resolve_backend_name
 from hfbridge.config import (
     DISTRIBUTED_EXECUTOR_BACKENDS,
+    MODALITIES,
     CacheConfig,
     EngineConfig,
     LoRAConfig,
     ModelConfig,
+    MultiModalConfig,
     ParallelConfig,
     PoolerConfig,
     SchedulerConfig,
 )
 from hfbridge.model.model_source import resolve_model_source
+from hfbridge.multimodal.processor import is_multimodal
 from hfbridge.structured_output.reasoning import check_reasoning_parser
 from hfbridge.pooling.task_resolution import read_sentence_transformers_config, resolve_runner
 
@@ -53,7 +56,6 @@ IGNORED_ARGS = frozenset(
         "disable_log_stats",
         "disable_custom_all_reduce",
         "max_seq_len_to_capture",
-        "allowed_local_media_path",
         "enable_log_requests",
         "disable_log_requests",
     }
@@ -67,8 +69,8 @@ REFUSED_ARGS: dict[str, tuple[tuple[Any, ...], str]] = {
     "structured_outputs_config": ((None, {}, {"backend": "auto"}, {"backend": "xgrammar"}),
                                   "structured outputs are decoded with xgrammar"),
     "logits_processors": ((None, []), "custom logits processors are not supported"),
-    "limit_mm_per_prompt": ((None, {}), "multimodal inputs are not supported yet"),
-    "mm_processor_kwargs": ((None, {}), "multimodal inputs are not supported yet"),
+    "mm_processor_kwargs": ((None, {}), "processor options are not supported yet: images are prepared with the "
+                                        "processor's own settings"),
     "data_parallel_size": ((1,), "data parallelism is not supported; run one engine per replica"),
 }
 SCHEDULING_POLICIES = ("fcfs", "priority")
@@ -135,6 +137,11 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # images (vision-language models; vLLM's names): items per prompt by modality (None: 999 images), file://
+    # image URLs only under allowed_local_media_path, http(s) image URLs only from allowed_media_domains when set
+    limit_mm_per_prompt: dict[str, int] | None = None
+    allowed_local_media_path: str | None = None
+    allowed_media_domains: list[str] | None = None
     ignored: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -168,15 +175,43 @@ class EngineArgs:
             )
         cache_config = self._cache_config(pooling)
         scheduler_config = self._scheduler_config(model_config.max_model_len, device, pooling)
-        lora_config = self._lora_config(pooling, parallel_config)
+        lora_config = self._lora_config(pooling, parallel_config, is_multimodal(model_config.hf_config))
+        multimodal_config = self._multimodal_config(model_config, parallel_config, scheduler_config)
         return EngineConfig(model_config, cache_config, scheduler_config, device, attention_backend, parallel_config,
-                            lora_config)
+                            lora_config, multimodal_config)
 
-    def _lora_config(self, pooling: bool, parallel: ParallelConfig) -> LoRAConfig | None:
+    def _multimodal_config(self, model_config: ModelConfig, parallel: ParallelConfig,
+                           scheduler: SchedulerConfig) -> MultiModalConfig | None:
+        limits = dict(self.limit_mm_per_prompt or {})
+        for modality, limit in limits.items():
+            if modality not in MODALITIES and limit:
+                raise ValueError(f"limit_mm_per_prompt={limits!r}: {modality} inputs are not supported; hfbridge "
+                                 f"serves {list(MODALITIES)}")
+            if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+                raise ValueError(f"limit_mm_per_prompt[{modality!r}]={limit!r} must be a non-negative integer")
+        path = self.allowed_local_media_path
+        if path is not None and not os.path.isdir(path):
+            raise ValueError(f"allowed_local_media_path={path!r} is not a folder")
+        if not is_multimodal(model_config.hf_config) or model_config.runner != "generate":
+            return None
+        if parallel.world_size > 1:
+            logger.warning("Prompts with images are refused: %s is served under tensor/pipeline parallelism, where "
+                           "images are not supported yet", model_config.model)
+            return None
+        domains = self.allowed_media_domains
+        return MultiModalConfig(
+            limit_per_prompt={"image": 999, **limits},
+            allowed_local_media_path=os.path.realpath(path) if path is not None else None,
+            allowed_media_domains=frozenset(d.lower() for d in domains) if domains is not None else None,
+            max_num_encoder_input_tokens=max(scheduler.max_num_batched_tokens, 1),
+        )
+
+    def _lora_config(self, pooling: bool, parallel: ParallelConfig, multimodal: bool) -> LoRAConfig | None:
         if not self.enable_lora:
             return None
         refusals = [
             (pooling, "pooling models"),
+            (multimodal, "vision-language models (an adapter's targets would reach into the vision tower)"),
             (parallel.pipeline_parallel_size > 1, f"pipeline_parallel_size={parallel.pipeline_parallel_size}"),
             (parallel.distributed_executor_backend in ("ray", "external_launcher"),
              f"distributed_executor_backend={parallel.distributed_executor_backend!r} (use 'mp' for tensor "

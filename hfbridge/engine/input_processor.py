@@ -5,6 +5,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hfbridge.errors import ValidationError
+from hfbridge.multimodal.inputs import MultiModalInputs
+from hfbridge.multimodal.processor import MultiModalProcessor
 
 
 @dataclass(frozen=True)
@@ -13,6 +15,7 @@ class ProcessedPrompt:
     prompt_token_ids: list[int]
     token_type_ids: list[int] | None = None
     cache_salt: str | None = None  # seeds the first block's hash: prefix-cache entries are shared within a salt
+    mm_inputs: MultiModalInputs | None = None  # the prompt's images (a vision-language model)
 
 
 MAX_CACHE_SALT_CHARS = 128
@@ -64,8 +67,20 @@ def process_prompt(
     max_model_len: int,
     truncate_prompt_tokens: int | None = None,
     add_special_tokens: bool = True,
+    multimodal: MultiModalProcessor | None = None,
 ) -> ProcessedPrompt:
-    text, token_ids = _parse(prompt)
+    """multimodal: a vision-language model's processor; a prompt's multi_modal_data is refused without one."""
+    text, token_ids = _parse(prompt, multimodal is not None)
+    mm_inputs = None
+    if isinstance(prompt, dict) and prompt.get("multi_modal_data") is not None:
+        if truncate_prompt_tokens is not None:
+            raise ValidationError("truncate_prompt_tokens cannot cut a prompt with images (it could cut an image's "
+                                  "placeholders); shorten the text instead", parameter="truncate_prompt_tokens")
+        data = prompt["multi_modal_data"]
+        if isinstance(data, MultiModalInputs) and token_ids is not None:  # processed already (LLM.chat, the server)
+            mm_inputs = data
+        else:
+            token_ids, mm_inputs = multimodal.process(text, token_ids, data, add_special_tokens)
     if token_ids is None:
         if tokenizer is None:
             raise ValidationError("Text prompts need a tokenizer; pass prompt_token_ids instead", parameter="prompt")
@@ -91,17 +106,23 @@ def process_prompt(
     salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
     if salt is not None:
         salt = check_cache_salt(salt)
-    return ProcessedPrompt(text, list(token_ids), token_type_ids, salt)
+    return ProcessedPrompt(text, list(token_ids), token_type_ids, salt, mm_inputs)
 
 
-def _parse(prompt: Any) -> tuple[str | None, list[int] | None]:
+def _parse(prompt: Any, takes_images: bool = False) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if is_token_ids(prompt):
         return None, prompt
     if isinstance(prompt, dict):
-        for key in prompt.keys() - _PROMPT_KEYS:
+        for key in prompt.keys() - _PROMPT_KEYS - ({"multi_modal_data"} if takes_images else set()):
             what = _UNSERVED_PROMPT_KEYS.get(key)
+            if key == "multi_modal_data" and prompt[key] is not None:
+                raise ValidationError(
+                    "This model takes no multi_modal_data (images): it is a text-only model, or a vision-language "
+                    "model served under tensor/pipeline parallelism, where images are not supported yet; send a "
+                    "text prompt", parameter=key,
+                )
             if what is not None and prompt[key] is not None:
                 raise ValidationError(
                     f"The prompt's {key!r} asks for {what}, which hfbridge does not support yet; "

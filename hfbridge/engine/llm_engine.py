@@ -20,6 +20,7 @@ from hfbridge.core.kv_cache_manager import KVCacheManager
 from hfbridge.engine.output_processor import OutputProcessor
 from hfbridge.errors import ValidationError
 from hfbridge.lora.request import LoRARequest
+from hfbridge.multimodal.processor import MultiModalProcessor
 from hfbridge.outputs import RequestOutput
 from hfbridge.pooling.pooling_params import PoolingParams
 from hfbridge.core.request import Request, RequestStatus
@@ -73,6 +74,11 @@ class LLMEngine:
         self.config = config
         self.model_config = config.model_config
         self.tokenizer = load_tokenizer(self.model_config)
+        self.mm_processor = None  # a vision-language model's processor: prompts with images
+        if config.multimodal_config is not None:
+            self.mm_processor = MultiModalProcessor(self.model_config, config.multimodal_config)
+            if self.tokenizer is not None and not getattr(self.tokenizer, "chat_template", None):
+                self.tokenizer.chat_template = self.mm_processor.chat_template  # where VLMs keep it
         self.executor = executor or build_executor(config)
         parallel = config.parallel_config
         if parallel.world_size > 1:
@@ -84,8 +90,10 @@ class LLMEngine:
             self.executor.num_blocks, config.cache_config.block_size, config.cache_config.enable_prefix_caching
         )
         lora_config = config.lora_config
+        mm_config = config.multimodal_config
         self.scheduler = Scheduler(config.scheduler_config, self.kv_cache_manager,
-                                   lora_config.max_loras if lora_config is not None else 0)
+                                   lora_config.max_loras if lora_config is not None else 0,
+                                   mm_config.max_num_encoder_input_tokens if mm_config is not None else 0)
         self.lora_requests: dict[int, LoRARequest] = {}  # the adapters added (id -> request), loaded on every rank
         self.output_processor = OutputProcessor(self.tokenizer, config.scheduler_config.max_model_len)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.model_config)
@@ -155,7 +163,7 @@ class LLMEngine:
         tables_of(params, self.vocab_size)  # built once, before the samples copy params: they share it
         processed = process_prompt(
             prompt, self.tokenizer, self.vocab_size, self.config.scheduler_config.max_model_len,
-            params.truncate_prompt_tokens, add_special_tokens,
+            params.truncate_prompt_tokens, add_special_tokens, self.mm_processor,
         )
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         for index in range(params.n):
@@ -169,6 +177,7 @@ class LLMEngine:
             request = Request(
                 child_id, processed.prompt_token_ids, child_params, arrival_time, generator, group_id=request_id,
                 priority=priority, cache_salt=processed.cache_salt, lora_request=lora_request,
+                mm_inputs=processed.mm_inputs,
             )
             self.output_processor.add_request(request, request_id, index, params.n, processed.prompt)
             # A constrained request reaches the scheduler once its grammar is compiled (at once when cached).
@@ -315,8 +324,8 @@ class LLMEngine:
             raise EngineStepError(failed, e) from e
         advanced = self.scheduler.update_from_output(scheduler_output, runner_output)
         grammar_ended, failed = self.structured_outputs.accept(advanced)
-        failed.update({request_id: ValidationError(why, parameter="structured_outputs")
-                       for request_id, why in runner_output.failed.items()})
+        failed.update({request_id: ValidationError(why, parameter=parameter)
+                       for request_id, (parameter, why) in runner_output.failed.items()})
         outputs, finished = self.output_processor.process(advanced, runner_output, grammar_ended)
         by_status: dict[RequestStatus, list[str]] = {}
         for request_id, status in finished.items():

@@ -16,7 +16,7 @@ if TYPE_CHECKING:  # imported inside engine_args_from: `hfbridge --help` must no
 logger = logging.getLogger("hfbridge.entrypoints.cli")
 
 # Flags whose value is a list (argparse nargs="+"): `--api-key a b` becomes `--api-key a --api-key b`.
-LIST_FLAGS = frozenset({"--api-key", "--served-model-name", "--lora-modules"})
+LIST_FLAGS = frozenset({"--api-key", "--served-model-name", "--lora-modules", "--allowed-media-domains"})
 
 # vLLM flags with no effect in hfbridge: name -> how many values follow (0 for switches, -1 for nargs="+").
 IGNORED_FLAGS: dict[str, int] = {
@@ -31,12 +31,12 @@ IGNORED_FLAGS: dict[str, int] = {
          "--enable-expert-parallel", "--enable-eplb", "--async-scheduling"], 0),
     **dict.fromkeys(
         ["--swap-space", "--cpu-offload-gb", "--max-seq-len-to-capture",
-         "--compilation-config", "--limit-mm-per-prompt", "--mm-processor-kwargs", "--uvicorn-log-level", "--root-path",
+         "--compilation-config", "--uvicorn-log-level", "--root-path",
          "--worker-cls",
          "--num-scheduler-steps", "--long-prefill-token-threshold", "--max-num-partial-prefills",
          "--preemption-mode", "--config-format", "--otlp-traces-endpoint",
          "--collect-detailed-traces", "--max-log-len", "--lora-dtype", "--tokenizer-pool-size",
-         "--kv-transfer-config", "--allowed-local-media-path", "--disable-log-stats-interval", "--lora-extra-vocab-size",
+         "--kv-transfer-config", "--disable-log-stats-interval", "--lora-extra-vocab-size",
          "--mm-encoder-tp-mode", "--api-server-count", "--prefix-caching-hash-algo",
          "--numa-bind", "--ignore-patterns"], 1),
 }
@@ -51,6 +51,8 @@ OUTPUT_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "--enable-prompt-embeds": ((), "prompt embeddings are not supported"),
     "--load-format": (("auto", "safetensors", "pt"), "weights load from the checkpoint's own files"),
     "--logits-processors": ((), "custom logits processors are not supported"),
+    "--mm-processor-kwargs": (("{}",), "processor options are not supported yet: images are prepared with the "
+                                       "processor's own settings"),
     "--hf-config-path": ((), "the config is read from the model folder; change it with --hf-overrides"),
     "--code-revision": ((), "remote code is read at --revision"),
     "--guided-decoding-backend": (("auto", "xgrammar"), "structured outputs are decoded with xgrammar"),
@@ -273,6 +275,12 @@ ENGINE_OPTIONS = [
     click.option("--max-lora-rank", type=int, help="Highest LoRA rank an adapter may have. [default: 16]"),
     click.option("--max-cpu-loras", type=int,
                  help="LoRA adapters kept loaded (LRU); at least --max-loras. [default: --max-loras]"),
+    click.option("--limit-mm-per-prompt", type=JsonDict(),
+                 help='Most items of each modality in one prompt, as JSON: \'{"image": 2}\'. [default: 999 images]'),
+    click.option("--allowed-local-media-path",
+                 help="A folder whose files file:// image URLs may read. [default: none, file:// refused]"),
+    click.option("--allowed-media-domains", multiple=True,
+                 help="Hosts http(s) image URLs may come from. [default: any]"),
     click.option("--enforce-eager/--no-enforce-eager", default=None,
                  help="Never torch.compile the model (native decoders compile in the background by default)."),
     click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
@@ -300,6 +308,7 @@ def engine_args_from(ctx: click.Context, model: str | None, options: dict[str, A
     if flag_model is not None:
         logger.warning("--model is deprecated (as in vLLM): pass the model as the first argument")
         model = model or flag_model
-    if "served_model_name" in given:
-        given["served_model_name"] = list(given["served_model_name"])
+    for name in ("served_model_name", "allowed_media_domains"):
+        if name in given:
+            given[name] = list(given[name])
     return EngineArgs(model=model, **{k: v for k, v in given.items() if k in engine_fields})

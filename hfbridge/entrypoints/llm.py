@@ -13,6 +13,7 @@ from hfbridge.engine.engine_args import EngineArgs
 from hfbridge.engine.input_processor import is_token_ids
 from hfbridge.engine.llm_engine import LLMEngine
 from hfbridge.lora.request import LoRARequest
+from hfbridge.multimodal.chat import count_image_parts, split_images
 from hfbridge.outputs import RequestOutput
 from hfbridge.pooling.pooling_outputs import (
     ClassificationRequestOutput,
@@ -79,17 +80,26 @@ class LLM:
     ) -> list[RequestOutput]:
         self._require_runner("chat", "generate")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        template = chat_template or self.llm_engine.model_config.chat_template
+        engine = self.llm_engine
         tokenizer = self.get_tokenizer()
+        template = chat_template or engine.model_config.chat_template
         jinja = load_chat_template(template) or getattr(tokenizer, "chat_template", None)
         prompts = []
         for conversation in conversations:
+            images = []
+            if count_image_parts(conversation):
+                conversation, images = split_images(conversation, engine.config.multimodal_config,
+                                                    engine.model_config.model)
             conversation = format_conversation(conversation, chat_template_content_format, jinja)
             text = render_chat(
                 tokenizer, conversation, chat_template=template, add_generation_prompt=add_generation_prompt,
                 continue_final_message=continue_final_message, tools=tools, chat_template_kwargs=chat_template_kwargs,
             )
             # The template already holds BOS and friends: tokenize without adding special tokens again.
+            if images:
+                ids, mm_inputs = engine.mm_processor.process(text, None, {"image": images}, add_special_tokens=False)
+                prompts.append({"prompt": text, "prompt_token_ids": ids, "multi_modal_data": mm_inputs})
+                continue
             ids = tokenizer(text, add_special_tokens=False).input_ids
             prompts.append({"prompt": text, "prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)

@@ -17,7 +17,8 @@ from hfbridge.config import ModelConfig
 from hfbridge.model.compatibility import check_compatible
 from hfbridge.model.model_resolver import ModelClass, resolve_model_class
 from hfbridge.pooling.pooling_model import TransformersEmbeddingModel, TransformersForSequenceClassification
-from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM
+from hfbridge.model.transformers_model import BaseModelWithLMHead, TransformersForCausalLM, TransformersForMultimodalLM
+from hfbridge.multimodal.processor import is_multimodal
 from hfbridge.model.weight_loader import iter_checkpoint, load_weights, missing_parameters
 from hfbridge.native_overrides.quantized import install_quantized
 from hfbridge.native_overrides.weights import checkpoint_names
@@ -45,10 +46,21 @@ def build_on_meta(model_class: ModelClass, model_config: ModelConfig) -> nn.Modu
     register_vllm_attention()
     config = copy.deepcopy(model_config.hf_config)
     with _BUILD_LOCK, init_empty_weights(include_buffers=False):
-        model = model_class.cls._from_config(config, attn_implementation=ATTENTION_NAME, dtype=model_config.dtype)
+        model = model_class.cls._from_config(config, attn_implementation=attention_implementation(config),
+                                             dtype=model_config.dtype)
     if model_class.needs_lm_head:
         model = BaseModelWithLMHead(model, config)
     return model.eval()
+
+
+def attention_implementation(config) -> str | dict[str, str]:
+    """"vllm" for the text model's attention; a vision or audio tower beside it keeps Transformers' default
+    (sdpa): it runs whole over one image, outside the KV cache."""
+    text_config = config.get_text_config()
+    keys = [key for key in getattr(config, "sub_configs", {}) if getattr(config, key, None) is text_config]
+    if text_config is config or not keys:
+        return ATTENTION_NAME
+    return {"": ATTENTION_NAME, keys[0]: ATTENTION_NAME}
 
 
 def load_checkpoint_into(model: nn.Module, model_config: ModelConfig, device: torch.device) -> None:
@@ -178,7 +190,10 @@ def load_model(model_config: ModelConfig, device: torch.device) -> nn.Module:
         if tp.size > 1:  # shard on meta, so each rank reads only its slices
             shard_model(hf_model, model_config.hf_text_config, tp)
         load_checkpoint_into(hf_model, model_config, device)
-        model = _WRAPPERS[(model_config.runner, model_config.convert)](hf_model)
+        wrapper = _WRAPPERS[(model_config.runner, model_config.convert)]
+        if wrapper is TransformersForCausalLM and is_multimodal(model_config.hf_config):
+            wrapper = TransformersForMultimodalLM
+        model = wrapper(hf_model)
         if pp.size > 1:
             install_stage_forward(model, pp, model_config.dtype)
     logger.info(

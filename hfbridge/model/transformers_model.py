@@ -1,6 +1,8 @@
 """The wrapper around a model that Transformers built: hfbridge's view of a causal LM."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
@@ -93,3 +95,29 @@ class BaseModelWithLMHead(nn.Module):
             cap = text_config.final_logit_softcapping
             logits = torch.tanh(logits / cap) * cap
         return CausalLMOutput(logits=logits)
+
+
+class TransformersForMultimodalLM(TransformersForCausalLM):
+    """A vision-language model from Transformers: the causal LM above, plus its own input embeddings and image
+    encoder (`get_image_features`), which the runner uses to put each image's rows into the packed stream."""
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [1, T] -> [1, T, H]
+        return self.model.get_input_embeddings()(input_ids)
+
+    def encode_image(self, pixel_inputs: dict[str, torch.Tensor]) -> torch.Tensor:  # -> [N, H]
+        """One image's processor outputs -> its embedding rows, in the order its placeholders take them."""
+        accepted = _named_parameters(self.model.get_image_features)
+        dtype = next(self.model.parameters()).dtype
+        device = next(self.model.parameters()).device
+        kwargs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
+                  for k, v in pixel_inputs.items() if k in accepted}
+        output = self.model.get_image_features(**kwargs)
+        features = getattr(output, "pooler_output", output)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in features])
+        return features.reshape(-1, features.shape[-1])
+
+
+def _named_parameters(fn) -> frozenset[str]:
+    return frozenset(p.name for p in inspect.signature(fn).parameters.values()
+                     if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))

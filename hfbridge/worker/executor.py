@@ -19,6 +19,7 @@ from hfbridge.config import EngineConfig
 from hfbridge.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from hfbridge.lora.manager import LoRAManager
 from hfbridge.lora.request import LoRARequest
+from hfbridge.multimodal.embeddings import ImageEmbedder
 from hfbridge.model.model_loader import load_model
 from hfbridge.parallel.state import (destroy_distributed, get_pp_group, get_tp_group, init_from_torchrun_env,
                                      world_min_int)
@@ -112,7 +113,10 @@ class InProcessExecutor:
             if hasattr(backend, "enable_compiled_decode"):
                 if shapes:
                     backend.enable_compiled_decode(shapes, device)
-        runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler, lora)
+        images = None
+        if config.multimodal_config is not None:
+            images = ImageEmbedder(model, config.multimodal_config.encoder_cache_rows)
+        runner = ModelRunner(model, kv_caches, backend, block_size, device, sampler, lora, images)
         self.compiling = self._background_compiles(runner)
         return runner
 

@@ -11,6 +11,7 @@ from torch import nn
 from hfbridge.attention_backends import ForwardContext, forward_context
 from hfbridge.attention_backends.base import AttentionBackend
 from hfbridge.lora.manager import LoRAManager
+from hfbridge.multimodal.embeddings import ImageEmbedder
 from hfbridge.core.scheduler_output import GrammarBitmask, ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from hfbridge.pooling.pooler import Pooler
 from hfbridge.sample.logprobs import gather_logprobs
@@ -30,8 +31,10 @@ class ModelRunner:
         device: torch.device,
         sampler: Sampler,
         lora: LoRAManager | None = None,
+        images: ImageEmbedder | None = None,
     ):
         self.model = model
+        self.images = images  # a vision-language model: its encoder and the cache of its outputs
         self.lora = lora  # enable_lora: the adapters' slots and the step's row groups
         self.kv_caches = kv_caches
         self.backend = backend
@@ -50,6 +53,13 @@ class ModelRunner:
             is_fast = [argmax_only(row) for row in rows]
             if any(is_fast):
                 return self._execute_split(step, rows, is_fast)
+        if step.image_rows:
+            embeds, failed = self.images.embed(step.input_ids, step.image_rows)
+            output = sample_step(self.sampler, self._logits(step, embeds), step, rows)
+            for request_id, why in failed.items():
+                output.sampled_token_ids.pop(request_id, None)
+                output.failed[request_id] = ("multi_modal_data", why)
+            return output
         return sample_step(self.sampler, self._logits(step), step, rows)
 
     def _execute_split(self, step: StepInputs, rows: list[SamplingRow], is_fast: list[bool]) -> ModelRunnerOutput:
@@ -76,8 +86,10 @@ class ModelRunner:
         step = self.prepare_inputs(scheduled)
         return self._logits(step), step
 
-    def _logits(self, step: StepInputs) -> torch.Tensor:  # [N, V]
+    def _logits(self, step: StepInputs, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:  # [N, V]
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)), self._adapters(step):
+            if inputs_embeds is not None:  # [1, T, H] with the step's image rows in place
+                return self.model(step.input_ids, step.positions, step.logits_indices, inputs_embeds)
             return self.model(step.input_ids, step.positions, step.logits_indices)
 
     def _adapters(self, step: StepInputs) -> contextlib.AbstractContextManager:
@@ -107,9 +119,9 @@ def sample_step(sampler: Sampler, logits: torch.Tensor, step: StepInputs, rows: 
         for s, token, lp in zip(step.sample_requests, tokens, logprobs):
             request_id = s.request.request_id
             if token is None:
-                output.failed[request_id] = ("no token is allowed: the structured outputs constraint and the other "
-                                             "sampling parameters (allowed_token_ids, min_tokens, bad_words, "
-                                             "logit_bias) exclude every token")
+                output.failed[request_id] = ("structured_outputs", "no token is allowed: the structured outputs "
+                                             "constraint and the other sampling parameters (allowed_token_ids, "
+                                             "min_tokens, bad_words, logit_bias) exclude every token")
                 continue
             output.sampled_token_ids[request_id] = token
             if lp is not None:

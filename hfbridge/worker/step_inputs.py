@@ -13,6 +13,7 @@ import torch
 
 from hfbridge.attention_backends import AttentionMetadata
 from hfbridge.core.scheduler_output import ScheduledRequest
+from hfbridge.multimodal.embeddings import ImageRows
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class StepInputs:
     prompt_logprob_rows: dict[str, tuple[int, int, list[int], int]]
     # (LoRARequest, first token row, end row) of each request under an adapter, in step order (enable_lora)
     lora_rows: list[tuple[Any, int, int]] = field(default_factory=list)
+    # the requests whose tokens this step include image placeholders (a vision-language model's prompts)
+    image_rows: list[ImageRows] = field(default_factory=list)
 
 
 def samples(item: ScheduledRequest) -> bool:
@@ -40,10 +43,13 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
     ids, positions, slots, logits_indices = [], [], [], []
     query_lens, seq_lens, tables = [], [], []
     prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
-    lora_rows = []
+    lora_rows, image_rows = [], []
     offset = 0
     for item in scheduled:
         request = item.request
+        images = getattr(request, "mm_inputs", None)
+        if images is not None and images.covers(item.start, item.end):
+            image_rows.append(ImageRows(request.request_id, images, offset, item.start, item.end))
         lora_request = getattr(request, "lora_request", None)
         if lora_request is not None:
             lora_rows.append((lora_request, offset, offset + item.num_new_tokens))
@@ -93,6 +99,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         sample_requests=sample_requests,
         prompt_logprob_rows=prompt_rows,
         lora_rows=lora_rows,
+        image_rows=image_rows,
     )
 
 

@@ -1,0 +1,138 @@
+"""Prompts with images -> token ids with the placeholders expanded, and each image's encoder inputs.
+
+The model folder's own AutoProcessor does both (hfbridge never guesses how many tokens an image takes): the whole
+prompt with its images gives the expanded ids; each image alone gives its encoder inputs, so the encoder can run,
+and be cached, one image at a time."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+import transformers
+
+from hfbridge.config import MODALITIES, ModelConfig, MultiModalConfig
+from hfbridge.errors import ValidationError
+from hfbridge.multimodal.inputs import ImageItem, MultiModalInputs
+from hfbridge.multimodal.media import check_image
+
+logger = logging.getLogger(__name__)
+
+
+def image_token_id(hf_config: Any) -> int | None:
+    """The placeholder token the model's embeddings scatter into (Transformers' config names for it)."""
+    for config in (hf_config, hf_config.get_text_config()):
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def is_multimodal(hf_config: Any) -> bool:
+    """A model with a vision tower beside its text model, that names its image placeholder token."""
+    return getattr(hf_config, "vision_config", None) is not None and image_token_id(hf_config) is not None
+
+
+# Families whose image tokens attend to each other in both directions (their own mask functions): the "vllm"
+# entry's paged attention is causal, so their images would be read wrong.
+BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3", "gemma3n", "gemma4", "paligemma"})
+
+
+def image_refusal(hf_config: Any) -> str | None:
+    """Why this model's images cannot be served yet (its text still can), or None."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type in BIDIRECTIONAL_IMAGE_TYPES:
+        return (f"{model_type}'s image tokens attend to each other in both directions, and hfbridge's paged "
+                "attention is causal")
+    for arch in getattr(hf_config, "architectures", None) or ():
+        cls = getattr(transformers, arch, None)
+        module = sys.modules.get(getattr(cls, "__module__", ""), None)
+        if module is not None and any(isinstance(c, type) and hasattr(c, "get_rope_index")
+                                      for c in vars(module).values()):
+            return (f"{arch} gives image tokens multi-axis rotary positions (M-RoPE, get_rope_index), which "
+                    "hfbridge does not compute yet")
+    return None
+
+
+class MultiModalProcessor:
+    def __init__(self, model_config: ModelConfig, config: MultiModalConfig):
+        self.config = config
+        self.model = model_config.model
+        self.image_token_id = image_token_id(model_config.hf_config)
+        self.refusal = image_refusal(model_config.hf_config)
+        if self.refusal is not None:
+            logger.warning("Prompts with images are refused: %s", self.refusal)
+        try:
+            self.processor = transformers.AutoProcessor.from_pretrained(
+                model_config.model_path, trust_remote_code=model_config.trust_remote_code,
+                revision=model_config.revision,
+            )
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(
+                f"{model_config.model} is a vision-language model, but its processor (AutoProcessor) could not be "
+                f"loaded from {model_config.model_path}: {e}"
+            ) from e
+        if getattr(self.processor, "image_processor", None) is None:
+            raise ValueError(f"{model_config.model}'s processor ({type(self.processor).__name__}) has no image "
+                             "processor, so its images cannot be prepared")
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.processor, "chat_template", None)
+
+    def process(self, text: str | None, token_ids: list[int] | None, data: Any,
+                add_special_tokens: bool = True) -> tuple[list[int], MultiModalInputs]:
+        """text (placeholders as the processor expects them, e.g. "<image>") or token_ids (placeholders already
+        expanded) with multi_modal_data {"image": image or list}."""
+        if self.refusal is not None:
+            raise ValidationError(f"{self.model} cannot take images yet: {self.refusal}; send text only",
+                                  parameter="multi_modal_data")
+        images = self._images(data)
+        if token_ids is None:
+            try:
+                out = self.processor(text=[text], images=images, add_special_tokens=add_special_tokens)
+            except (ValueError, TypeError, IndexError) as e:  # e.g. placeholders and images do not pair up
+                raise ValidationError(f"the processor could not pair the prompt with its {len(images)} image(s): "
+                                      f"{str(e)[:300]}", parameter="multi_modal_data") from None
+            token_ids = [int(t) for t in out["input_ids"][0]]
+        positions = np.flatnonzero(np.asarray(token_ids) == self.image_token_id).astype(np.int64)
+        if not positions.size:
+            raise ValidationError(
+                f"the prompt has {len(images)} image(s) but no image placeholder token (id {self.image_token_id}); "
+                "put the processor's image token in the text where each image goes, or use chat messages",
+                parameter="multi_modal_data",
+            )
+        return token_ids, MultiModalInputs(tuple(self._item(image) for image in images), positions)
+
+    def _images(self, data: Any) -> list:
+        if not isinstance(data, dict):
+            raise ValidationError(f"multi_modal_data must be a dict such as {{'image': image}}, got "
+                                  f"{type(data).__name__}", parameter="multi_modal_data")
+        unknown = sorted(set(data) - set(MODALITIES))
+        if unknown:
+            raise ValidationError(f"multi_modal_data {unknown} is not supported: hfbridge serves "
+                                  f"{list(MODALITIES)} inputs", parameter="multi_modal_data")
+        images = data.get("image")
+        images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+        if not images:
+            raise ValidationError("multi_modal_data holds no image", parameter="multi_modal_data")
+        limit = self.config.limit_per_prompt.get("image", 0)
+        if len(images) > limit:
+            raise ValidationError(f"the prompt has {len(images)} images, more than the limit of {limit} per prompt "
+                                  "(--limit-mm-per-prompt)", parameter="multi_modal_data", value=len(images))
+        return [check_image(image, self.config) for image in images]
+
+    def _item(self, image) -> ImageItem:
+        digest = hashlib.sha256(f"{image.mode}\0{image.size}\0".encode())
+        digest.update(image.tobytes())
+        try:
+            inputs = self.processor.image_processor(images=[image], return_tensors="pt")
+        except (ValueError, TypeError, OSError) as e:
+            raise ValidationError(f"the image processor could not read the image: {str(e)[:300]}",
+                                  parameter="multi_modal_data") from None
+        tensors = {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+        return ImageItem(digest.digest(), tensors)

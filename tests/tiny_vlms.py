@@ -1,0 +1,122 @@
+"""Tiny random vision-language models of several families, each saved with its own processor (the tokenizer
+trained in tiny_models.py plus the family's placeholder tokens, and its image processor at small sizes).
+
+Nothing is downloaded; the images are drawn here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+
+from tiny_models import COMMON, build_tokenizer
+
+# A chat template that loops over content parts, as VLM processors' templates do: "<image>"-style placeholders
+# where the image parts are.
+VISION_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ IMAGE }}{% else %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def draw_image(seed: int, size: tuple[int, int] = (40, 52)) -> Image.Image:
+    """A random RGB image (width, height)."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _tokenizer(*tokens: str):
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": list(tokens)})
+    return tokenizer
+
+
+def _text(tokenizer, **overrides):
+    vocab = (len(tokenizer) + 7) // 8 * 8
+    return transformers.LlamaConfig(**{**COMMON, "vocab_size": vocab, **overrides})
+
+
+def llava():
+    tokenizer = _tokenizer("<image>")
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
+        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1,
+    )
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return config, processor, "<image>"
+
+
+def llava_next():
+    tokenizer = _tokenizer("<image>")
+    config = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
+        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], vision_feature_layer=-1,
+    )
+    image_processor = transformers.LlavaNextImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+        image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]],
+    )
+    processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                                vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return config, processor, "<image>"
+
+
+def idefics3():
+    tokenizer = _tokenizer("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+    config = transformers.Idefics3Config(
+        vision_config=dict(**VISION, image_size=28, patch_size=14),
+        text_config=_text(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2,
+    )
+    image_processor = transformers.Idefics3ImageProcessor(
+        size={"longest_edge": 56}, max_image_size={"longest_edge": 28}, do_image_splitting=True,
+    )
+    processor = transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer,
+                                               image_seq_len=1)
+    return config, processor, "<image>"
+
+
+def mistral3():
+    tokenizer = _tokenizer("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+    config = transformers.Mistral3Config(
+        vision_config=transformers.PixtralVisionConfig(**VISION, image_size=56, patch_size=14, head_dim=16),
+        text_config=transformers.MistralConfig(**{**COMMON, "vocab_size": (len(tokenizer) + 7) // 8 * 8}),
+        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
+    )
+    image_processor = transformers.PixtralImageProcessor(size={"longest_edge": 56}, patch_size=14)
+    processor = transformers.PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                              spatial_merge_size=2)
+    return config, processor, "[IMG]"
+
+
+FAMILIES = {
+    "LlavaForConditionalGeneration": llava,
+    "LlavaNextForConditionalGeneration": llava_next,
+    "Idefics3ForConditionalGeneration": idefics3,
+    "Mistral3ForConditionalGeneration": mistral3,
+}
+
+
+def make_tiny_vlm(arch: str, folder: Path, seed: int = 0):
+    """(Transformers model, processor, the prompt's image placeholder, folder)."""
+    config, processor, placeholder = FAMILIES[arch]()
+    processor.chat_template = VISION_TEMPLATE.replace("IMAGE", repr(placeholder))
+    torch.manual_seed(seed)
+    model = getattr(transformers, arch)(config).eval()
+    with torch.no_grad():  # spread the zero-initialised biases so every part of the model matters
+        for name, param in model.named_parameters():
+            if param.dim() == 1 and "norm" not in name:
+                param.normal_(0, 0.02)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return model, processor, placeholder, folder
