@@ -45,6 +45,9 @@ class FlashAttnBackend:
         metadata: AttentionMetadata,
         layer: LayerOptions,
     ) -> torch.Tensor:  # [T, H, D]
+        if metadata.bidirectional_spans:
+            raise NotImplementedError(f"the {self.name} backend does not compute image tokens that attend both ways "
+                                      "(Gemma 3); use attention_backend='torch'")
         reason = self._unsupported(query, kv_cache, metadata, layer)
         if reason is not None:
             if reason not in self._logged_reasons:

@@ -24,6 +24,10 @@ class AttentionMetadata:
     # Host copies of query_start_loc / seq_lens: Python loops in the reference backend read them without a sync.
     query_start_loc_cpu: tuple[int, ...] = ()
     seq_lens_cpu: tuple[int, ...] = ()
+    # (request b, first position, end position) of each image whose tokens attend to each other both ways (Gemma 3),
+    # for the images this step's queries fall in; a query in such a span also sees the span's later keys. Only the
+    # torch backend computes it; the others refuse a step that has any.
+    bidirectional_spans: tuple[tuple[int, int, int], ...] = ()
     # Values every layer of the step derives alike (e.g. the decode gather's slot indices): built once per step.
     _memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -49,6 +53,7 @@ class AttentionMetadata:
         seq_lens: list[int],
         block_tables: list[list[int]],
         device: torch.device | str = "cpu",
+        bidirectional_spans: tuple[tuple[int, int, int], ...] = (),
     ) -> AttentionMetadata:
         """Build from Python lists (the model runner's and the tests' entry point)."""
         qsl = [0]
@@ -68,6 +73,7 @@ class AttentionMetadata:
             max_seq_len=max(seq_lens, default=0),
             query_start_loc_cpu=tuple(qsl),
             seq_lens_cpu=tuple(seq_lens),
+            bidirectional_spans=tuple(bidirectional_spans),
         )
 
 

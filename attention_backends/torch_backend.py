@@ -76,6 +76,7 @@ def attend(
     query_positions: torch.Tensor,  # [B, Q] position of each query token in its sequence
     kv_lens: torch.Tensor,  # [B] number of valid keys per request
     layer: LayerOptions,
+    spans: list[tuple[int, int]] = (),  # (first, end) positions whose tokens see each other both ways (one request)
 ) -> torch.Tensor:  # [B, Q, H, D] float32
     batch, num_queries, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
@@ -90,6 +91,10 @@ def attend(
         mask = mask & (distance < layer.sliding_window)
         if not layer.is_causal:  # encoders' local attention looks both ways (ModernBERT)
             mask = mask & (-distance < layer.sliding_window)
+    for first, end in spans:  # OR'ed over the causal / window mask, as Transformers' or_mask_function
+        inside_q = (query_positions >= first) & (query_positions < end)  # [B, Q]
+        inside_k = (key_positions >= first) & (key_positions < end)  # [L]
+        mask = mask | (inside_q[:, :, None] & inside_k[None, None, :] & valid[:, None, :])
     # Keys past kv_lens are padding the callers fill with real (finite) values: masked, they weigh exactly 0.
     k = key.float().transpose(1, 2)  # [B, Hkv, L, D]
     v = value.float().transpose(1, 2)
@@ -150,10 +155,14 @@ class TorchReferenceBackend:
             write_kv(kv_cache, key, value, metadata.slot_mapping)
         out = torch.empty_like(query)
         starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
+        spans: dict[int, list[tuple[int, int]]] = {}
+        for b, first, end in metadata.bidirectional_spans:
+            spans.setdefault(b, []).append((first, end))
         if kv_cache is not None and cpu_kernels.serves(layer, query, kv_cache):
             done = self._kernel_rows(query, kv_cache, metadata, layer, out)
         else:
-            done = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1 and kv_cache is not None]
+            done = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1 and kv_cache is not None
+                    and b not in spans]
             if done:
                 self._decode_batch(query, kv_cache, metadata, layer, done, out)
         done = set(done)
@@ -169,12 +178,13 @@ class TorchReferenceBackend:
                 k, v = key[None, start:end].to(kv_cache.dtype), value[None, start:end].to(kv_cache.dtype)
             else:
                 k, v = gather_kv(kv_cache, metadata.block_tables[b : b + 1], seq_len)
-            if seq_len == num_new and layer.plain_causal:  # a whole prompt: SDPA's own causal mask
+            if seq_len == num_new and layer.plain_causal and b not in spans:  # a whole prompt: SDPA's causal mask
                 out[start:end] = attend_prompt(query[None, start:end], k, v, layer)[0].to(out.dtype)
                 continue
             positions = torch.arange(seq_len - num_new, seq_len, device=query.device)[None]
             lens = torch.tensor([seq_len], device=query.device)
-            out[start:end] = attend(query[None, start:end], k, v, positions, lens, layer)[0].to(out.dtype)
+            out[start:end] = attend(query[None, start:end], k, v, positions, lens, layer,
+                                    spans.get(b, ()))[0].to(out.dtype)
         return out
 
     def _kernel_rows(self, query, kv_cache, metadata, layer, out) -> list[int]:
@@ -220,8 +230,9 @@ def _token_rows(metadata: AttentionMetadata, row_bytes: int):
     starts, seq_lens = metadata.query_start_loc_cpu, metadata.seq_lens_cpu
     # Prompt tokens read their own K/V back from the cache: only where every token of the step was stored there
     stored = bool((metadata.slot_mapping >= 0).all())
-    requests = [b for b in range(len(seq_lens)) if starts[b + 1] - starts[b] == 1
-                or (stored and starts[b + 1] > starts[b] and seq_lens[b] * row_bytes <= KERNEL_CONTEXT_BYTES)]
+    spanned = {b for b, _, _ in metadata.bidirectional_spans}  # their image tokens also see later keys
+    requests = [b for b in range(len(seq_lens)) if b not in spanned and (starts[b + 1] - starts[b] == 1
+                or (stored and starts[b + 1] > starts[b] and seq_lens[b] * row_bytes <= KERNEL_CONTEXT_BYTES))]
     owners, tokens, lens = [], [], []
     for b in requests:
         start, end = starts[b], starts[b + 1]

@@ -32,6 +32,9 @@ class TritonAttentionBackend:
         layer: LayerOptions,
         out: torch.Tensor | None = None,  # [T, H, D] to write into (tests pass a NaN-poisoned one)
     ) -> torch.Tensor:  # [T, H, D]
+        if metadata.bidirectional_spans:
+            raise NotImplementedError(f"the {self.name} backend does not compute image tokens that attend both ways "
+                                      "(Gemma 3); use attention_backend='torch'")
         num_heads, num_kv_heads = query.shape[1], key.shape[1]
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} kv heads")

@@ -13,7 +13,8 @@ from hfbridge.errors import ValidationError
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration"]
+SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration",
+          "Gemma3ForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module", params=SERVED)
@@ -65,6 +66,31 @@ def test_chunked_prefill_cuts_through_an_image(tmp_path_factory):
     out = llm.generate([{"prompt": text, "multi_modal_data": {"image": images}}, "Hello"], GREEDY, use_tqdm=False)
     assert sum(t == model.config.image_token_index for t in out[0].prompt_token_ids) > 8
     check(out[:1], [expected])
+
+
+def test_gemma3_image_tokens_attend_both_ways(tmp_path_factory):
+    """Gemma 3's tokens of one image see each other both ways (Transformers' token_type_ids mask): every prompt
+    logprob equals Transformers' own forward, also when a step budget of 8 tokens makes chunks stop before an
+    image rather than cut it."""
+    model, processor, image, folder = make_tiny_vlm("Gemma3ForConditionalGeneration",
+                                                    tmp_path_factory.mktemp("gemma3"))
+    text, images = f"One {image} and two {image} then some text after", [draw_image(8), draw_image(9)]
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    assert inputs["token_type_ids"].sum() == 8  # two images of 4 tokens
+    with torch.no_grad():
+        reference = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)
+    ids = inputs["input_ids"][0].tolist()
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    for kwargs in ({}, {"max_num_batched_tokens": 8, "max_num_seqs": 2}):
+        llm = LLM(model=str(folder), dtype="float32", **kwargs)
+        out = llm.generate({"prompt": text, "multi_modal_data": {"image": images}}, params, use_tqdm=False)[0]
+        assert out.prompt_token_ids == ids
+        ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
+        theirs = reference[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(ours), theirs, atol=2e-5), (torch.tensor(ours) - theirs).abs().max()
+    triton = LLM(model=str(folder), dtype="float32", attention_backend="triton")
+    with pytest.raises(ValidationError, match="only attention_backend='torch'"):
+        triton.generate({"prompt": text, "multi_modal_data": {"image": images}}, params, use_tqdm=False)
 
 
 def test_prefix_cache_keys_on_the_image_and_encoder_runs_once(llava):
@@ -163,13 +189,14 @@ def _bomb_url():
 
 
 def test_families_that_need_more_refuse_images_with_the_reason(tmp_path):
-    """Gemma 3 (images attend both ways) and Qwen2-VL (M-RoPE positions) serve text; images are refused."""
+    """PaliGemma (a prefix that attends both ways) and Qwen2-VL (M-RoPE positions) serve text; images are
+    refused."""
     from hfbridge.multimodal.processor import image_refusal
 
-    gemma3 = transformers.Gemma3Config(architectures=["Gemma3ForConditionalGeneration"])
+    paligemma = transformers.PaliGemmaConfig(architectures=["PaliGemmaForConditionalGeneration"])
     qwen2_vl = transformers.Qwen2VLConfig(architectures=["Qwen2VLForConditionalGeneration"])
     llava = transformers.LlavaConfig(architectures=["LlavaForConditionalGeneration"])
-    assert "both directions" in image_refusal(gemma3)
+    assert "both directions" in image_refusal(paligemma)
     assert "M-RoPE" in image_refusal(qwen2_vl)
     assert image_refusal(llava) is None
     assert TIE_TOLERANCE  # the tie rule above is the only tolerance these tests allow

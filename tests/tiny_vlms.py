@@ -11,7 +11,10 @@ import torch
 import transformers
 from PIL import Image
 
-from tiny_models import COMMON, build_tokenizer
+from tokenizers import Tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from tiny_models import COMMON, _trained_tokenizer_json, build_tokenizer
 
 # A chat template that loops over content parts, as VLM processors' templates do: "<image>"-style placeholders
 # where the image parts are.
@@ -98,11 +101,31 @@ def mistral3():
     return config, processor, "[IMG]"
 
 
+def gemma3():
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()), eos_token="<|im_end|>",
+        pad_token="<|endoftext|>", extra_special_tokens={
+            "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    text = transformers.Gemma3TextConfig(**{**COMMON, "vocab_size": (len(tokenizer) + 7) // 8 * 8},
+                                         sliding_window=8, query_pre_attn_scalar=16,
+                                         layer_types=["sliding_attention", "full_attention"])
+    config = transformers.Gemma3Config(
+        vision_config=transformers.SiglipVisionConfig(**VISION, image_size=28, patch_size=7),
+        text_config=text, mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id, image_token_index=tokenizer.image_token_id,
+    )
+    image_processor = transformers.Gemma3ImageProcessor(size={"height": 28, "width": 28})
+    processor = transformers.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4)
+    return config, processor, "<start_of_image>"
+
+
 FAMILIES = {
     "LlavaForConditionalGeneration": llava,
     "LlavaNextForConditionalGeneration": llava_next,
     "Idefics3ForConditionalGeneration": idefics3,
     "Mistral3ForConditionalGeneration": mistral3,
+    "Gemma3ForConditionalGeneration": gemma3,
 }
 
 

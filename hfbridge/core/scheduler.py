@@ -118,9 +118,15 @@ class Scheduler:
         """The chunk's length within the step's encoder budget: a chunk that reaches a request's first image
         placeholder runs the encoder over all its images (their rows count against the budget); past the budget,
         the chunk stops before the images (0: the request waits for the next step). The step's first encoder work
-        always runs, so a request with more rows than the budget still makes progress."""
+        always runs, so a request with more rows than the budget still makes progress. A chunk never ends inside an
+        image whose tokens attend to each other both ways (Gemma 3): it stops before that image instead."""
         images = request.mm_inputs
-        if images is None or not start <= images.first_position < start + num_new:
+        if images is None:
+            return num_new
+        cut = images.block_cut(start, start + num_new)
+        if cut is not None:  # an image whose tokens attend both ways runs in one chunk: stop before it
+            num_new = cut[0] - start if cut[0] > start else 0
+        if not start <= images.first_position < start + num_new:
             return num_new
         rows = len(images.positions)
         if rows <= self._encoder_budget or self._encoder_budget == self.max_encoder_rows:

@@ -76,7 +76,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(self.model_config)
         self.mm_processor = None  # a vision-language model's processor: prompts with images
         if config.multimodal_config is not None:
-            self.mm_processor = MultiModalProcessor(self.model_config, config.multimodal_config)
+            self.mm_processor = MultiModalProcessor(self.model_config, config.multimodal_config,
+                                                    config.attention_backend)
             if self.tokenizer is not None and not getattr(self.tokenizer, "chat_template", None):
                 self.tokenizer.chat_template = self.mm_processor.chat_template  # where VLMs keep it
         self.executor = executor or build_executor(config)

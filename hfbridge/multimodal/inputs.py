@@ -23,6 +23,9 @@ class MultiModalInputs:
 
     images: tuple[ImageItem, ...]
     positions: np.ndarray  # [P] int64
+    # (first, end) positions of each image's placeholder run, for families whose image tokens attend to each other
+    # both ways (Gemma 3): a prefill chunk never ends inside one. Empty for causal families.
+    bidirectional_blocks: tuple[tuple[int, int], ...] = ()
 
     @property
     def group_hash(self) -> bytes:
@@ -45,3 +48,18 @@ class MultiModalInputs:
         """Whether the token range [start, end) holds any placeholder."""
         lo, hi = self.rows_in(start, end)
         return hi > lo
+
+    def block_cut(self, start: int, end: int) -> tuple[int, int] | None:
+        """The bidirectional block that a chunk [start, end) would end inside, or None."""
+        for first, block_end in self.bidirectional_blocks:
+            if first < end < block_end:
+                return first, block_end
+        return None
+
+
+def placeholder_runs(positions: np.ndarray) -> tuple[tuple[int, int], ...]:
+    """Runs of consecutive positions: [3, 4, 5, 9, 10] -> ((3, 6), (9, 11))."""
+    if not positions.size:
+        return ()
+    breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+    return tuple((int(run[0]), int(run[-1]) + 1) for run in np.split(positions, breaks))

@@ -16,7 +16,7 @@ import transformers
 
 from hfbridge.config import MODALITIES, ModelConfig, MultiModalConfig
 from hfbridge.errors import ValidationError
-from hfbridge.multimodal.inputs import ImageItem, MultiModalInputs
+from hfbridge.multimodal.inputs import ImageItem, MultiModalInputs, placeholder_runs
 from hfbridge.multimodal.media import check_image
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,10 @@ def is_multimodal(hf_config: Any) -> bool:
 
 # Families whose image tokens attend to each other in both directions (their own mask functions): the "vllm"
 # entry's paged attention is causal, so their images would be read wrong.
-BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3", "gemma3n", "gemma4", "paligemma"})
+BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3n", "gemma4", "paligemma"})
+# Families whose tokens of one image attend to each other both ways, which the torch backend computes from the
+# step's bidirectional spans (Transformers' token_type_ids blocks, one per run of placeholders).
+BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 
 
 def image_refusal(hf_config: Any) -> str | None:
@@ -59,11 +62,15 @@ def image_refusal(hf_config: Any) -> str | None:
 
 
 class MultiModalProcessor:
-    def __init__(self, model_config: ModelConfig, config: MultiModalConfig):
+    def __init__(self, model_config: ModelConfig, config: MultiModalConfig, attention_backend: str = "torch"):
         self.config = config
         self.model = model_config.model
         self.image_token_id = image_token_id(model_config.hf_config)
         self.refusal = image_refusal(model_config.hf_config)
+        self.bidirectional = getattr(model_config.hf_config, "model_type", None) in BIDIRECTIONAL_BLOCK_TYPES
+        if self.bidirectional and attention_backend != "torch" and self.refusal is None:
+            self.refusal = (f"its image tokens attend to each other both ways, which only attention_backend='torch' "
+                            f"computes (this engine runs {attention_backend!r})")
         if self.refusal is not None:
             logger.warning("Prompts with images are refused: %s", self.refusal)
         try:
@@ -106,7 +113,15 @@ class MultiModalProcessor:
                 "put the processor's image token in the text where each image goes, or use chat messages",
                 parameter="multi_modal_data",
             )
-        return token_ids, MultiModalInputs(tuple(self._item(image) for image in images), positions)
+        blocks = placeholder_runs(positions) if self.bidirectional else ()
+        longest = max((end - first for first, end in blocks), default=0)
+        if longest > self.config.max_num_encoder_input_tokens:
+            raise ValidationError(
+                f"an image takes {longest} tokens that must run in one step, more than max_num_batched_tokens "
+                f"({self.config.max_num_encoder_input_tokens}); raise --max-num-batched-tokens",
+                parameter="multi_modal_data",
+            )
+        return token_ids, MultiModalInputs(tuple(self._item(image) for image in images), positions, blocks)
 
     def _images(self, data: Any) -> list:
         if not isinstance(data, dict):

@@ -43,13 +43,16 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
     ids, positions, slots, logits_indices = [], [], [], []
     query_lens, seq_lens, tables = [], [], []
     prompt_rows: dict[str, tuple[int, int, list[int], int]] = {}
-    lora_rows, image_rows = [], []
+    lora_rows, image_rows, spans = [], [], []
     offset = 0
-    for item in scheduled:
+    for index, item in enumerate(scheduled):
         request = item.request
         images = getattr(request, "mm_inputs", None)
         if images is not None and images.covers(item.start, item.end):
             image_rows.append(ImageRows(request.request_id, images, offset, item.start, item.end))
+        if images is not None:
+            spans += [(index, first, end) for first, end in images.bidirectional_blocks
+                      if first < item.end and end > item.start]
         lora_request = getattr(request, "lora_request", None)
         if lora_request is not None:
             lora_rows.append((lora_request, offset, offset + item.num_new_tokens))
@@ -84,6 +87,7 @@ def prepare_inputs(scheduled: list[ScheduledRequest], block_size: int, device: t
         seq_lens=seq_lens,
         block_tables=tables,
         device=device,
+        bidirectional_spans=tuple(spans),
     )
     pos_tensor = torch.from_numpy(np.concatenate(positions)) if positions else torch.zeros(0, dtype=torch.long)
     token_types = None
