@@ -17,6 +17,7 @@ NOTEBOOKS = [
     "04_embeddings_and_rerank.ipynb",
     "05_scaling_out.ipynb",
     "06_structured_outputs.ipynb",
+    "07_vision.ipynb",
 ]
 # The longest cell converts the default model on first use (30-60 s on 2 cores) or, in 03, waits for the
 # server to load it (the notebook gives up after 240 s): 300 s per cell is generous, and still bounded.

@@ -1,6 +1,7 @@
 """Images in prompts, against Transformers' own greedy generate() with the same processor and inputs."""
 import base64
 import io
+import re
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from greedy import TIE_TOLERANCE, assert_greedy_match
 from tiny_vlms import draw_image, make_tiny_vlm
 
 from hfbridge import LLM, SamplingParams
+from hfbridge.entrypoints.check import check_model
 from hfbridge.errors import ValidationError
 
 MAX_TOKENS = 8
@@ -186,6 +188,35 @@ def _bomb_url():
     buffer = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_a_vlm_whose_processor_cannot_load_serves_text_and_refuses_images(tmp_path):
+    """Mistral 3 saved without its processor (Pixtral's needs torchvision, which this machine lacks): text equals
+    Transformers, an image is refused with the reason instead of failing the start."""
+    from greedy import hf_greedy
+    from tiny_models import COMMON, build_tokenizer
+
+    config = transformers.Mistral3Config(
+        vision_config=transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                       num_attention_heads=2, head_dim=16, image_size=56),
+        text_config=transformers.MistralConfig(**COMMON), image_token_index=5, vision_feature_layer=-1)
+    torch.manual_seed(0)
+    model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    build_tokenizer().save_pretrained(tmp_path)
+    llm = LLM(model=str(tmp_path), dtype="float32")
+    prompt = [7, 30, 12, 60, 21]
+    tokens, logits = hf_greedy(model, prompt, MAX_TOKENS)
+    out = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
+    assert_greedy_match(list(out[0].outputs[0].token_ids), tokens, logits)
+    with pytest.raises(ValidationError, match="processor .AutoProcessor. could not be loaded"):
+        llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": draw_image(1)}}, GREEDY)
+    assert re.search(r"\nimages +refused: its processor \(AutoProcessor\) could not be loaded",
+                     check_model(str(tmp_path)).render())
+
+
+def test_check_says_whether_images_are_served(llava):
+    assert re.search(r"\nimages +served \(LlavaProcessor places them\)", check_model(str(llava[3])).render())
 
 
 def test_families_that_need_more_refuse_images_with_the_reason(tmp_path):

@@ -88,19 +88,6 @@ def idefics3():
     return config, processor, "<image>"
 
 
-def mistral3():
-    tokenizer = _tokenizer("[IMG]", "[IMG_BREAK]", "[IMG_END]")
-    config = transformers.Mistral3Config(
-        vision_config=transformers.PixtralVisionConfig(**VISION, image_size=56, patch_size=14, head_dim=16),
-        text_config=transformers.MistralConfig(**{**COMMON, "vocab_size": (len(tokenizer) + 7) // 8 * 8}),
-        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=2, vision_feature_layer=-1,
-    )
-    image_processor = transformers.PixtralImageProcessor(size={"longest_edge": 56}, patch_size=14)
-    processor = transformers.PixtralProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                                              spatial_merge_size=2)
-    return config, processor, "[IMG]"
-
-
 def gemma3():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()), eos_token="<|im_end|>",
@@ -124,7 +111,6 @@ FAMILIES = {
     "LlavaForConditionalGeneration": llava,
     "LlavaNextForConditionalGeneration": llava_next,
     "Idefics3ForConditionalGeneration": idefics3,
-    "Mistral3ForConditionalGeneration": mistral3,
     "Gemma3ForConditionalGeneration": gemma3,
 }
 

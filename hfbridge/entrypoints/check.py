@@ -46,16 +46,35 @@ def check_model(model: str, trust_remote_code: bool = False, hf_overrides: dict 
     try:
         args = EngineArgs(model=model, trust_remote_code=trust_remote_code, hf_overrides=hf_overrides,
                           model_impl=model_impl, device="cpu", skip_tokenizer_init=True)
-        model_config = args.create_engine_config().model_config
+        engine_config = args.create_engine_config()
+        model_config = engine_config.model_config
     except (ValueError, OSError) as exc:
         report.fail("config", " ".join(str(exc).split()))
         return report
     report.add("architectures", ", ".join(model_config.architectures) or "(none recorded)")
     report.add("runner", f"{model_config.runner} (tasks: {', '.join(_tasks(model_config))})")
     _implementation(report, model_config, probe)
+    _images(report, engine_config)
     _parallel_plans(report, model_config.hf_config)
     _sizes(report, model_config)
     return report
+
+
+def _images(report: CheckReport, engine_config) -> None:
+    """For a vision-language model: whether its images are served, or why not (its text runs either way)."""
+    from hfbridge.multimodal.processor import MultiModalProcessor, is_multimodal
+
+    model_config = engine_config.model_config
+    if not is_multimodal(model_config.hf_config):
+        return
+    if engine_config.multimodal_config is None:
+        report.add("images", f"refused: the {model_config.runner} runner takes text only")
+        return
+    processor = MultiModalProcessor(model_config, engine_config.multimodal_config, engine_config.attention_backend)
+    if processor.refusal is not None:
+        report.add("images", f"refused: {processor.refusal}")
+    else:
+        report.add("images", f"served ({type(processor.processor).__name__} places them)")
 
 
 def _tasks(model_config) -> list[str]:

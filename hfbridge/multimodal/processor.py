@@ -71,25 +71,22 @@ class MultiModalProcessor:
         if self.bidirectional and attention_backend != "torch" and self.refusal is None:
             self.refusal = (f"its image tokens attend to each other both ways, which only attention_backend='torch' "
                             f"computes (this engine runs {attention_backend!r})")
-        if self.refusal is not None:
-            logger.warning("Prompts with images are refused: %s", self.refusal)
+        self.processor = None
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(
                 model_config.model_path, trust_remote_code=model_config.trust_remote_code,
                 revision=model_config.revision,
             )
-        except (OSError, ValueError, TypeError) as e:
-            raise ValueError(
-                f"{model_config.model} is a vision-language model, but its processor (AutoProcessor) could not be "
-                f"loaded from {model_config.model_path}: {e}"
-            ) from e
-        if getattr(self.processor, "image_processor", None) is None:
-            raise ValueError(f"{model_config.model}'s processor ({type(self.processor).__name__}) has no image "
-                             "processor, so its images cannot be prepared")
+        except (OSError, ValueError, TypeError, ImportError) as e:  # e.g. a processor that needs torchvision
+            self.refusal = self.refusal or f"its processor (AutoProcessor) could not be loaded: {str(e).strip()[:300]}"
+        if self.processor is not None and getattr(self.processor, "image_processor", None) is None:
+            self.refusal = self.refusal or f"its processor ({type(self.processor).__name__}) has no image processor"
+        if self.refusal is not None:
+            logger.warning("Prompts with images are refused: %s", self.refusal)
 
     @property
     def chat_template(self) -> str | None:
-        return getattr(self.processor, "chat_template", None)
+        return getattr(self.processor, "chat_template", None) if self.processor is not None else None
 
     def process(self, text: str | None, token_ids: list[int] | None, data: Any,
                 add_special_tokens: bool = True) -> tuple[list[int], MultiModalInputs]:
