@@ -16,7 +16,7 @@ from hfbridge.errors import ValidationError
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration",
-          "Gemma3ForConditionalGeneration"]
+          "Gemma3ForConditionalGeneration", "AyaVisionForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module", params=SERVED)

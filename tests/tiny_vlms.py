@@ -107,11 +107,28 @@ def gemma3():
     return config, processor, "<start_of_image>"
 
 
+def aya_vision():
+    tokenizer = _tokenizer("<image>", "<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>", "<|IMG_LINE_BREAK|>")
+    config = transformers.AyaVisionConfig(
+        vision_config=transformers.SiglipVisionConfig(**VISION, image_size=28, patch_size=7),
+        text_config=transformers.Cohere2Config(**{**COMMON, "vocab_size": (len(tokenizer) + 7) // 8 * 8},
+                                               sliding_window=8, layer_types=["sliding_attention", "full_attention"]),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|IMG_PATCH|>"), downsample_factor=2,
+        tie_word_embeddings=False,
+    )
+    image_processor = transformers.GotOcr2ImageProcessor(size={"height": 28, "width": 28}, crop_to_patches=True,
+                                                         min_patches=1, max_patches=2)
+    processor = transformers.AyaVisionProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=7,
+                                                img_size=28, downsample_factor=2)
+    return config, processor, "<image>"
+
+
 FAMILIES = {
     "LlavaForConditionalGeneration": llava,
     "LlavaNextForConditionalGeneration": llava_next,
     "Idefics3ForConditionalGeneration": idefics3,
     "Gemma3ForConditionalGeneration": gemma3,
+    "AyaVisionForConditionalGeneration": aya_vision,
 }
 
 
