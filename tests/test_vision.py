@@ -15,8 +15,8 @@ from hfbridge.errors import ValidationError
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
-SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Idefics3ForConditionalGeneration",
-          "Gemma3ForConditionalGeneration", "AyaVisionForConditionalGeneration"]
+SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "VipLlavaForConditionalGeneration",
+          "Idefics3ForConditionalGeneration", "Gemma3ForConditionalGeneration", "AyaVisionForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module", params=SERVED)
@@ -191,28 +191,24 @@ def _bomb_url():
 
 
 def test_a_vlm_whose_processor_cannot_load_serves_text_and_refuses_images(tmp_path):
-    """Mistral 3 saved without its processor (Pixtral's needs torchvision, which this machine lacks): text equals
-    Transformers, an image is refused with the reason instead of failing the start."""
+    """A LLaVA folder without its processor files (as a Pixtral one is here, where its processor needs torchvision):
+    text equals Transformers, an image is refused with the reason instead of failing the start."""
     from greedy import hf_greedy
-    from tiny_models import COMMON, build_tokenizer
+    from tiny_models import build_tokenizer
 
-    config = transformers.Mistral3Config(
-        vision_config=transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                       num_attention_heads=2, head_dim=16, image_size=56),
-        text_config=transformers.MistralConfig(**COMMON), image_token_index=5, vision_feature_layer=-1)
-    torch.manual_seed(0)
-    model = transformers.Mistral3ForConditionalGeneration(config).eval()
-    model.save_pretrained(tmp_path)
-    build_tokenizer().save_pretrained(tmp_path)
-    llm = LLM(model=str(tmp_path), dtype="float32")
+    model, _, image, folder = make_tiny_vlm("LlavaForConditionalGeneration", tmp_path / "full")
+    bare = tmp_path / "bare"
+    model.save_pretrained(bare)
+    build_tokenizer().save_pretrained(bare)
+    llm = LLM(model=str(bare), dtype="float32")
     prompt = [7, 30, 12, 60, 21]
     tokens, logits = hf_greedy(model, prompt, MAX_TOKENS)
     out = llm.generate({"prompt_token_ids": prompt}, GREEDY, use_tqdm=False)
     assert_greedy_match(list(out[0].outputs[0].token_ids), tokens, logits)
     with pytest.raises(ValidationError, match="processor .AutoProcessor. could not be loaded"):
-        llm.generate({"prompt_token_ids": prompt, "multi_modal_data": {"image": draw_image(1)}}, GREEDY)
+        llm.generate({"prompt": f"a {image}", "multi_modal_data": {"image": draw_image(1)}}, GREEDY)
     assert re.search(r"\nimages +refused: its processor \(AutoProcessor\) could not be loaded",
-                     check_model(str(tmp_path)).render())
+                     check_model(str(bare)).render())
 
 
 def test_check_says_whether_images_are_served(llava):
@@ -220,8 +216,8 @@ def test_check_says_whether_images_are_served(llava):
 
 
 def test_families_that_need_more_refuse_images_with_the_reason(tmp_path):
-    """PaliGemma (a prefix that attends both ways) and Qwen2-VL (M-RoPE positions) serve text; images are
-    refused."""
+    """PaliGemma (a prefix that attends both ways), Qwen2-VL (M-RoPE positions) and families not checked here
+    serve text; their images are refused."""
     from hfbridge.multimodal.processor import image_refusal
 
     paligemma = transformers.PaliGemmaConfig(architectures=["PaliGemmaForConditionalGeneration"])
@@ -230,4 +226,6 @@ def test_families_that_need_more_refuse_images_with_the_reason(tmp_path):
     assert "both directions" in image_refusal(paligemma)
     assert "M-RoPE" in image_refusal(qwen2_vl)
     assert image_refusal(llava) is None
+    # a family whose image path is not checked here (Fuyu feeds image patches, not encoder rows) is refused
+    assert "has not checked fuyu images" in image_refusal(transformers.FuyuConfig(architectures=["FuyuForCausalLM"]))
     assert TIE_TOLERANCE  # the tie rule above is the only tolerance these tests allow

@@ -58,6 +58,19 @@ def llava():
     return config, processor, "<image>"
 
 
+def vipllava():
+    tokenizer = _tokenizer("<image>")
+    config = transformers.VipLlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
+        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layers=[-2, -1],
+    )
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    return config, processor, "<image>"
+
+
 def llava_next():
     tokenizer = _tokenizer("<image>")
     config = transformers.LlavaNextConfig(
@@ -126,6 +139,7 @@ def aya_vision():
 FAMILIES = {
     "LlavaForConditionalGeneration": llava,
     "LlavaNextForConditionalGeneration": llava_next,
+    "VipLlavaForConditionalGeneration": vipllava,
     "Idefics3ForConditionalGeneration": idefics3,
     "Gemma3ForConditionalGeneration": gemma3,
     "AyaVisionForConditionalGeneration": aya_vision,

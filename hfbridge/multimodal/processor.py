@@ -45,6 +45,13 @@ BIDIRECTIONAL_IMAGE_TYPES = frozenset({"gemma3n", "gemma4", "paligemma"})
 BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 
 
+# Families whose images hfbridge's generic path (the processor's placeholders, get_image_features, rows scattered in
+# placeholder order) gives exactly as Transformers does: each one checked by tests/test_vision.py. Another family
+# may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
+# is checked, never served possibly wrong.
+VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics3", "gemma3", "aya_vision"})
+
+
 def image_refusal(hf_config: Any) -> str | None:
     """Why this model's images cannot be served yet (its text still can), or None."""
     model_type = getattr(hf_config, "model_type", None)
@@ -58,6 +65,9 @@ def image_refusal(hf_config: Any) -> str | None:
                                       for c in vars(module).values()):
             return (f"{arch} gives image tokens multi-axis rotary positions (M-RoPE, get_rope_index), which "
                     "hfbridge does not compute yet")
+    if model_type not in VERIFIED_IMAGE_TYPES:
+        return (f"hfbridge has not checked {model_type} images against Transformers yet (checked: "
+                f"{', '.join(sorted(VERIFIED_IMAGE_TYPES))})")
     return None
 
 
