@@ -116,7 +116,10 @@ class MultiModalConfig:
     media_fetch_timeout: float = field(
         default_factory=lambda: float(os.environ.get("HFBRIDGE_IMAGE_FETCH_TIMEOUT", "5")))
     max_media_bytes: int = 20 << 20
-    max_image_pixels: int = 8192 * 8192  # checked from the file header, before decoding (decompression bombs)
+    # Pixels one image, and all images of one prompt together, may decode to (about 200 MB of RGB each), checked
+    # from the file headers before decoding: decompression bombs, and many small files that expand to gigabytes.
+    max_image_pixels: int = 8192 * 8192
+    max_prompt_pixels: int = 8192 * 8192
     encoder_cache_rows: int = 16384
     max_num_encoder_input_tokens: int = 8192  # image embedding rows a step may encode (vLLM's name)
 

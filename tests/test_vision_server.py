@@ -93,14 +93,17 @@ def test_chat_with_images_equals_transformers(client, llava, media):
 def test_bad_images_answer_400_naming_the_problem(client, media, tmp_path, slow_url):
     outside = tmp_path / "outside.png"
     draw_image(13).save(outside)
-    bomb = io.BytesIO()
+    bomb, big = io.BytesIO(), io.BytesIO()
     Image.new("1", (9000, 9000)).save(bomb, format="PNG")
+    Image.new("1", (6000, 6000)).save(big, format="PNG")  # under the per-image limit; two are over the prompt's
+    big_url = "data:image/png;base64," + base64.b64encode(big.getvalue()).decode()
     cases = [
         (["data:image/png;base64,%%%"], "not valid base64"),
         (["data:text/plain;base64,aGVsbG8="], "must hold an image"),
         (["data:image/png;base64," + base64.b64encode(b"\x89PNG broken").decode()], "could not be decoded"),
         (["data:image/png;base64," + base64.b64encode(bomb.getvalue()).decode()], "more than the limit"),
         ([data_url(draw_image(1))] * 3, "more than the limit of 2"),
+        ([big_url, big_url], "pixels together"),
         ([f"file://{outside}"], "must name a file under"),
         ([f"file://{media}/../{outside.name}"], "must name a file under"),
         ([f"http://127.0.0.1:{free_port()}/gone.png"], "could not fetch"),

@@ -6,7 +6,7 @@ from typing import Any
 
 from hfbridge.config import MultiModalConfig
 from hfbridge.errors import ValidationError
-from hfbridge.multimodal.media import check_image, load_image_url
+from hfbridge.multimodal.media import PixelBudget, check_image, load_image_url
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")
 
@@ -27,6 +27,7 @@ def split_images(conversation: list[dict[str, Any]], config: MultiModalConfig | 
                               f"{config.limit_per_prompt.get('image', 0)} per prompt (--limit-mm-per-prompt)",
                               parameter="messages", value=count)
     images, messages = [], []
+    budget = PixelBudget(config, "messages") if config is not None else None
     for message in conversation:
         content = message.get("content") if isinstance(message, dict) else None
         if not isinstance(content, list):
@@ -41,17 +42,17 @@ def split_images(conversation: list[dict[str, Any]], config: MultiModalConfig | 
             if config is None:
                 raise ValidationError(f"{model} takes no images (a text-only model, or images are not served with "
                                       f"its settings); send text content parts only", parameter="messages")
-            images.append(_image_of(part, kind, config))
+            images.append(_image_of(part, kind, budget))
             parts.append({"type": "image"})
         messages.append({**message, "content": parts})
     return messages, images
 
 
-def _image_of(part: dict[str, Any], kind: str, config: MultiModalConfig):
+def _image_of(part: dict[str, Any], kind: str, budget: PixelBudget):
     value = part.get(kind)
     if kind == "image_url":
         url = value.get("url") if isinstance(value, dict) else value
-        return load_image_url(url, config, parameter="messages")
+        return load_image_url(url, budget)
     if isinstance(value, str):  # {"type": "image", "image": "data:..."}
-        return load_image_url(value, config, parameter="messages")
-    return check_image(value, config, parameter="messages")
+        return load_image_url(value, budget)
+    return check_image(value, budget)

@@ -19,33 +19,46 @@ from hfbridge.config import MultiModalConfig
 from hfbridge.errors import ValidationError
 
 
-def check_image(image: Any, config: MultiModalConfig, parameter: str = "multi_modal_data") -> Image.Image:
-    """A PIL image within the pixel limit, unchanged (the processor converts it as Transformers would)."""
+class PixelBudget:
+    """The pixels one prompt's images may hold: max_image_pixels each, max_prompt_pixels together."""
+
+    def __init__(self, config: MultiModalConfig, parameter: str):
+        self.config, self.parameter = config, parameter
+        self.left = config.max_prompt_pixels
+
+    def take(self, image: Image.Image) -> None:
+        """Count an opened (not yet decoded) image against the budget; ValidationError past a limit."""
+        width, height = image.size
+        pixels = width * height
+        if width < 1 or height < 1:
+            raise ValidationError(f"the image is empty ({width}x{height} pixels)", parameter=self.parameter)
+        if pixels > self.config.max_image_pixels:
+            raise ValidationError(f"the image has {width}x{height} = {pixels} pixels, more than the limit of "
+                                  f"{self.config.max_image_pixels}", parameter=self.parameter, value=f"{width}x{height}")
+        if pixels > self.left:
+            raise ValidationError(f"the prompt's images hold more than {self.config.max_prompt_pixels} pixels "
+                                  "together, the limit for one prompt", parameter=self.parameter)
+        self.left -= pixels
+
+
+def check_image(image: Any, budget: PixelBudget) -> Image.Image:
+    """A PIL image within the budget, unchanged (the processor converts it as Transformers would)."""
     if not isinstance(image, Image.Image):
-        raise ValidationError(f"an image must be a PIL.Image.Image, got {type(image).__name__}", parameter=parameter)
-    _check_pixels(image, config, parameter)
+        raise ValidationError(f"an image must be a PIL.Image.Image, got {type(image).__name__}",
+                              parameter=budget.parameter)
+    budget.take(image)
     return image
 
 
-def _check_pixels(image: Image.Image, config: MultiModalConfig, parameter: str) -> None:
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValidationError(f"the image is empty ({width}x{height} pixels)", parameter=parameter)
-    if width * height > config.max_image_pixels:
-        raise ValidationError(
-            f"the image has {width}x{height} = {width * height} pixels, more than the limit of "
-            f"{config.max_image_pixels}", parameter=parameter, value=f"{width}x{height}",
-        )
-
-
-def decode_image(data: bytes, config: MultiModalConfig, parameter: str = "image_url") -> Image.Image:
+def decode_image(data: bytes, budget: PixelBudget) -> Image.Image:
     """Bytes of an image file -> a loaded PIL image; the size is checked from the header, before decoding, so a
     decompression bomb never expands."""
+    parameter = budget.parameter
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            _check_pixels(image, config, parameter)
+            budget.take(image)
             image.load()
     except ValidationError:
         raise
@@ -56,9 +69,10 @@ def decode_image(data: bytes, config: MultiModalConfig, parameter: str = "image_
     return image
 
 
-def load_image_url(url: Any, config: MultiModalConfig, parameter: str = "image_url") -> Image.Image:
+def load_image_url(url: Any, budget: PixelBudget) -> Image.Image:
     """`data:image/...;base64,...`, `http(s)://...` (timeout, size cap, allowed domains), `file://...` (only under
     allowed_local_media_path)."""
+    config, parameter = budget.config, budget.parameter
     if not isinstance(url, str) or not url:
         raise ValidationError("image_url.url must be a non-empty string", parameter=parameter)
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""
@@ -68,7 +82,7 @@ def load_image_url(url: Any, config: MultiModalConfig, parameter: str = "image_u
             f"unsupported image URL scheme {scheme or url[:20]!r}: send a data: URL (base64), an http(s) URL, or a "
             "file:// URL under --allowed-local-media-path", parameter=parameter,
         )
-    return decode_image(loader(url, config, parameter), config, parameter)
+    return decode_image(loader(url, config, parameter), budget)
 
 
 def _data_url(url: str, config: MultiModalConfig, parameter: str) -> bytes:

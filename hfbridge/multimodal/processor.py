@@ -17,7 +17,7 @@ import transformers
 from hfbridge.config import MODALITIES, ModelConfig, MultiModalConfig
 from hfbridge.errors import ValidationError
 from hfbridge.multimodal.inputs import ImageItem, MultiModalInputs, placeholder_runs
-from hfbridge.multimodal.media import check_image
+from hfbridge.multimodal.media import PixelBudget, check_image
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,8 @@ class MultiModalProcessor:
         if len(images) > limit:
             raise ValidationError(f"the prompt has {len(images)} images, more than the limit of {limit} per prompt "
                                   "(--limit-mm-per-prompt)", parameter="multi_modal_data", value=len(images))
-        return [check_image(image, self.config) for image in images]
+        budget = PixelBudget(self.config, "multi_modal_data")
+        return [check_image(image, budget) for image in images]
 
     def _item(self, image) -> ImageItem:
         digest = hashlib.sha256(f"{image.mode}\0{image.size}\0".encode())
