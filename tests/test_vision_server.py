@@ -30,12 +30,19 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slow_url():
-    """An http server on loopback that answers after 3 s (the server's fetch timeout is 1 s here)."""
+    """An http server on loopback that answers after 3 s (/slow.png), or trickles a byte every 0.5 s (/trickle.png);
+    the server's fetch timeout is 1 s here."""
     class Slow(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server name
-            time.sleep(3)
+            if self.path == "/slow.png":
+                time.sleep(3)
             self.send_response(200)
             self.end_headers()
+            if self.path == "/trickle.png":
+                for _ in range(8):
+                    self.wfile.write(b"\x89")
+                    self.wfile.flush()
+                    time.sleep(0.5)
 
         def log_message(self, *args):
             pass
@@ -108,6 +115,7 @@ def test_bad_images_answer_400_naming_the_problem(client, media, tmp_path, slow_
         ([f"file://{media}/../{outside.name}"], "must name a file under"),
         ([f"http://127.0.0.1:{free_port()}/gone.png"], "could not fetch"),
         ([slow_url], "could not fetch"),
+        ([slow_url.replace("slow", "trickle")], "took longer than 1 s"),
         (["http://example.com/cat.png"], "not allowed"),
     ]
     for urls, message in cases:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import io
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -105,9 +106,19 @@ def _http_url(url: str, config: MultiModalConfig, parameter: str) -> bytes:
     if config.allowed_media_domains is not None and host not in config.allowed_media_domains:
         raise ValidationError(f"image URLs from {host!r} are not allowed; the server allows "
                               f"{sorted(config.allowed_media_domains)} (--allowed-media-domains)", parameter=parameter)
+    deadline = time.monotonic() + config.media_fetch_timeout  # for the whole body: a server that trickles is slow too
     try:
         with urllib.request.urlopen(url, timeout=config.media_fetch_timeout) as response:  # noqa: S310 - checked scheme
-            data = response.read(config.max_media_bytes + 1)
+            chunks, size = [], 0
+            while size <= config.max_media_bytes:
+                chunk = response.read(1 << 16)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the body took longer than {config.media_fetch_timeout:g} s")
+            data = b"".join(chunks)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise ValidationError(f"could not fetch the image from {host!r}: {str(reason)[:200]}",
