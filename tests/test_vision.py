@@ -16,7 +16,8 @@ from hfbridge.errors import ValidationError
 MAX_TOKENS = 8
 GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 SERVED = ["LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "VipLlavaForConditionalGeneration",
-          "Idefics3ForConditionalGeneration", "Gemma3ForConditionalGeneration", "AyaVisionForConditionalGeneration"]
+          "Idefics2ForConditionalGeneration", "Idefics3ForConditionalGeneration", "Gemma3ForConditionalGeneration",
+          "AyaVisionForConditionalGeneration"]
 
 
 @pytest.fixture(scope="module", params=SERVED)

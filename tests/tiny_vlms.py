@@ -101,6 +101,21 @@ def idefics3():
     return config, processor, "<image>"
 
 
+def idefics2():
+    tokenizer = _tokenizer("<fake_token_around_image>", "<image>", "<end_of_utterance>")
+    config = transformers.Idefics2Config(
+        vision_config=dict(**VISION, image_size=28, patch_size=14),
+        perceiver_config=dict(resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=8,
+                              num_key_value_heads=1, hidden_size=64),
+        text_config=transformers.MistralConfig(**{**COMMON, "vocab_size": (len(tokenizer) + 7) // 8 * 8}),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    image_processor = transformers.Idefics2ImageProcessor(size={"longest_edge": 28, "shortest_edge": 28},
+                                                          do_image_splitting=False)
+    processor = transformers.Idefics2Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4)
+    return config, processor, "<image>"
+
+
 def gemma3():
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()), eos_token="<|im_end|>",
@@ -141,6 +156,7 @@ FAMILIES = {
     "LlavaNextForConditionalGeneration": llava_next,
     "VipLlavaForConditionalGeneration": vipllava,
     "Idefics3ForConditionalGeneration": idefics3,
+    "Idefics2ForConditionalGeneration": idefics2,
     "Gemma3ForConditionalGeneration": gemma3,
     "AyaVisionForConditionalGeneration": aya_vision,
 }

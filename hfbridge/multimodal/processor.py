@@ -49,7 +49,7 @@ BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 # placeholder order) gives exactly as Transformers does: each one checked by tests/test_vision.py. Another family
 # may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
 # is checked, never served possibly wrong.
-VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics3", "gemma3", "aya_vision"})
+VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "gemma3", "aya_vision"})
 
 
 def image_refusal(hf_config: Any) -> str | None:
