@@ -62,9 +62,10 @@ def run_vision(arch: str, model_type: str) -> Result:
     from hfbridge.multimodal.processor import image_refusal
 
     start = time.perf_counter()
-    if arch in FAMILIES:
+    runner = _run_qwen2_vl if arch in QWEN2_VL else _run_family if arch in FAMILIES else None
+    if runner is not None:
         try:
-            verdict, reason = _run_family(arch)
+            verdict, reason = runner(arch)
         except Exception as exc:  # noqa: BLE001 - a bug, reported as such
             verdict, reason = "error", f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
         return Result(arch, verdict, reason, time.perf_counter() - start)
@@ -99,6 +100,39 @@ def _run_family(arch: str) -> tuple[str, str]:
         prompts = [{"prompt": t, "multi_modal_data": {"image": i}} if i else t for t, i in cases]
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
         verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]
+    return _worst(verdicts)
+
+
+QWEN2_VL = {"Qwen2VLForConditionalGeneration": "2", "Qwen2_5_VLForConditionalGeneration": "2.5"}
+
+
+def _run_qwen2_vl(arch: str) -> tuple[str, str]:
+    """Its processor needs torchvision: prompts as token ids with the placeholders expanded (tests/tiny_vlms.py)."""
+    from tiny_vlms import draw_image, expand_qwen2_vl, make_tiny_qwen2_vl
+
+    from hfbridge import LLM, SamplingParams
+
+    with tempfile.TemporaryDirectory() as folder:
+        model, image_processor, tokenizer, path = make_tiny_qwen2_vl(Path(folder) / "model", version=QWEN2_VL[arch])
+        a, b = draw_image(1, (60, 44)), draw_image(2, (40, 70))
+        prompts, expected = [], []
+        for parts in (["Look at ", a, " and say"], ["Once upon a time"], ["Compare ", a, " with ", b]):
+            ids, pixels = expand_qwen2_vl(tokenizer, image_processor, parts)
+            images = [p for p in parts if not isinstance(p, str)]
+            input_ids = torch.tensor([ids])
+            extra = dict(pixels, mm_token_type_ids=(input_ids == model.config.image_token_id).int()) if images else {}
+            with torch.no_grad():
+                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                                     max_new_tokens=MAX_NEW, output_logits=True, return_dict_in_generate=True, **extra)
+            expected.append((out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]))
+            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+        llm = LLM(model=str(path), dtype="float32")
+        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
+        verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]
+    return _worst(verdicts)
+
+
+def _worst(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
     bad = [v for v in verdicts if v[0] == "mismatch"]
     ties = [v for v in verdicts if v[0] == "near_tie"]
     return bad[0] if bad else ties[0] if ties else ("equal", "")
@@ -116,7 +150,9 @@ def render(results: list[Result]) -> str:
         "and two images and a text-only prompt in one batch. `images_refused`: hfbridge refuses the model's images "
         "with the reason shown (`hfbridge check MODEL` says the same; its text-only prompts are as docs/coverage.md "
         "says). Families whose processor "
-        "needs torchvision (every one with a video processor) cannot be checked on this machine, which has none.",
+        "needs torchvision (every one with a video processor) cannot be checked on this machine, which has none; "
+        "Qwen2-VL and Qwen2.5-VL are checked with token-id prompts whose placeholders are expanded as their "
+        "processor does.",
         "",
         "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(results)})",
         "",

@@ -176,3 +176,58 @@ def make_tiny_vlm(arch: str, folder: Path, seed: int = 0):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return model, processor, placeholder, folder
+
+
+QWEN2_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
+
+def make_tiny_qwen2_vl(folder: Path, seed: int = 0, version: str = "2"):
+    """(model, image processor, tokenizer, folder) of a tiny Qwen2-VL (version "2.5": Qwen2.5-VL, whose vision tower
+    attends in windows), saved with its image processor and tokenizer but no Qwen2VLProcessor: that one needs
+    torchvision (its video processor), which this machine lacks, so its prompts come as token ids with the
+    placeholders expanded (expand_qwen2_vl)."""
+    tokenizer = _tokenizer(*QWEN2_VL_TOKENS)
+    ids = dict(zip(QWEN2_VL_TOKENS, tokenizer.convert_tokens_to_ids(list(QWEN2_VL_TOKENS))))
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
+    vocab = (len(tokenizer) + 7) // 8 * 8
+    if version == "2.5":
+        text = transformers.Qwen2_5_VLTextConfig(**{**COMMON, "vocab_size": vocab}, rope_parameters=rope)
+        vision = transformers.Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                                                     out_hidden_size=64, window_size=56, fullatt_block_indexes=[1])
+        config_class, model_class = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        text = transformers.Qwen2VLTextConfig(**{**COMMON, "vocab_size": vocab}, rope_parameters=rope)
+        vision = transformers.Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2,
+                                                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        config_class, model_class = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+    config = config_class(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    image_processor = transformers.Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=56 * 56 * 4, patch_size=14,
+                                                         merge_size=2, temporal_patch_size=2)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, image_processor, tokenizer, folder
+
+
+def expand_qwen2_vl(tokenizer, image_processor, parts: list) -> tuple[list[int], dict]:
+    """Text pieces and images in order -> (token ids, the image processor's outputs for all images), each image as
+    Qwen2VLProcessor writes it: <|vision_start|>, grid_t * grid_h * grid_w / merge_size^2 <|image_pad|>,
+    <|vision_end|>."""
+    ids, images = [], [p for p in parts if not isinstance(p, str)]
+    pixels = image_processor(images=images, return_tensors="pt") if images else {}
+    grids = iter(pixels["image_grid_thw"].tolist()) if images else iter(())
+    start, end, pad = tokenizer.convert_tokens_to_ids(list(QWEN2_VL_TOKENS[:3]))
+    for part in parts:
+        if isinstance(part, str):
+            ids += tokenizer(part).input_ids
+        else:
+            t, h, w = next(grids)
+            ids += [start] + [pad] * (t * h * w // image_processor.merge_size ** 2) + [end]
+    return ids, pixels

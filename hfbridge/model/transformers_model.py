@@ -101,6 +101,13 @@ class TransformersForMultimodalLM(TransformersForCausalLM):
     """A vision-language model from Transformers: the causal LM above, plus its own input embeddings and image
     encoder (`get_image_features`), which the runner uses to put each image's rows into the packed stream."""
 
+    def rope_index(self):
+        """The model's get_rope_index (M-RoPE families: Qwen2-VL), or None."""
+        for module in (self.model, getattr(self.model, "model", None)):
+            if module is not None and hasattr(module, "get_rope_index"):
+                return module.get_rope_index
+        return None
+
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:  # [1, T] -> [1, T, H]
         return self.model.get_input_embeddings()(input_ids)
 

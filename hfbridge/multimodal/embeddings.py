@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from hfbridge.multimodal.inputs import MultiModalInputs
+from hfbridge.multimodal.mrope import MRoPE
 
 
 class EncoderCache:
@@ -52,6 +53,8 @@ class ImageEmbedder:
     def __init__(self, model: torch.nn.Module, capacity_rows: int):
         self.model = model  # TransformersForMultimodalLM
         self.cache = EncoderCache(capacity_rows)
+        rope_index = model.rope_index()
+        self.mrope = MRoPE(rope_index) if rope_index is not None else None  # the M-RoPE families' positions
 
     def embed(self, input_ids: torch.Tensor, rows: list[ImageRows]) -> tuple[torch.Tensor, dict[str, str]]:
         """input_ids [1, T] -> (inputs_embeds [1, T, H], request id -> why its images could not be placed)."""

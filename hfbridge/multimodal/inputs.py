@@ -14,7 +14,7 @@ class ImageItem:
     pixel_inputs: dict[str, torch.Tensor]  # the processor's output for this image alone (pixel_values, sizes...)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: the runner keeps per-request tables by it
 class MultiModalInputs:
     """A request's images, in prompt order, and where their embeddings go.
 

@@ -49,7 +49,10 @@ BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 # placeholder order) gives exactly as Transformers does: each one checked by tests/test_vision.py. Another family
 # may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
 # is checked, never served possibly wrong.
-VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "gemma3", "aya_vision"})
+VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "gemma3", "aya_vision",
+                                  "qwen2_vl", "qwen2_5_vl"})
+# Families with multi-axis rotary positions whose get_rope_index the runner calls (multimodal/mrope.py)
+MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
 
 def image_refusal(hf_config: Any) -> str | None:
@@ -58,17 +61,22 @@ def image_refusal(hf_config: Any) -> str | None:
     if model_type in BIDIRECTIONAL_IMAGE_TYPES:
         return (f"{model_type}'s image tokens attend to each other in both directions, and hfbridge's paged "
                 "attention is causal")
-    for arch in getattr(hf_config, "architectures", None) or ():
-        cls = getattr(transformers, arch, None)
-        module = sys.modules.get(getattr(cls, "__module__", ""), None)
-        if module is not None and any(isinstance(c, type) and hasattr(c, "get_rope_index")
-                                      for c in vars(module).values()):
-            return (f"{arch} gives image tokens multi-axis rotary positions (M-RoPE, get_rope_index), which "
-                    "hfbridge does not compute yet")
+    if model_type not in MROPE_TYPES:
+        for arch in getattr(hf_config, "architectures", None) or ():
+            if _has_rope_index(arch):
+                return (f"{arch} gives image tokens multi-axis rotary positions (M-RoPE, get_rope_index), which "
+                        f"hfbridge computes only for {', '.join(sorted(MROPE_TYPES))} so far")
     if model_type not in VERIFIED_IMAGE_TYPES:
         return (f"hfbridge has not checked {model_type} images against Transformers yet (checked: "
                 f"{', '.join(sorted(VERIFIED_IMAGE_TYPES))})")
     return None
+
+
+def _has_rope_index(arch: str) -> bool:
+    """Whether the module defining `arch` has a class with get_rope_index (the M-RoPE families' own)."""
+    module = sys.modules.get(getattr(getattr(transformers, arch, None), "__module__", ""), None)
+    return module is not None and any(isinstance(c, type) and hasattr(c, "get_rope_index")
+                                      for c in vars(module).values())
 
 
 class MultiModalProcessor:
@@ -81,15 +89,27 @@ class MultiModalProcessor:
         if self.bidirectional and attention_backend != "torch" and self.refusal is None:
             self.refusal = (f"its image tokens attend to each other both ways, which only attention_backend='torch' "
                             f"computes (this engine runs {attention_backend!r})")
-        self.processor = None
+        self.processor = None  # expands text prompts' placeholders
+        self.image_processor = None  # prepares each image
+        self.text_refusal = None  # why text prompts with images cannot be expanded (token ids still can)
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(
                 model_config.model_path, trust_remote_code=model_config.trust_remote_code,
                 revision=model_config.revision,
             )
-        except (OSError, ValueError, TypeError, ImportError) as e:  # e.g. a processor that needs torchvision
-            self.refusal = self.refusal or f"its processor (AutoProcessor) could not be loaded: {str(e).strip()[:300]}"
-        if self.processor is not None and getattr(self.processor, "image_processor", None) is None:
+            self.image_processor = getattr(self.processor, "image_processor", None)
+        except (OSError, ValueError, TypeError, ImportError, AttributeError) as e:  # e.g. it needs torchvision
+            why = f"its processor (AutoProcessor) could not be loaded: {str(e).strip()[:300]}"
+            try:  # the image processor alone still serves prompts whose placeholders are expanded already
+                self.image_processor = transformers.AutoImageProcessor.from_pretrained(
+                    model_config.model_path, trust_remote_code=model_config.trust_remote_code,
+                    revision=model_config.revision,
+                )
+                self.text_refusal = (f"{why}; send prompt_token_ids with each image's placeholder tokens expanded "
+                                     "as the processor would")
+            except (OSError, ValueError, TypeError, ImportError, AttributeError):
+                self.refusal = self.refusal or why
+        if self.image_processor is None:
             self.refusal = self.refusal or f"its processor ({type(self.processor).__name__}) has no image processor"
         if self.refusal is not None:
             logger.warning("Prompts with images are refused: %s", self.refusal)
@@ -106,6 +126,9 @@ class MultiModalProcessor:
             raise ValidationError(f"{self.model} cannot take images yet: {self.refusal}; send text only",
                                   parameter="multi_modal_data")
         images = self._images(data)
+        if token_ids is None and self.text_refusal is not None:
+            raise ValidationError(f"{self.model} cannot expand the images of a text prompt: {self.text_refusal}",
+                                  parameter="multi_modal_data")
         if token_ids is None:
             try:
                 out = self.processor(text=[text], images=images, add_special_tokens=add_special_tokens)
@@ -153,7 +176,7 @@ class MultiModalProcessor:
         digest = hashlib.sha256(f"{image.mode}\0{image.size}\0".encode())
         digest.update(image.tobytes())
         try:
-            inputs = self.processor.image_processor(images=[image], return_tensors="pt")
+            inputs = self.image_processor(images=[image], return_tensors="pt")
         except (ValueError, TypeError, OSError) as e:
             raise ValidationError(f"the image processor could not read the image: {str(e)[:300]}",
                                   parameter="multi_modal_data") from None

@@ -53,14 +53,17 @@ class ModelRunner:
             is_fast = [argmax_only(row) for row in rows]
             if any(is_fast):
                 return self._execute_split(step, rows, is_fast)
+        positions = None
+        if self.images is not None and self.images.mrope is not None:  # [3, 1, T] for every token of the step
+            positions = self.images.mrope.step_positions(step.positions, scheduler_output.scheduled)
         if step.image_rows:
             embeds, failed = self.images.embed(step.input_ids, step.image_rows)
-            output = sample_step(self.sampler, self._logits(step, embeds), step, rows)
+            output = sample_step(self.sampler, self._logits(step, embeds, positions), step, rows)
             for request_id, why in failed.items():
                 output.sampled_token_ids.pop(request_id, None)
                 output.failed[request_id] = ("multi_modal_data", why)
             return output
-        return sample_step(self.sampler, self._logits(step), step, rows)
+        return sample_step(self.sampler, self._logits(step, positions=positions), step, rows)
 
     def _execute_split(self, step: StepInputs, rows: list[SamplingRow], is_fast: list[bool]) -> ModelRunnerOutput:
         """The native decoders' two heads in one step: rows that only need their argmax (is_fast) take the greedy
@@ -86,11 +89,14 @@ class ModelRunner:
         step = self.prepare_inputs(scheduled)
         return self._logits(step), step
 
-    def _logits(self, step: StepInputs, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:  # [N, V]
+    def _logits(self, step: StepInputs, inputs_embeds: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:  # [N, V]
+        """inputs_embeds [1, T, H] with the step's image rows in place; positions [3, 1, T] (M-RoPE)."""
+        positions = step.positions if positions is None else positions
         with forward_context(ForwardContext(step.metadata, self.kv_caches, self.backend)), self._adapters(step):
-            if inputs_embeds is not None:  # [1, T, H] with the step's image rows in place
-                return self.model(step.input_ids, step.positions, step.logits_indices, inputs_embeds)
-            return self.model(step.input_ids, step.positions, step.logits_indices)
+            if inputs_embeds is not None:
+                return self.model(step.input_ids, positions, step.logits_indices, inputs_embeds)
+            return self.model(step.input_ids, positions, step.logits_indices)
 
     def _adapters(self, step: StepInputs) -> contextlib.AbstractContextManager:
         return self.lora.step(step.lora_rows) if self.lora is not None else contextlib.nullcontext()
