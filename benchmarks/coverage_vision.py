@@ -57,12 +57,12 @@ def flagged_vision_architectures() -> dict[str, str]:
 
 
 def run_vision(arch: str, model_type: str) -> Result:
-    from tiny_vlms import FAMILIES
+    from tiny_vlms import FAMILIES, TOKEN_ID_FAMILIES
 
     from hfbridge.multimodal.processor import image_refusal
 
     start = time.perf_counter()
-    runner = _run_qwen2_vl if arch in QWEN2_VL else _run_family if arch in FAMILIES else None
+    runner = _run_token_ids if arch in TOKEN_ID_FAMILIES else _run_family if arch in FAMILIES else None
     if runner is not None:
         try:
             verdict, reason = runner(arch)
@@ -103,27 +103,25 @@ def _run_family(arch: str) -> tuple[str, str]:
     return _worst(verdicts)
 
 
-QWEN2_VL = {"Qwen2VLForConditionalGeneration": "2", "Qwen2_5_VLForConditionalGeneration": "2.5"}
-
-
-def _run_qwen2_vl(arch: str) -> tuple[str, str]:
-    """Its processor needs torchvision: prompts as token ids with the placeholders expanded (tests/tiny_vlms.py)."""
-    from tiny_vlms import draw_image, expand_qwen2_vl, make_tiny_qwen2_vl
+def _run_token_ids(arch: str) -> tuple[str, str]:
+    """Families whose processor needs torchvision: prompts as token ids with the placeholders expanded
+    (tests/tiny_vlms.py TOKEN_ID_FAMILIES)."""
+    from tiny_vlms import TOKEN_ID_FAMILIES, draw_image
 
     from hfbridge import LLM, SamplingParams
 
+    make, prompt_of = TOKEN_ID_FAMILIES[arch]
     with tempfile.TemporaryDirectory() as folder:
-        model, image_processor, tokenizer, path = make_tiny_qwen2_vl(Path(folder) / "model", version=QWEN2_VL[arch])
+        model, image_processor, tokenizer, path = make(Path(folder) / "model")
         a, b = draw_image(1, (60, 44)), draw_image(2, (40, 70))
         prompts, expected = [], []
         for parts in (["Look at ", a, " and say"], ["Once upon a time"], ["Compare ", a, " with ", b]):
-            ids, pixels = expand_qwen2_vl(tokenizer, image_processor, parts)
+            ids, inputs = prompt_of(model, image_processor, tokenizer, parts)
             images = [p for p in parts if not isinstance(p, str)]
             input_ids = torch.tensor([ids])
-            extra = dict(pixels, mm_token_type_ids=(input_ids == model.config.image_token_id).int()) if images else {}
             with torch.no_grad():
                 out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                     max_new_tokens=MAX_NEW, output_logits=True, return_dict_in_generate=True, **extra)
+                                     max_new_tokens=MAX_NEW, output_logits=True, return_dict_in_generate=True, **inputs)
             expected.append((out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]))
             prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
         llm = LLM(model=str(path), dtype="float32")
@@ -151,8 +149,8 @@ def render(results: list[Result]) -> str:
         "with the reason shown (`hfbridge check MODEL` says the same; its text-only prompts are as docs/coverage.md "
         "says). Families whose processor "
         "needs torchvision (every one with a video processor) cannot be checked on this machine, which has none; "
-        "Qwen2-VL and Qwen2.5-VL are checked with token-id prompts whose placeholders are expanded as their "
-        "processor does.",
+        "Qwen2-VL, Qwen2.5-VL and SmolVLM are checked with token-id prompts whose placeholders are expanded as "
+        "their processor does.",
         "",
         "Totals: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + f" (of {len(results)})",
         "",

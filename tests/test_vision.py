@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from greedy import TIE_TOLERANCE, assert_greedy_match
-from tiny_vlms import draw_image, make_tiny_vlm
+from tiny_vlms import TOKEN_ID_FAMILIES, draw_image, make_tiny_vlm
 
 from hfbridge import LLM, SamplingParams
 from hfbridge.entrypoints.check import check_model
@@ -96,39 +96,35 @@ def test_gemma3_image_tokens_attend_both_ways(tmp_path_factory):
         triton.generate({"prompt": text, "multi_modal_data": {"image": images}}, params, use_tqdm=False)
 
 
-@pytest.mark.parametrize("version", ["2", "2.5"])
-def test_qwen2_vl_multi_axis_positions_equal_transformers(tmp_path, version):
-    """Qwen2-VL's image tokens take 3-axis rotary positions (the model's get_rope_index) and the tokens after them a
-    shifted position: prompts with one and two images (as token ids: its processor needs torchvision), a text-only
-    one and a chunked one, against Transformers' generate() with the same ids and image processor outputs."""
-    from tiny_vlms import expand_qwen2_vl, make_tiny_qwen2_vl
-
-    model, image_processor, tokenizer, folder = make_tiny_qwen2_vl(tmp_path / "qwen2_vl", version=version)
+@pytest.mark.parametrize("arch", sorted(TOKEN_ID_FAMILIES))
+def test_families_checked_with_token_id_prompts(tmp_path, arch):
+    """Qwen2-VL / Qwen2.5-VL (image tokens take 3-axis rotary positions from the model's own get_rope_index, later
+    tokens a shifted one) and SmolVLM, whose processors need torchvision: prompts as token ids with the
+    placeholders expanded, served by the image processor alone. One and two images, a text-only prompt, and small
+    steps, against Transformers' generate() with the same ids and image processor outputs; every prompt and output
+    logprob too (positions move this tiny model's logits by ~1e-3, too little to change greedy tokens)."""
+    make, prompt_of = TOKEN_ID_FAMILIES[arch]
+    model, image_processor, tokenizer, folder = make(tmp_path / "model")
     a, b = draw_image(1, (60, 44)), draw_image(2, (40, 70))
     cases = [["Look at ", a, " and say"], ["Compare ", a, " with ", b, " now"], ["Once upon a time"]]
-    prompts, expected = [], []
+    prompts, expected, references = [], [], []
     for parts in cases:
-        ids, pixels = expand_qwen2_vl(tokenizer, image_processor, parts)
+        ids, inputs = prompt_of(model, image_processor, tokenizer, parts)
         images = [p for p in parts if not isinstance(p, str)]
         input_ids = torch.tensor([ids])
-        kwargs = dict(pixels, mm_token_type_ids=(input_ids == model.config.image_token_id).int()) if images else {}
         with torch.no_grad():
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                 max_new_tokens=MAX_TOKENS, output_logits=True, return_dict_in_generate=True, **kwargs)
+                                 max_new_tokens=MAX_TOKENS, output_logits=True, return_dict_in_generate=True, **inputs)
+            references.append(torch.log_softmax(model(input_ids=input_ids, **inputs).logits[0], dim=-1))
         expected.append((out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]))
         prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
-    # positions move logits by ~1e-3 in this tiny model, too little to change greedy tokens: every prompt and output
-    # logprob is held to Transformers' too
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0, prompt_logprobs=0)
     for kwargs in ({}, {"max_num_batched_tokens": 8, "max_num_seqs": 3}):
         llm = LLM(model=str(folder), dtype="float32", **kwargs)
         outs = llm.generate(prompts, params, use_tqdm=False)
         check(outs, expected)
-        for out, prompt, (tokens, logits) in zip(outs, prompts, expected):
-            ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
-            kwargs = _qwen2_vl_inputs(prompt, image_processor, model)
-            with torch.no_grad():
-                reference = torch.log_softmax(model(input_ids=torch.tensor([ids]), **kwargs).logits[0], dim=-1)
+        for out, reference, (tokens, logits) in zip(outs, references, expected):
+            ids = out.prompt_token_ids
             ours = [entry[token].logprob for entry, token in zip(out.prompt_logprobs[1:], ids[1:])]
             theirs = reference[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
             assert torch.allclose(torch.tensor(ours), theirs, atol=2e-5), (torch.tensor(ours) - theirs).abs().max()
@@ -137,14 +133,6 @@ def test_qwen2_vl_multi_axis_positions_equal_transformers(tmp_path, version):
             assert generated == pytest.approx(theirs, abs=2e-5)
     with pytest.raises(ValidationError, match="send prompt_token_ids with each image's placeholder tokens expanded"):
         llm.generate({"prompt": "x", "multi_modal_data": {"image": a}}, GREEDY, use_tqdm=False)
-
-
-def _qwen2_vl_inputs(prompt, image_processor, model):
-    if not isinstance(prompt, dict):
-        return {}
-    pixels = image_processor(images=prompt["multi_modal_data"]["image"], return_tensors="pt")
-    ids = torch.tensor([prompt["prompt_token_ids"]])
-    return dict(pixels, mm_token_type_ids=(ids == model.config.image_token_id).int())
 
 
 def test_prefix_cache_keys_on_the_image_and_encoder_runs_once(llava):

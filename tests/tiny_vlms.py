@@ -231,3 +231,63 @@ def expand_qwen2_vl(tokenizer, image_processor, parts: list) -> tuple[list[int],
             t, h, w = next(grids)
             ids += [start] + [pad] * (t * h * w // image_processor.merge_size ** 2) + [end]
     return ids, pixels
+
+
+def make_tiny_smolvlm(folder: Path, seed: int = 0):
+    """(model, image processor, tokenizer, folder) of a tiny SmolVLM, saved without its SmolVLMProcessor (its video
+    processor needs torchvision): prompts come as token ids, expand_tiles() writing each image's placeholders."""
+    tokenizer = _tokenizer("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>")
+    config = transformers.SmolVLMConfig(
+        vision_config=dict(**VISION, image_size=28, patch_size=14),
+        text_config=_text(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2,
+    )
+    torch.manual_seed(seed)
+    model = transformers.SmolVLMForConditionalGeneration(config).eval()
+    image_processor = transformers.SmolVLMImageProcessor(size={"longest_edge": 56}, max_image_size={"longest_edge": 28},
+                                                         do_image_splitting=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model, image_processor, tokenizer, folder
+
+
+def expand_tiles(tokenizer, image_processor, config, parts: list) -> tuple[list[int], dict]:
+    """Text pieces and images -> (token ids, the image processor's outputs): each image's placeholders as runs of
+    <image> between <fake_token_around_image>, one run of (image_size / patch_size / scale_factor)^2 per tile."""
+    images = [p for p in parts if not isinstance(p, str)]
+    pixels = image_processor(images=images, return_tensors="pt") if images else {}
+    fake, image = tokenizer.convert_tokens_to_ids(["<fake_token_around_image>", "<image>"])
+    per_tile = (config.vision_config.image_size // config.vision_config.patch_size // config.scale_factor) ** 2
+    ids = []
+    for part in parts:
+        if isinstance(part, str):
+            ids += tokenizer(part).input_ids
+            continue
+        tiles = image_processor(images=[part], return_tensors="pt")["pixel_values"].shape[1]
+        for _ in range(tiles):
+            ids += [fake] + [image] * per_tile
+        ids += [fake]
+    return ids, pixels
+
+
+def qwen2_vl_prompt(model, image_processor, tokenizer, parts: list) -> tuple[list[int], dict]:
+    """(token ids, Transformers' generate() inputs beside them) of a Qwen2-VL prompt of text pieces and images."""
+    ids, pixels = expand_qwen2_vl(tokenizer, image_processor, parts)
+    if not pixels:
+        return ids, {}
+    return ids, dict(pixels, mm_token_type_ids=(torch.tensor([ids]) == model.config.image_token_id).int())
+
+
+def smolvlm_prompt(model, image_processor, tokenizer, parts: list) -> tuple[list[int], dict]:
+    ids, pixels = expand_tiles(tokenizer, image_processor, model.config, parts)
+    return ids, dict(pixels)
+
+
+# Families checked with token-id prompts (their processors need torchvision): class -> (make, prompt)
+TOKEN_ID_FAMILIES = {
+    "Qwen2VLForConditionalGeneration": (lambda folder: make_tiny_qwen2_vl(folder, version="2"), qwen2_vl_prompt),
+    "Qwen2_5_VLForConditionalGeneration": (lambda folder: make_tiny_qwen2_vl(folder, version="2.5"),
+                                           qwen2_vl_prompt),
+    "SmolVLMForConditionalGeneration": (make_tiny_smolvlm, smolvlm_prompt),
+}

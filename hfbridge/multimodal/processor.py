@@ -49,7 +49,7 @@ BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 # placeholder order) gives exactly as Transformers does: each one checked by tests/test_vision.py. Another family
 # may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
 # is checked, never served possibly wrong.
-VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "gemma3", "aya_vision",
+VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "smolvlm", "gemma3", "aya_vision",
                                   "qwen2_vl", "qwen2_5_vl"})
 # Families with multi-axis rotary positions whose get_rope_index the runner calls (multimodal/mrope.py)
 MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
