@@ -106,7 +106,7 @@ def _run_family(arch: str) -> tuple[str, str]:
 def _run_token_ids(arch: str) -> tuple[str, str]:
     """Families whose processor needs torchvision: prompts as token ids with the placeholders expanded
     (tests/tiny_vlms.py TOKEN_ID_FAMILIES)."""
-    from tiny_vlms import TOKEN_ID_FAMILIES, draw_image
+    from tiny_vlms import TOKEN_ID_FAMILIES, draw_image, token_id_case
 
     from hfbridge import LLM, SamplingParams
 
@@ -114,16 +114,9 @@ def _run_token_ids(arch: str) -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as folder:
         model, image_processor, tokenizer, path = make(Path(folder) / "model")
         a, b = draw_image(1, (60, 44)), draw_image(2, (40, 70))
-        prompts, expected = [], []
-        for parts in (["Look at ", a, " and say"], ["Once upon a time"], ["Compare ", a, " with ", b]):
-            ids, inputs = prompt_of(model, image_processor, tokenizer, parts)
-            images = [p for p in parts if not isinstance(p, str)]
-            input_ids = torch.tensor([ids])
-            with torch.no_grad():
-                out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                     max_new_tokens=MAX_NEW, output_logits=True, return_dict_in_generate=True, **inputs)
-            expected.append((out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]))
-            prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+        cases = [token_id_case(model, image_processor, tokenizer, prompt_of, parts, MAX_NEW)
+                 for parts in (["Look at ", a, " and say"], ["Once upon a time"], ["Compare ", a, " with ", b])]
+        prompts, expected = [c[0] for c in cases], [c[1] for c in cases]
         llm = LLM(model=str(path), dtype="float32")
         outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
         verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]

@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 from greedy import TIE_TOLERANCE, assert_greedy_match
-from tiny_vlms import TOKEN_ID_FAMILIES, draw_image, make_tiny_vlm
+from tiny_vlms import TOKEN_ID_FAMILIES, draw_image, make_tiny_vlm, token_id_case
 
 from hfbridge import LLM, SamplingParams
 from hfbridge.entrypoints.check import check_model
@@ -109,15 +109,12 @@ def test_families_checked_with_token_id_prompts(tmp_path, arch):
     cases = [["Look at ", a, " and say"], ["Compare ", a, " with ", b, " now"], ["Once upon a time"]]
     prompts, expected, references = [], [], []
     for parts in cases:
-        ids, inputs = prompt_of(model, image_processor, tokenizer, parts)
-        images = [p for p in parts if not isinstance(p, str)]
-        input_ids = torch.tensor([ids])
+        prompt, greedy, inputs = token_id_case(model, image_processor, tokenizer, prompt_of, parts, MAX_TOKENS)
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else prompt
         with torch.no_grad():
-            out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                                 max_new_tokens=MAX_TOKENS, output_logits=True, return_dict_in_generate=True, **inputs)
-            references.append(torch.log_softmax(model(input_ids=input_ids, **inputs).logits[0], dim=-1))
-        expected.append((out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]))
-        prompts.append({"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids)
+            references.append(torch.log_softmax(model(input_ids=torch.tensor([ids]), **inputs).logits[0], dim=-1))
+        prompts.append(prompt)
+        expected.append(greedy)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, logprobs=0, prompt_logprobs=0)
     for kwargs in ({}, {"max_num_batched_tokens": 8, "max_num_seqs": 3}):
         llm = LLM(model=str(folder), dtype="float32", **kwargs)

@@ -45,30 +45,25 @@ def _text(tokenizer, **overrides):
     return transformers.LlamaConfig(**{**COMMON, "vocab_size": vocab, **overrides})
 
 
-def llava():
+def _clip_llava(config_class, **config_kwargs):
+    """A LLaVA-style family (CLIP tower, LlavaProcessor): the config of `config_class` and its processor."""
     tokenizer = _tokenizer("<image>")
-    config = transformers.LlavaConfig(
+    config = config_class(
         vision_config=transformers.CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
-        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-1,
+        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"), **config_kwargs,
     )
     image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
     processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
                                             vision_feature_select_strategy="default", num_additional_image_tokens=1)
     return config, processor, "<image>"
+
+
+def llava():
+    return _clip_llava(transformers.LlavaConfig, vision_feature_layer=-1)
 
 
 def vipllava():
-    tokenizer = _tokenizer("<image>")
-    config = transformers.VipLlavaConfig(
-        vision_config=transformers.CLIPVisionConfig(**VISION, image_size=28, patch_size=14),
-        text_config=_text(tokenizer), image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layers=[-2, -1],
-    )
-    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
-                                            vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    return config, processor, "<image>"
+    return _clip_llava(transformers.VipLlavaConfig, vision_feature_layers=[-2, -1])
 
 
 def llava_next():
@@ -291,3 +286,16 @@ TOKEN_ID_FAMILIES = {
                                            qwen2_vl_prompt),
     "SmolVLMForConditionalGeneration": (make_tiny_smolvlm, smolvlm_prompt),
 }
+
+
+def token_id_case(model, image_processor, tokenizer, prompt_of, parts: list, max_new_tokens: int):
+    """One prompt of a TOKEN_ID_FAMILIES family: (the engine's prompt, Transformers' greedy tokens and their logits,
+    the inputs Transformers' forward takes beside the ids)."""
+    ids, inputs = prompt_of(model, image_processor, tokenizer, parts)
+    images = [p for p in parts if not isinstance(p, str)]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, output_logits=True, return_dict_in_generate=True, **inputs)
+    prompt = {"prompt_token_ids": ids, "multi_modal_data": {"image": images}} if images else ids
+    return prompt, (out.sequences[0, len(ids):].tolist(), [s[0] for s in out.logits]), inputs
