@@ -8,8 +8,8 @@ Verdicts: equal / near_tie (the family's tiny random model with its processor, f
 with one and two images and a text-only prompt in one batch through hfbridge, against Transformers' own greedy
 generate() with the same processor outputs; near_tie: the first difference is at a top-2 logit gap under 1e-4),
 images_refused (hfbridge refuses the model's images, for the reason shown: the check `hfbridge check MODEL`
-reports, on the family's default config; its text-only prompts are as docs/coverage.md says), mismatch and error (bugs), hf_unbuildable
-(Transformers cannot build the family's default config)."""
+reports, on the family's default config; its text-only prompts are as docs/coverage.md says), mismatch and error
+(bugs), hf_unbuildable (Transformers cannot build the family's default config)."""
 from __future__ import annotations
 
 import argparse
@@ -83,12 +83,11 @@ def run_vision(arch: str, model_type: str) -> Result:
 def _run_family(arch: str) -> tuple[str, str]:
     from tiny_vlms import draw_image, make_tiny_vlm
 
-    from hfbridge import LLM, SamplingParams
-
     with tempfile.TemporaryDirectory() as folder:
         model, processor, image, path = make_tiny_vlm(arch, Path(folder) / "model")
         a, b = draw_image(1), draw_image(2, (64, 30))
-        cases = [(f"Describe {image} briefly", [a]), ("Once upon a time", None), (f"Compare {image} with {image}", [a, b])]
+        cases = [(f"Describe {image} briefly", [a]), ("Once upon a time", None),
+                 (f"Compare {image} with {image}", [a, b])]
         expected = []
         for text, images in cases:
             inputs = processor(text=text, images=images, return_tensors="pt")
@@ -96,11 +95,8 @@ def _run_family(arch: str) -> tuple[str, str]:
                 out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, output_logits=True,
                                      return_dict_in_generate=True)
             expected.append((out.sequences[0, inputs["input_ids"].shape[1]:].tolist(), [s[0] for s in out.logits]))
-        llm = LLM(model=str(path), dtype="float32")
         prompts = [{"prompt": t, "multi_modal_data": {"image": i}} if i else t for t, i in cases]
-        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
-        verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]
-    return _worst(verdicts)
+        return _verdict(path, prompts, expected)
 
 
 def _run_token_ids(arch: str) -> tuple[str, str]:
@@ -108,22 +104,22 @@ def _run_token_ids(arch: str) -> tuple[str, str]:
     (tests/tiny_vlms.py TOKEN_ID_FAMILIES)."""
     from tiny_vlms import TOKEN_ID_FAMILIES, draw_image, token_id_case
 
-    from hfbridge import LLM, SamplingParams
-
     make, prompt_of = TOKEN_ID_FAMILIES[arch]
     with tempfile.TemporaryDirectory() as folder:
         model, image_processor, tokenizer, path = make(Path(folder) / "model")
         a, b = draw_image(1, (60, 44)), draw_image(2, (40, 70))
         cases = [token_id_case(model, image_processor, tokenizer, prompt_of, parts, MAX_NEW)
                  for parts in (["Look at ", a, " and say"], ["Once upon a time"], ["Compare ", a, " with ", b])]
-        prompts, expected = [c[0] for c in cases], [c[1] for c in cases]
-        llm = LLM(model=str(path), dtype="float32")
-        outs = llm.generate(prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
-        verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]
-    return _worst(verdicts)
+        return _verdict(path, [c[0] for c in cases], [c[1] for c in cases])
 
 
-def _worst(verdicts: list[tuple[str, str]]) -> tuple[str, str]:
+def _verdict(path: Path, prompts: list, expected: list) -> tuple[str, str]:
+    """The prompts through hfbridge in one batch against Transformers' (tokens, logits); the worst comparison."""
+    from hfbridge import LLM, SamplingParams
+
+    outs = LLM(model=str(path), dtype="float32").generate(
+        prompts, SamplingParams(max_tokens=MAX_NEW, temperature=0), use_tqdm=False)
+    verdicts = [compare(list(o.outputs[0].token_ids), tokens, logits) for o, (tokens, logits) in zip(outs, expected)]
     bad = [v for v in verdicts if v[0] == "mismatch"]
     ties = [v for v in verdicts if v[0] == "near_tie"]
     return bad[0] if bad else ties[0] if ties else ("equal", "")

@@ -101,6 +101,7 @@ class LoRAConfig:
 
 
 MODALITIES = ("image",)  # what multi_modal_data may hold; vLLM's video and audio are refused by name
+DEFAULT_IMAGES_PER_PROMPT = 999  # vLLM's default limit_mm_per_prompt for each modality
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class MultiModalConfig:
     prompt; image URLs fetched within a timeout and a size cap, from allowed_media_domains when set, file:// only
     under allowed_local_media_path; encoder outputs cached up to encoder_cache_rows embedding rows."""
 
-    limit_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": 999})
+    limit_per_prompt: dict[str, int] = field(default_factory=lambda: {"image": DEFAULT_IMAGES_PER_PROMPT})
     allowed_local_media_path: str | None = None
     allowed_media_domains: frozenset[str] | None = None
     # seconds for an http(s) image; HFBRIDGE_IMAGE_FETCH_TIMEOUT sets it (vLLM's VLLM_IMAGE_FETCH_TIMEOUT, 5 s)

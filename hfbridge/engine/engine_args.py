@@ -12,6 +12,7 @@ import torch
 
 from hfbridge.attention_backends.registry import resolve_backend_name
 from hfbridge.config import (
+    DEFAULT_IMAGES_PER_PROMPT,
     DISTRIBUTED_EXECUTOR_BACKENDS,
     MODALITIES,
     CacheConfig,
@@ -200,7 +201,7 @@ class EngineArgs:
             return None
         domains = self.allowed_media_domains
         return MultiModalConfig(
-            limit_per_prompt={"image": 999, **limits},
+            limit_per_prompt={"image": DEFAULT_IMAGES_PER_PROMPT, **limits},
             allowed_local_media_path=os.path.realpath(path) if path is not None else None,
             allowed_media_domains=frozenset(d.lower() for d in domains) if domains is not None else None,
             max_num_encoder_input_tokens=max(scheduler.max_num_batched_tokens, 1),

@@ -49,7 +49,8 @@ def load_hf_config(
     return config
 
 
-# What gguf's reader raises on a truncated or corrupt file (numpy reshapes past the end, bad offsets)
+# What the GGUF readers raise on a truncated or corrupt file: hfbridge's header walk (EOFError, OSError, KeyError),
+# Transformers' through the gguf package (numpy reshapes past the end: IndexError)
 GGUF_READ_ERRORS = (OSError, IndexError, KeyError, EOFError)
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from hfbridge.config import MultiModalConfig
 from hfbridge.errors import ValidationError
-from hfbridge.multimodal.media import PixelBudget, check_image, load_image_url
+from hfbridge.multimodal.media import PixelBudget, check_image, check_image_count, load_image_url
 
 IMAGE_PART_TYPES = ("image_url", "image_pil", "image")
 
@@ -21,11 +21,8 @@ def split_images(conversation: list[dict[str, Any]], config: MultiModalConfig | 
                  model: str = "this model") -> tuple[list[dict[str, Any]], list]:
     """config None: a model that takes no images (any image part is refused). The count is checked before any
     image is fetched or decoded."""
-    count = count_image_parts(conversation)
-    if config is not None and count > config.limit_per_prompt.get("image", 0):
-        raise ValidationError(f"the messages hold {count} images, more than the limit of "
-                              f"{config.limit_per_prompt.get('image', 0)} per prompt (--limit-mm-per-prompt)",
-                              parameter="messages", value=count)
+    if config is not None:
+        check_image_count(count_image_parts(conversation), config, "messages")
     images, messages = [], []
     budget = PixelBudget(config, "messages") if config is not None else None
     for message in conversation:

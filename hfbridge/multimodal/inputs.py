@@ -10,7 +10,7 @@ import torch
 
 @dataclass(frozen=True)
 class ImageItem:
-    content_hash: bytes  # sha256 of the image's mode, size and pixels (and the processor options): the cache key
+    content_hash: bytes  # sha256 of the image's mode, size and pixels: the encoder cache's key
     pixel_inputs: dict[str, torch.Tensor]  # the processor's output for this image alone (pixel_values, sizes...)
 
 

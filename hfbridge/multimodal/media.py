@@ -35,11 +35,20 @@ class PixelBudget:
             raise ValidationError(f"the image is empty ({width}x{height} pixels)", parameter=self.parameter)
         if pixels > self.config.max_image_pixels:
             raise ValidationError(f"the image has {width}x{height} = {pixels} pixels, more than the limit of "
-                                  f"{self.config.max_image_pixels}", parameter=self.parameter, value=f"{width}x{height}")
+                                  f"{self.config.max_image_pixels}", parameter=self.parameter,
+                                  value=f"{width}x{height}")
         if pixels > self.left:
             raise ValidationError(f"the prompt's images hold more than {self.config.max_prompt_pixels} pixels "
                                   "together, the limit for one prompt", parameter=self.parameter)
         self.left -= pixels
+
+
+def check_image_count(count: int, config: MultiModalConfig, parameter: str) -> None:
+    """At most limit_per_prompt["image"] images in one prompt (checked before any is fetched or decoded)."""
+    limit = config.limit_per_prompt.get("image", 0)
+    if count > limit:
+        raise ValidationError(f"the prompt has {count} images, more than the limit of {limit} per prompt "
+                              "(--limit-mm-per-prompt)", parameter=parameter, value=count)
 
 
 def check_image(image: Any, budget: PixelBudget) -> Image.Image:

@@ -20,7 +20,10 @@ class MRoPE:
         self._tables: weakref.WeakKeyDictionary[MultiModalInputs, tuple[np.ndarray, int]] = weakref.WeakKeyDictionary()
 
     def step_positions(self, positions: torch.Tensor, scheduled) -> torch.Tensor:
-        """positions [1, T] of the step's scheduled requests (in order) -> [3, 1, T]."""
+        """positions [1, T] of the step's scheduled requests (in order) -> [3, 1, T]; unchanged for a step without
+        images (the model gives 1-D positions to every axis itself)."""
+        if all(getattr(item.request, "mm_inputs", None) is None for item in scheduled):
+            return positions
         out = positions.expand(3, 1, -1).clone()
         offset = 0
         for item in scheduled:

@@ -17,7 +17,7 @@ import transformers
 from hfbridge.config import MODALITIES, ModelConfig, MultiModalConfig
 from hfbridge.errors import ValidationError
 from hfbridge.multimodal.inputs import ImageItem, MultiModalInputs, placeholder_runs
-from hfbridge.multimodal.media import PixelBudget, check_image
+from hfbridge.multimodal.media import PixelBudget, check_image, check_image_count
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +49,8 @@ BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 # placeholder order) gives exactly as Transformers does: each one checked by tests/test_vision.py. Another family
 # may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
 # is checked, never served possibly wrong.
-VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "smolvlm", "gemma3", "aya_vision",
-                                  "qwen2_vl", "qwen2_5_vl"})
+VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "smolvlm", "gemma3",
+                                  "aya_vision", "qwen2_vl", "qwen2_5_vl"})
 # Families with multi-axis rotary positions whose get_rope_index the runner calls (multimodal/mrope.py)
 MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
 
@@ -92,19 +92,15 @@ class MultiModalProcessor:
         self.processor = None  # expands text prompts' placeholders
         self.image_processor = None  # prepares each image
         self.text_refusal = None  # why text prompts with images cannot be expanded (token ids still can)
+        source = dict(pretrained_model_name_or_path=model_config.model_path,
+                      trust_remote_code=model_config.trust_remote_code, revision=model_config.revision)
         try:
-            self.processor = transformers.AutoProcessor.from_pretrained(
-                model_config.model_path, trust_remote_code=model_config.trust_remote_code,
-                revision=model_config.revision,
-            )
+            self.processor = transformers.AutoProcessor.from_pretrained(**source)
             self.image_processor = getattr(self.processor, "image_processor", None)
         except (OSError, ValueError, TypeError, ImportError, AttributeError) as e:  # e.g. it needs torchvision
             why = f"its processor (AutoProcessor) could not be loaded: {str(e).strip()[:300]}"
             try:  # the image processor alone still serves prompts whose placeholders are expanded already
-                self.image_processor = transformers.AutoImageProcessor.from_pretrained(
-                    model_config.model_path, trust_remote_code=model_config.trust_remote_code,
-                    revision=model_config.revision,
-                )
+                self.image_processor = transformers.AutoImageProcessor.from_pretrained(**source)
                 self.text_refusal = (f"{why}; send prompt_token_ids with each image's placeholder tokens expanded "
                                      "as the processor would")
             except (OSError, ValueError, TypeError, ImportError, AttributeError):
@@ -165,10 +161,7 @@ class MultiModalProcessor:
         images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         if not images:
             raise ValidationError("multi_modal_data holds no image", parameter="multi_modal_data")
-        limit = self.config.limit_per_prompt.get("image", 0)
-        if len(images) > limit:
-            raise ValidationError(f"the prompt has {len(images)} images, more than the limit of {limit} per prompt "
-                                  "(--limit-mm-per-prompt)", parameter="multi_modal_data", value=len(images))
+        check_image_count(len(images), self.config, "multi_modal_data")
         budget = PixelBudget(self.config, "multi_modal_data")
         return [check_image(image, budget) for image in images]
 

@@ -78,7 +78,7 @@ class _Cursor:
     def skip_array(self) -> None:
         item_type, count = self.take("I", 4), self.take("Q", 8)
         if item_type in _SCALARS:
-            self.pos = self.pos + count * _SCALARS[item_type][1]
+            self.pos += count * _SCALARS[item_type][1]
         elif item_type == _STRING:
             for _ in range(count):
                 self.skip_string()

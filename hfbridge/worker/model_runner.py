@@ -54,7 +54,7 @@ class ModelRunner:
             if any(is_fast):
                 return self._execute_split(step, rows, is_fast)
         positions = None
-        if self.images is not None and self.images.mrope is not None:  # [3, 1, T] for every token of the step
+        if self.images is not None and self.images.mrope is not None:  # [3, 1, T] when the step holds images
             positions = self.images.mrope.step_positions(step.positions, scheduler_output.scheduled)
         if step.image_rows:
             embeds, failed = self.images.embed(step.input_ids, step.image_rows)
