@@ -37,8 +37,12 @@ def ready_status(url: str) -> int | None:
 
 
 def workers_of(pid: int) -> list[psutil.Process]:
-    return [c for c in psutil.Process(pid).children(recursive=True)
-            if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in " ".join(c.cmdline())]
+    """The server's rank processes: forked by its fork server (whose cmdline they share), or spawned."""
+    server = psutil.Process(pid)
+    forkserver = [c.pid for c in server.children() if "forkserver" in " ".join(c.cmdline())]
+    return [c for c in server.children(recursive=True)
+            if c.ppid() in forkserver or ("spawn_main" in " ".join(c.cmdline())
+                                          and "resource_tracker" not in " ".join(c.cmdline()))]
 
 
 def serve_two_ranks_then_kill_one(folder: str, flag: str, kill: int, tmp_path) -> str:

@@ -1,16 +1,17 @@
-"""The body of one worker process, one rank of tp x pp (spawned by MultiprocExecutor).
+"""The body of one worker process, one rank of tp x pp (started by MultiprocExecutor).
 
 It joins the torch.distributed world, loads its shard through the ordinary InProcessExecutor (which sees the TP
 group and the pipeline stage: its layers, its KV cache), then serves the driver's requests over its pipe:
 ("execute", SchedulerOutput) runs the forward on every rank at once, stages handing hidden states on (the output
 rank, the last stage's tp-rank 0, returns the gathered logits, or the pooled outputs), ("apply", cloudpickled fn) returns fn(model) from
 every rank, ("add_lora", LoRARequest) / ("remove_lora", id) load or drop a LoRA adapter on every rank (a bad adapter
-is a reply, not a dead worker), ("shutdown", None) leaves. Importable by module path, so spawning never needs the
-user's __main__."""
+is a reply, not a dead worker), ("shutdown", None) leaves. Importable by module path, so starting a worker never needs
+the user's __main__."""
 from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import signal
 import threading
 import time
@@ -26,12 +27,32 @@ from hfbridge.worker.step_plan import StepPlan, reply_for
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """No orphans: a watchdog thread exits this worker once its parent process is gone (even a SIGKILLed one).
-    Not PR_SET_PDEATHSIG: that fires when the parent *thread* ends, and engines are built in loader threads."""
+    """No orphans: a watchdog thread exits this worker once the driver process is gone (even a SIGKILLed one).
+    The driver is not this process's OS parent (the fork server is), so it is watched by pid: through a pidfd where
+    the OS has them (readable once that process exits), else by polling. Not PR_SET_PDEATHSIG: that fires when the
+    parent *thread* ends, and engines are built in loader threads."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # not Linux >= 5.3
+        pidfd = None
+
+    def alive() -> bool:
+        try:
+            os.kill(parent_pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(1.0)
+        if pidfd is not None:
+            select.select([pidfd], [], [])
+        else:
+            while alive():
+                time.sleep(1.0)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="hfbridge-parent-watch").start()
@@ -80,8 +101,10 @@ def run_command(rank: int, executor: InProcessExecutor, kind: str, payload: Any)
 
 
 def worker_main(rank: int, world_size: int, init_method: str, config_bytes: bytes, conn, threads: int,
-                parent_pid: int) -> None:
+                parent_pid: int, environ: dict[str, str]) -> None:
     _die_with_parent(parent_pid)
+    os.environ.clear()  # the driver's environment now, as a spawned worker would see it (not the fork server's)
+    os.environ.update(environ)
     # Ctrl-C reaches the whole process group: the driver decides (it stops us), workers do not die mid-collective.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
