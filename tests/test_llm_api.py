@@ -151,3 +151,21 @@ def test_cpu_kv_cache_is_sized_from_the_memory_budget(tiny_llama):
     assert engine.kv_cache_manager.pool.num_blocks == (1 << 20) // per_block
     with pytest.raises(ValueError, match=r"The KV cache holds 32 tokens \(2 blocks of 16\) but max_model_len is 64"):
         LLM(model=folder, max_model_len=64, kv_cache_memory_bytes=2 * per_block)
+
+
+def test_vllm_cpu_kvcache_space_sets_the_budget_in_gib(tiny_llama, monkeypatch):
+    """vLLM-CPU's VLLM_CPU_KVCACHE_SPACE: whole GiB of KV cache; kv_cache_memory_bytes wins; a bad value is refused
+    naming the variable."""
+    from hfbridge.engine.engine_args import EngineArgs
+
+    folder = str(tiny_llama[1])
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert EngineArgs(model=folder).create_engine_config().cache_config.kv_cache_memory_bytes == 3 * 1024 ** 3
+    explicit = EngineArgs(model=folder, kv_cache_memory_bytes=1 << 20).create_engine_config()
+    assert explicit.cache_config.kv_cache_memory_bytes == 1 << 20
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "")
+    assert EngineArgs(model=folder).create_engine_config().cache_config.kv_cache_memory_bytes is None
+    for bad in ("0", "0.5", "-1", "4G"):
+        monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", bad)
+        with pytest.raises(ValueError, match=r"VLLM_CPU_KVCACHE_SPACE=.* must be a whole number of GiB"):
+            LLM(model=folder)

@@ -52,6 +52,7 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
         "TOKENIZERS_PARALLELISM": "false",
         # What users get: the background torch.compile on (the rest of the suite turns it off in conftest.py).
         "HFBRIDGE_ENFORCE_EAGER": "0",
+        "VLLM_CPU_KVCACHE_SPACE": "",  # the default KV-cache budget (conftest.py lowers it for the rest)
         # One intra-op thread: on a small shared runner, two OpenMP threads wait on each other whenever one is
         # descheduled, and decoding got 10-50x slower than with one.
         "OMP_NUM_THREADS": "1",

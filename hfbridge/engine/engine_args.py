@@ -337,7 +337,7 @@ class EngineArgs:
             enable_prefix_caching=not pooling and self.enable_prefix_caching is not False,
             num_gpu_blocks_override=self.num_gpu_blocks_override,
             gpu_memory_utilization=self.gpu_memory_utilization,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes or _kv_cache_space_from_env(),
         )
 
     def _scheduler_config(self, max_model_len: int, device: torch.device, pooling: bool) -> SchedulerConfig:
@@ -366,6 +366,17 @@ class EngineArgs:
                 f"scheduling_policy={self.scheduling_policy!r} is not one of {', '.join(SCHEDULING_POLICIES)}"
             )
         return SchedulerConfig(max_tokens, max_num_seqs, max_model_len, chunked, self.scheduling_policy)
+
+
+def _kv_cache_space_from_env() -> int | None:
+    """vLLM-CPU's VLLM_CPU_KVCACHE_SPACE (whole GiB) as kv_cache_memory_bytes; the engine argument wins."""
+    value = os.environ.get("VLLM_CPU_KVCACHE_SPACE", "")
+    if value == "":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"VLLM_CPU_KVCACHE_SPACE={value!r} must be a whole number of GiB, at least 1 "
+                         "(or use kv_cache_memory_bytes / --kv-cache-memory-bytes for another size)")
+    return int(value) << 30
 
 
 def _resolve_device(device: str) -> torch.device:
