@@ -3,6 +3,7 @@ stored without outputs. A failing cell fails the test with that cell's traceback
 CellExecutionError); the notebooks' own asserts (Paris, greedy equality with Transformers, ...) are the oracle.
 """
 import os
+import sys
 from pathlib import Path
 
 import nbformat
@@ -67,4 +68,8 @@ def test_notebook_runs_top_to_bottom(name, tmp_path):
                             resources={"metadata": {"path": str(cwd)}})
     client.execute(env=env)  # raises on the first cell error
     assert list(cwd.iterdir()) == [], f"{name} left files in its working directory"
-    assert list(tmp.iterdir()) == [], f"{name} left temporary files"
+    # Jupyter kills a kernel that still has child processes at shutdown (multiprocessing's resource tracker and the
+    # tp workers' fork server), so multiprocessing's exit hook never removes its own pymp-* folder (Python < 3.12
+    # keeps the fork server's socket there): not the notebook's to clean.
+    left = [p for p in tmp.iterdir() if not (p.name.startswith("pymp-") and sys.version_info < (3, 12))]
+    assert left == [], f"{name} left temporary files"
