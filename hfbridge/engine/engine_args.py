@@ -24,6 +24,7 @@ from hfbridge.config import (
     PoolerConfig,
     SchedulerConfig,
 )
+from hfbridge.cpu_features import native_bfloat16
 from hfbridge.model.model_source import resolve_model_source
 from hfbridge.multimodal.processor import is_multimodal
 from hfbridge.structured_output.reasoning import check_reasoning_parser
@@ -389,12 +390,15 @@ def _resolve_dtype(dtype: str | torch.dtype, hf_config: Any, device: torch.devic
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32  # CPUs without bf16 units run float32 fastest
         config_dtype = getattr(hf_config.get_text_config(), "dtype", None) or getattr(hf_config, "dtype", None)
         if isinstance(config_dtype, str):
             config_dtype = _DTYPES.get(config_dtype)
-        if config_dtype in (torch.float16, torch.bfloat16):
+        sixteen_bit = config_dtype in (torch.float16, torch.bfloat16)
+        if device.type == "cpu":
+            # vLLM-CPU's rule: a 16-bit checkpoint runs in bfloat16 where the CPU has bfloat16 dot products;
+            # everything else in float32, which a CPU without them runs fastest (and float16 has no kernels here).
+            return torch.bfloat16 if sixteen_bit and native_bfloat16() else torch.float32
+        if sixteen_bit:
             return config_dtype
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dtype not in _DTYPES:
