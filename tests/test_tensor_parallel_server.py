@@ -8,7 +8,6 @@ import urllib.request
 
 import openai
 import psutil
-import pytest
 from server_utils import start_server, stop_server
 
 CHAT = [{"role": "user", "content": "Hello, my name is"}]
