@@ -16,7 +16,7 @@ import pytest
 # rank: packages (a top-level module such as hfbridge.config counts as its own package)
 LAYERS = {
     # shared types and helpers, imported by everyone
-    0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build"),
+    0: ("config", "errors", "outputs", "version", "compilation", "paths", "native_build", "cpu_features"),
     1: ("attention_backends", "sample"),
     2: ("pooling", "quantization", "multimodal"),
     3: ("native_overrides", "parallel", "lora"),
