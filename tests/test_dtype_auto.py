@@ -16,8 +16,11 @@ from hfbridge.engine.engine_args import EngineArgs
 def checkpoints(tiny_llama, tmp_path_factory):
     """The tiny Llama saved in each dtype (its config.json names the dtype, as a real checkpoint's does)."""
     model = tiny_llama[0]
-    return {dtype: str(save_model(copy.deepcopy(model).to(dtype), tmp_path_factory.mktemp(f"llama_{str(dtype).removeprefix('torch.')}")))
-            for dtype in (torch.float32, torch.float16, torch.bfloat16)}
+    saved = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        folder = tmp_path_factory.mktemp(f"llama_{str(dtype).removeprefix('torch.')}")
+        saved[dtype] = str(save_model(copy.deepcopy(model).to(dtype), folder))
+    return saved
 
 
 @pytest.mark.parametrize("native", [True, False])
