@@ -99,7 +99,8 @@ def test_gemma3_image_tokens_attend_both_ways(tmp_path_factory):
 @pytest.mark.parametrize("arch", sorted(TOKEN_ID_FAMILIES))
 def test_families_checked_with_token_id_prompts(tmp_path, arch):
     """Qwen2-VL / Qwen2.5-VL (image tokens take 3-axis rotary positions from the model's own get_rope_index, later
-    tokens a shifted one) and SmolVLM, whose processors need torchvision: prompts as token ids with the
+    tokens a shifted one), SmolVLM, Mistral 3 and Pixtral (rows of [IMG] with break tokens; Mistral 3 resizes to
+    whole merged patches), whose processors need torchvision: prompts as token ids with the
     placeholders expanded, served by the image processor alone. One and two images, a text-only prompt, and small
     steps, against Transformers' generate() with the same ids and image processor outputs; every prompt and output
     logprob too (positions move this tiny model's logits by ~1e-3, too little to change greedy tokens)."""

@@ -4,6 +4,7 @@ trained in tiny_models.py plus the family's placeholder tokens, and its image pr
 Nothing is downloaded; the images are drawn here."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,65 @@ def expand_tiles(tokenizer, image_processor, config, parts: list) -> tuple[list[
     return ids, pixels
 
 
+PIXTRAL_TOKENS = ("[IMG]", "[IMG_BREAK]", "[IMG_END]")
+
+
+def make_tiny_mistral3(folder: Path, seed: int = 0, pixtral: bool = False):
+    """(model, image processor, tokenizer, folder) of a tiny Mistral 3 (Pixtral vision tower, patches merged 2x2; or
+    with `pixtral`, Pixtral-12B's layout: LLaVA with a Pixtral tower, no merge), saved without its PixtralProcessor
+    (it needs torchvision): prompts come as token ids, expand_pixtral() writing each image's placeholders."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    tokenizer = _tokenizer(*PIXTRAL_TOKENS)
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                              num_attention_heads=2, head_dim=16, image_size=56, patch_size=7)
+    common = dict(vision_config=vision, text_config=transformers.MistralConfig(**_text(tokenizer).to_dict()),
+                  image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), vision_feature_layer=-1)
+    torch.manual_seed(seed)
+    if pixtral:
+        config = transformers.LlavaConfig(**common, vision_feature_select_strategy="full")
+        model = transformers.LlavaForConditionalGeneration(config).eval()
+    else:
+        config = transformers.Mistral3Config(**common, spatial_merge_size=2)
+        model = transformers.Mistral3ForConditionalGeneration(config).eval()
+    # patch_size as stored by real checkpoints: the vision tower's; PixtralProcessor doubles it when it merges
+    image_processor = PixtralImageProcessorPil(size={"longest_edge": 56}, patch_size=7)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # what PixtralProcessor.save_pretrained writes, as real checkpoints have it (AutoProcessor then needs torchvision)
+    (folder / "processor_config.json").write_text(json.dumps(dict(
+        processor_class="PixtralProcessor", patch_size=7, spatial_merge_size=getattr(config, "spatial_merge_size", 1),
+        image_token="[IMG]", image_break_token="[IMG_BREAK]", image_end_token="[IMG_END]")))
+    return model, image_processor, tokenizer, folder
+
+
+def expand_pixtral(tokenizer, image_processor, config, parts: list) -> tuple[list[int], dict]:
+    """Text pieces and images -> (token ids, the image processor's outputs), as PixtralProcessor writes them: the
+    images resized to whole merged patches (patch_size x spatial_merge_size), each as rows of [IMG] tokens ending in
+    [IMG_BREAK], the last one in [IMG_END]."""
+    images = [p for p in parts if not isinstance(p, str)]
+    merged = config.vision_config.patch_size * getattr(config, "spatial_merge_size", 1)
+    pixels = image_processor(images=images, patch_size=merged, return_tensors="pt") if images else {}
+    sizes = iter(pixels["image_sizes"].tolist()) if images else iter(())
+    image, row_break, end = tokenizer.convert_tokens_to_ids(list(PIXTRAL_TOKENS))
+    ids = []
+    for part in parts:
+        if isinstance(part, str):
+            ids += tokenizer(part).input_ids
+            continue
+        height, width = next(sizes)
+        placeholders = ([image] * (width // merged) + [row_break]) * (height // merged)
+        ids += placeholders[:-1] + [end]
+    return ids, pixels
+
+
+def mistral3_prompt(model, image_processor, tokenizer, parts: list) -> tuple[list[int], dict]:
+    ids, pixels = expand_pixtral(tokenizer, image_processor, model.config, parts)
+    return ids, dict(pixels)
+
+
 def qwen2_vl_prompt(model, image_processor, tokenizer, parts: list) -> tuple[list[int], dict]:
     """(token ids, Transformers' generate() inputs beside them) of a Qwen2-VL prompt of text pieces and images."""
     ids, pixels = expand_qwen2_vl(tokenizer, image_processor, parts)
@@ -285,6 +345,9 @@ TOKEN_ID_FAMILIES = {
     "Qwen2_5_VLForConditionalGeneration": (lambda folder: make_tiny_qwen2_vl(folder, version="2.5"),
                                            qwen2_vl_prompt),
     "SmolVLMForConditionalGeneration": (make_tiny_smolvlm, smolvlm_prompt),
+    "Mistral3ForConditionalGeneration": (make_tiny_mistral3, mistral3_prompt),
+    "LlavaForConditionalGeneration (Pixtral)": (lambda folder: make_tiny_mistral3(folder, pixtral=True),
+                                                mistral3_prompt),
 }
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,9 +50,16 @@ BIDIRECTIONAL_BLOCK_TYPES = frozenset({"gemma3"})
 # may place its images otherwise (cross-attention, query tokens, image token ids): its images are refused until it
 # is checked, never served possibly wrong.
 VERIFIED_IMAGE_TYPES = frozenset({"llava", "llava_next", "vipllava", "idefics2", "idefics3", "smolvlm", "gemma3",
-                                  "aya_vision", "qwen2_vl", "qwen2_5_vl"})
+                                  "aya_vision", "qwen2_vl", "qwen2_5_vl", "mistral3"})
 # Families with multi-axis rotary positions whose get_rope_index the runner calls (multimodal/mrope.py)
 MROPE_TYPES = frozenset({"qwen2_vl", "qwen2_5_vl"})
+
+
+# Keyword arguments a family's processor adds when it calls its image processor, which hfbridge calls directly (one
+# image at a time), from the model's config: PixtralProcessor resizes Mistral 3's images to whole merged patches.
+IMAGE_PROCESSOR_KWARGS: dict[str, Callable[[Any], dict]] = {
+    "mistral3": lambda c: {"patch_size": c.vision_config.patch_size * c.spatial_merge_size},
+}
 
 
 def image_refusal(hf_config: Any) -> str | None:
@@ -85,7 +92,10 @@ class MultiModalProcessor:
         self.model = model_config.model
         self.image_token_id = image_token_id(model_config.hf_config)
         self.refusal = image_refusal(model_config.hf_config)
-        self.bidirectional = getattr(model_config.hf_config, "model_type", None) in BIDIRECTIONAL_BLOCK_TYPES
+        model_type = getattr(model_config.hf_config, "model_type", None)
+        self.bidirectional = model_type in BIDIRECTIONAL_BLOCK_TYPES
+        kwargs_of = IMAGE_PROCESSOR_KWARGS.get(model_type)
+        self.image_kwargs = kwargs_of(model_config.hf_config) if kwargs_of is not None else {}
         if self.bidirectional and attention_backend != "torch" and self.refusal is None:
             self.refusal = (f"its image tokens attend to each other both ways, which only attention_backend='torch' "
                             f"computes (this engine runs {attention_backend!r})")
@@ -169,7 +179,7 @@ class MultiModalProcessor:
         digest = hashlib.sha256(f"{image.mode}\0{image.size}\0".encode())
         digest.update(image.tobytes())
         try:
-            inputs = self.image_processor(images=[image], return_tensors="pt")
+            inputs = self.image_processor(images=[image], return_tensors="pt", **self.image_kwargs)
         except (ValueError, TypeError, OSError) as e:
             raise ValidationError(f"the image processor could not read the image: {str(e)[:300]}",
                                   parameter="multi_modal_data") from None
