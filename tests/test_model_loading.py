@@ -81,6 +81,23 @@ def test_architecture_without_attention_backend_support_is_refused(tmp_path):
     assert "ALL_ATTENTION_FUNCTIONS" in message and "kwargs" in message
 
 
+@pytest.mark.parametrize("arch", ["BartForConditionalGeneration", "WhisperForConditionalGeneration"])
+def test_encoder_decoder_models_are_refused_with_the_reason(arch, tmp_path):
+    """Their decoders attend to an encoder's outputs, which the paged cache of the request's own tokens does not
+    hold: refused before loading, by `LLM` and `hfbridge check` alike, saying so (not as a backend-flag problem)."""
+    from hfbridge.entrypoints.check import check_model
+
+    sizes = dict(vocab_size=COMMON["vocab_size"], d_model=32, encoder_layers=1, decoder_layers=1,
+                 encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                 pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    config = getattr(transformers, arch.replace("ForConditionalGeneration", "Config"))(**sizes)
+    config.architectures = [arch]
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"{arch} is an encoder-decoder model"):
+        LLM(model=str(tmp_path))
+    assert "is an encoder-decoder model" in check_model(str(tmp_path)).render()
+
+
 def test_missing_local_path_and_modelscope_without_package(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="looks like a local path but does not exist"):
         LLM(model=str(tmp_path / "nope"))

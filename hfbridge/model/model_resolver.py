@@ -32,6 +32,12 @@ def resolve_model_class(model_config: ModelConfig, tensor_parallel_size: int = 1
     """auto: a registered native class when it implements the config, else Transformers; native: that or an
     error saying why; transformers: always Transformers."""
     architectures = model_config.architectures
+    if model_config.runner == "generate" and getattr(model_config.hf_config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"{', '.join(architectures) or model_config.model} is an encoder-decoder model (its decoder attends to "
+            "an encoder's outputs, e.g. Whisper, BART, T5): hfbridge generates with decoder-only models, whose "
+            "every attention reads the request's own tokens. Run it with Transformers' generate()."
+        )
     if model_config.model_impl in ("auto", "native") and model_config.runner == "generate":
         native = find_native_model(architectures, getattr(model_config.hf_config, "model_type", None))
         reason = _native_refusal(model_config, tensor_parallel_size) if native is not None else None
