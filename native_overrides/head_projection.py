@@ -29,7 +29,7 @@ class HeadProjection:
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and hidden.dtype == self.packed.dtype and hidden.shape[0] > 0:
-            return packed_linear(hidden, self.weight, self.packed, None)
+            return packed_linear(hidden, self.packed, None, self.weight.shape[0])
         return F.linear(hidden, self.weight)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:

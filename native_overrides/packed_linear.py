@@ -11,15 +11,18 @@ F.linear's MKL sgemm is slower than both.
 It is also batch invariant: a row's output has the same bits whatever else is in the batch (one sequential sum
 over `in` per element), where oneDNN picks its algorithm by row count.
 
-The call is a torch custom op, so compiled regions keep it as one opaque kernel. The panel copy is a cache of the
-weight, never a parameter: the checkpoint names, `state_dict` and `apply_model` see the plain weight, and
-`WeightPacks.refresh` lays it out again when any weight was changed in place. Memory: one more copy of each
-weight. Anything else (GPU, float16, no C compiler) calls F.linear.
+The call is a torch custom op, so compiled regions keep it as one opaque kernel. The panels are the only copy of a
+packed weight: once laid out, the plain parameter is released (a meta tensor of the same shape and dtype stands in
+for it), and `WeightPacks.plain_weights()` puts the plain weights back, read from the panels, for as long as code
+outside the forward needs them (`apply_model`: `state_dict`, in-place edits, which are laid out again when it ends).
+Anything else (GPU, float16, no C compiler) keeps the plain weight and calls F.linear.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +59,19 @@ def interleave_gate_up(t: torch.Tensor, lanes: int) -> torch.Tensor:
     return halves.view(2, groups, lanes, *t.shape[1:]).transpose(0, 1).reshape(groups * 2 * lanes, *t.shape[1:])
 
 
+def deinterleave_gate_up(t: torch.Tensor, lanes: int, n: int) -> torch.Tensor:
+    """interleave_gate_up's inverse: rows gate[0:L], up[0:L], gate[L:2L], ... -> [2n, ...] (gate rows, then up)."""
+    groups = t.shape[0] // (2 * lanes)
+    halves = t.reshape(groups, 2, lanes, *t.shape[1:]).transpose(0, 1).reshape(2, groups * lanes, *t.shape[1:])
+    return halves[:, :n].reshape(2 * n, *t.shape[1:])
+
+
+def unlay(packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """lay_out's inverse: panels [P, in, C] -> weight [out_features, in] (a new contiguous tensor)."""
+    num_panels, in_features, columns = packed.shape
+    return packed.transpose(1, 2).reshape(num_panels * columns, in_features)[:out_features].contiguous()
+
+
 def lay_out(weight: torch.Tensor, columns: int) -> torch.Tensor:
     """weight [out, in] -> panels [ceil(out / C), in, C] with C = `columns` (panels[j, k, c] = weight[C j + c, k],
     zeros past `out`)."""
@@ -67,26 +83,26 @@ def lay_out(weight: torch.Tensor, columns: int) -> torch.Tensor:
     return padded.reshape(num_panels, columns, in_features).transpose(1, 2).contiguous()
 
 
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
-                   bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight)."""
-    return run_panel_gemm(_panel_gemm(), x, packed, bias, weight.shape[0])
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                   out_features: int) -> torch.Tensor:
+    """x [T, in] -> [T, out] = x @ weight^T (+ bias), for `packed` from pack_weight(weight [out, in])."""
+    return run_panel_gemm(_panel_gemm(), x, packed, bias, out_features)
 
 
-def _packed_silu_mul(x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,
-                     packed_bias: torch.Tensor | None) -> torch.Tensor:
-    """x [T, in] -> [T, n] = silu(gate) * up of gate_up = x @ weight^T + bias ([T, 2n]), for `packed` and
-    `packed_bias` laid out by interleave_gate_up (then lay_out)."""
-    return run_panel_gemm(_panel_gemm(), x, packed, packed_bias, weight.shape[0] // 2, silu_mul=True)
+def _packed_silu_mul(x: torch.Tensor, packed: torch.Tensor, packed_bias: torch.Tensor | None,
+                     out_features: int) -> torch.Tensor:
+    """x [T, in] -> [T, n] = silu(gate) * up of gate_up = x @ weight^T + bias ([T, 2n], n = out_features), for
+    `packed` and `packed_bias` laid out by interleave_gate_up (then lay_out)."""
+    return run_panel_gemm(_panel_gemm(), x, packed, packed_bias, out_features, silu_mul=True)
 
 
 # Operators inside torch.compile graphs, plain calls in eager code (graph_op)
 packed_linear = graph_op(
-    "hfbridge::packed_linear", "(Tensor x, Tensor weight, Tensor packed, Tensor? bias) -> Tensor", _packed_linear,
-    lambda x, weight, packed, bias: x.new_empty(x.shape[0], weight.shape[0]))
+    "hfbridge::packed_linear", "(Tensor x, Tensor packed, Tensor? bias, int out_features) -> Tensor",
+    _packed_linear, lambda x, packed, bias, out_features: x.new_empty(x.shape[0], out_features))
 packed_silu_mul = graph_op(
-    "hfbridge::packed_silu_mul", "(Tensor x, Tensor weight, Tensor packed, Tensor? packed_bias) -> Tensor",
-    _packed_silu_mul, lambda x, weight, packed, packed_bias: x.new_empty(x.shape[0], weight.shape[0] // 2))
+    "hfbridge::packed_silu_mul", "(Tensor x, Tensor packed, Tensor? packed_bias, int out_features) -> Tensor",
+    _packed_silu_mul, lambda x, packed, packed_bias, out_features: x.new_empty(x.shape[0], out_features))
 
 
 def run_panel_gemm(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
@@ -137,20 +153,32 @@ def _panel_gemm(vector_bytes: int | None = None) -> ctypes.CDLL | None:
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear (same parameters, same checkpoint names) that runs on `packed` once WeightPacks has set it.
-    Inputs are [T, in], as everywhere in the native decoders."""
+    """nn.Linear (same parameters, same checkpoint names) that runs on `packed` once WeightPacks has set it; its
+    weight is then a meta stand-in until WeightPacks.plain_weights() reads it back. Inputs are [T, in], as
+    everywhere in the native decoders."""
 
     packed: torch.Tensor | None = None
     lora = None  # a hfbridge.lora LoRALayer (enable_lora): adds each adapter's delta to the output
 
     def pack(self) -> None:
+        """Lay the plain weight out in panels, and release the plain copy where it did."""
         self.packed = pack_weight(self.weight)
+        self._release()
+
+    def _release(self) -> None:
+        if self.packed is not None and not self.weight.is_meta:
+            self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
+
+    def unpack(self) -> None:
+        """Put the plain weight back, read from the panels."""
+        if self.weight.is_meta and self.packed is not None:
+            self.weight = nn.Parameter(unlay(self.packed, self.out_features), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None or x.dtype != self.packed.dtype:
+        if self.packed is None:
             out = F.linear(x, self.weight, self.bias)
         else:
-            out = packed_linear(x, self.weight, self.packed, self.bias)
+            out = packed_linear(x.to(self.packed.dtype), self.packed, self.bias, self.out_features).to(x.dtype)
         return out if self.lora is None else self.lora(x, out)
 
 
@@ -168,40 +196,89 @@ class GateUpLinear(PackedLinear):
         lanes = _panel_gemm().panel_columns() // 2
         self.packed = lay_out(interleave_gate_up(self.weight, lanes), 2 * lanes)
         self.packed_bias = None if self.bias is None else interleave_gate_up(self.bias, lanes)
+        self._release()
+
+    def unpack(self) -> None:
+        if self.weight.is_meta and self.packed is not None:
+            lanes = self.packed.shape[2] // 2
+            interleaved = unlay(self.packed, self.packed.shape[0] * self.packed.shape[2])
+            weight = deinterleave_gate_up(interleaved, lanes, self.out_features // 2)
+            self.weight = nn.Parameter(weight, requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and self.lora.is_active:  # adapters add to gate_up before the activation
             gate, up = self.lora(x, self._gate_up(x)).chunk(2, dim=-1)
             return F.silu(gate) * up
-        if self.packed is None or x.dtype != self.packed.dtype:
+        if self.packed is None:
             gate, up = F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
             return F.silu(gate) * up
-        return packed_silu_mul(x, self.weight, self.packed, self.packed_bias)
+        return packed_silu_mul(x.to(self.packed.dtype), self.packed, self.packed_bias,
+                               self.out_features // 2).to(x.dtype)
 
     def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in] -> gate_up [T, 2n] before the activation: the panels' interleaved columns put back in order."""
-        if self.packed is None or x.dtype != self.packed.dtype:
+        if self.packed is None:
             return F.linear(x, self.weight, self.bias)
         num_panels, _, columns = self.packed.shape
-        out = run_panel_gemm(_panel_gemm(), x, self.packed, self.packed_bias, num_panels * columns)
-        n = self.weight.shape[0] // 2
-        # columns: gate[0:L], up[0:L], gate[L:2L], ... -> [T, 2, panels * L] -> gate rows then up rows
-        halves = out.view(x.shape[0], num_panels, 2, columns // 2).transpose(1, 2).reshape(x.shape[0], 2, -1)
-        return halves[:, :, :n].reshape(x.shape[0], 2 * n)
+        out = run_panel_gemm(_panel_gemm(), x.to(self.packed.dtype), self.packed, self.packed_bias,
+                             num_panels * columns).to(x.dtype)
+        return deinterleave_gate_up(out.T, columns // 2, self.out_features // 2).T
 
 
 class WeightPacks:
-    """The packed copies of a model's PackedLinear weights (and GateUpLinear's reordered bias), laid out again
-    whenever a weight's or bias's version moved (a load, or an in-place edit through apply_model). `refresh` costs
-    one version read per parameter."""
+    """The panels of a model's PackedLinear weights (and GateUpLinear's reordered bias): laid out by `refresh` (the
+    plain weights released), and laid out again after plain_weights() when a weight or bias was changed in place or
+    replaced. `refresh` costs one version read per parameter."""
 
     def __init__(self, model: nn.Module):
         self.linears = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        self.versions: list[tuple[int, int | None]] | None = None
+        self.versions: list[tuple] | None = None
+
+    @staticmethod
+    def _version(m: PackedLinear) -> tuple:
+        bias = None if m.bias is None else (id(m.bias), m.bias._version)
+        return id(m.weight), m.weight._version, bias
 
     def refresh(self) -> None:
-        versions = [(m.weight._version, None if m.bias is None else m.bias._version) for m in self.linears]
-        if versions != self.versions:
-            for m in self.linears:
+        versions = [self._version(m) for m in self.linears]
+        if versions == self.versions:
+            return
+        old = self.versions or [None] * len(self.linears)
+        for m, before, now in zip(self.linears, old, versions):
+            if before != now and not m.weight.is_meta:  # loaded, edited or replaced: lay it out (again)
                 m.pack()
-            self.versions = versions
+        self.versions = [self._version(m) for m in self.linears]
+        _return_freed_memory()
+
+    @contextlib.contextmanager
+    def plain_weights(self) -> Iterator[None]:
+        """The plain weights, read back from the panels, while the block runs; then laid out again where they
+        changed, and released."""
+        self.refresh()
+        for m in self.linears:
+            m.unpack()
+        self.versions = [self._version(m) for m in self.linears]
+        try:
+            yield
+        finally:
+            self.refresh()  # lays out what changed (releasing it)
+            for m in self.linears:
+                m._release()  # the rest: their panels still hold them
+            self.versions = [self._version(m) for m in self.linears]
+            _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed plain weights back to the OS: glibc keeps freed heap chunks below its top, and the
+    process's resident size would not fall (malloc_trim releases every whole free page)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None

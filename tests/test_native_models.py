@@ -146,3 +146,43 @@ def test_rotary_equals_transformers_bit_for_bit(dtype, rope):
     got_q, got_k = RotaryTable(config, head_dim, 256, dtype, "cpu")(q, k, positions)
     assert torch.equal(got_q, want_q[0].transpose(0, 1))
     assert torch.equal(got_k, want_k[0].transpose(0, 1))
+
+
+def test_apply_model_sees_and_edits_the_weights_the_panels_hold(tmp_path):
+    """The packed projections keep one copy of their weights (the panels; the plain parameter is a meta stand-in
+    between calls). apply_model still sees the checkpoint's values in state_dict (fused qkv_proj / gate_up_proj:
+    Transformers' q, k, v and gate, up stacked), and an in-place edit there serves: greedy tokens and logprobs equal
+    Transformers' own generate() on the model edited the same way."""
+    model = build("Qwen2ForCausalLM", seed=4)
+    folder = save_model(model, tmp_path / "model")
+    llm = LLM(model=str(folder), model_impl="native", block_size=4, max_model_len=128, dtype="float32")
+    native = llm.llm_engine.executor.runner.model
+    assert native.model.layers[0].mlp.gate_up_proj.packed is not None, "the packed path is the one under test"
+    assert all(lin.weight.is_meta for lin in native.packs.linears), "a plain copy was kept beside the panels"
+    ours = llm.apply_model(lambda m: {k: v.clone() for k, v in m.state_dict().items()})[0]
+    theirs = model.state_dict()
+    for i in range(model.config.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for fused, parts in ((f"{attn}.qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                             (f"{mlp}.gate_up_proj", ("gate_proj", "up_proj"))):
+            block = attn if "qkv" in fused else mlp
+            assert torch.equal(ours[f"{fused}.weight"], torch.cat([theirs[f"{block}.{p}.weight"] for p in parts]))
+        for name in (f"{attn}.o_proj.weight", f"{mlp}.down_proj.weight"):
+            assert torch.equal(ours[name], theirs[name])
+
+    def edit(m):  # Transformers' names and the native fused ones alike
+        layer = m.model.layers[1]
+        with torch.no_grad():
+            layer.mlp.down_proj.weight.mul_(-1.5)
+            (layer.self_attn.qkv_proj if hasattr(layer.self_attn, "qkv_proj") else layer.self_attn.q_proj).weight[:8] *= 3
+
+    before = [hf_greedy(model, p, MAX_NEW, ignore_eos=True)[0] for p in prompts()]
+    llm.apply_model(edit)
+    edit(model)
+    assert all(lin.weight.is_meta for lin in native.packs.linears)
+    assert before != [hf_greedy(model, p, MAX_NEW, ignore_eos=True)[0] for p in prompts()], "the edit must matter"
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
+    for prompt, out in zip(prompts(), outs):
+        tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
+        assert_greedy_match(out.outputs[0].token_ids, tokens, logits)

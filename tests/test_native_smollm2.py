@@ -22,3 +22,41 @@ def test_smollm2_native_equals_transformers(smollm2):
     assert model.config.tie_word_embeddings
     names = check_against_transformers(model, folder, [prompt], max_num_seqs=1)
     assert names == {"native": "LlamaForCausalLM", "transformers": "TransformersForCausalLM"}
+
+
+RSS_SCRIPT = """
+import json, sys, psutil
+from hfbridge import LLM
+before = psutil.Process().memory_info().rss
+llm = LLM(model=sys.argv[1], dtype=sys.argv[2], max_model_len=256, num_gpu_blocks_override=16)
+grown = psutil.Process().memory_info().rss - before
+weights = llm.apply_model(lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))[0]
+print(json.dumps([grown, weights]))
+"""
+
+
+def _model_rss(folder: str, dtype: str) -> tuple[int, int]:
+    """(how much the process's RSS grew while LLM() loaded the model with a tiny KV cache, the model's weight
+    bytes), in a fresh process."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, folder, dtype], capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    grown, weights = json.loads(done.stdout.strip().splitlines()[-1])
+    return grown, weights
+
+
+@pytest.mark.slow
+def test_one_copy_of_the_projection_weights(smollm2_float32):
+    """The projections' panels are their only copy: loading SmolLM2 in float32 grows the process by well under
+    twice its weights (a plain copy beside the panels made it more than twice; the tied head's panels and the
+    runtime remain), and bfloat16 by about half of float32's."""
+    float32, weights = _model_rss(str(smollm2_float32), "float32")
+    bfloat16, _ = _model_rss(str(smollm2_float32), "bfloat16")
+    print(f"RSS growth at load: float32 {float32 / 2**20:.0f} MiB, bfloat16 {bfloat16 / 2**20:.0f} MiB, "
+          f"float32 weights {weights / 2**20:.0f} MiB")
+    assert float32 < 1.6 * weights, (float32, weights)
+    assert bfloat16 < 0.65 * float32, (bfloat16, float32)

@@ -7,8 +7,17 @@ from hfbridge.native_overrides import packed_linear
 from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear, WeightPacks
 
 
+def _pack(layer: PackedLinear) -> WeightPacks:
+    """Lay the layer out (its plain weight is released then), keeping a copy of the weight for _reference."""
+    layer.reference_weight = layer.weight.detach().clone()
+    packs = WeightPacks(layer)
+    packs.refresh()
+    return packs
+
+
 def _reference(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    y = x.double() @ layer.weight.double().T
+    weight = getattr(layer, "reference_weight", layer.weight)
+    y = x.double() @ weight.double().T
     return (y + layer.bias.double() if layer.bias is not None else y).float()
 
 
@@ -27,7 +36,7 @@ def test_packed_projection_matches_the_definition(tokens, in_features, out_featu
     of any width."""
     torch.manual_seed(tokens + in_features)
     layer = PackedLinear(in_features, out_features, bias=bias)
-    WeightPacks(layer).refresh()
+    _pack(layer)
     assert layer.packed is not None, "panel_gemm.c did not build: the packed path is the one under test"
     x = torch.randn(tokens, in_features)
     with torch.inference_mode():
@@ -57,7 +66,7 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
     """Batch invariance: the output row of a token does not depend on how many rows share the call, nor where."""
     torch.manual_seed(0)
     layer = PackedLinear(576, 200, bias=True)
-    WeightPacks(layer).refresh()
+    _pack(layer)
     x = torch.randn(400, 576)
     with torch.inference_mode():
         everything, middle, reversed_rows = layer(x), layer(x[3:70]), layer(x.flip(0))
@@ -73,7 +82,7 @@ def test_without_a_compiler_the_projection_is_plain_torch(monkeypatch, cls):
     """F.linear, and for the gate_up projection F.linear then SiLU-and-mul."""
     monkeypatch.setattr(packed_linear, "_panel_gemm", lambda: None)
     layer = cls(64, 48, bias=True)
-    WeightPacks(layer).refresh()
+    _pack(layer)
     assert layer.packed is None
     x = torch.randn(5, 64)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
@@ -83,16 +92,47 @@ def test_without_a_compiler_the_projection_is_plain_torch(monkeypatch, cls):
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("cls", [PackedLinear, GateUpLinear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_panels_are_the_only_copy_and_give_the_weight_back(cls, dtype):
+    """Once laid out, the plain weight is released (a meta stand-in of the same shape and dtype); plain_weights()
+    reads back the very same values (a last panel of 3 columns), and releases them again after."""
+    torch.manual_seed(2)
+    layer = cls(40, 2 * 19 if cls is GateUpLinear else 35, bias=True).to(dtype)
+    packs = _pack(layer)
+    assert layer.packed is not None and layer.weight.is_meta
+    assert (layer.weight.shape, layer.weight.dtype) == (layer.reference_weight.shape, dtype)
+    with packs.plain_weights():
+        assert torch.equal(layer.weight, layer.reference_weight)
+        assert torch.equal(layer.state_dict()["weight"], layer.reference_weight)
+    assert layer.weight.is_meta
+
+
 def test_a_weight_changed_in_place_is_packed_again():
-    """apply_model may edit a projection in place: the next refresh must lay the new weight out."""
+    """apply_model may edit a projection in place, with the plain weights given back: when it ends, the new weight
+    is laid out."""
     layer = PackedLinear(32, 48, bias=False)
-    packs = WeightPacks(layer)
-    packs.refresh()
-    with torch.no_grad():
-        layer.weight.mul_(-2)
-    packs.refresh()
+    packs = _pack(layer)
+    with packs.plain_weights():
+        with torch.no_grad():
+            layer.weight.mul_(-2)
+    layer.reference_weight.mul_(-2)
+    assert layer.weight.is_meta
     x = torch.randn(5, 32)
     torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-4)
+
+
+def test_a_replaced_weight_is_packed_again():
+    """... and so is a weight replaced by another tensor (a new Parameter, not an in-place edit)."""
+    layer = GateUpLinear(32, 2 * 20, bias=True)
+    packs = _pack(layer)
+    new = torch.randn(40, 32)
+    with packs.plain_weights():
+        layer.weight = torch.nn.Parameter(new.clone(), requires_grad=False)
+    layer.reference_weight = new
+    x = torch.randn(5, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
 
 
 def test_a_gate_up_bias_changed_in_place_is_packed_again():
@@ -100,11 +140,10 @@ def test_a_gate_up_bias_changed_in_place_is_packed_again():
     must reach that copy too."""
     torch.manual_seed(5)
     layer = GateUpLinear(32, 2 * 40, bias=True)
-    packs = WeightPacks(layer)
-    packs.refresh()
-    with torch.no_grad():
-        layer.bias.add_(3.0)
-    packs.refresh()
+    packs = _pack(layer)
+    with packs.plain_weights():
+        with torch.no_grad():
+            layer.bias.add_(3.0)
     x = torch.randn(5, 32)
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), _silu_mul_reference(layer, x), rtol=1e-5, atol=1e-4)
@@ -113,7 +152,7 @@ def test_a_gate_up_bias_changed_in_place_is_packed_again():
 def test_compiled_call_matches_eager():
     """Inside torch.compile the packed call stays one opaque op, for any token count with one graph."""
     layer = PackedLinear(64, 80, bias=True)
-    WeightPacks(layer).refresh()
+    _pack(layer)
     compiled = torch.compile(lambda m, x: torch.nn.functional.silu(m(x)) * 2, dynamic=True)
     with torch.inference_mode():
         for tokens in (17, 19, 33, 1, 2):
@@ -130,7 +169,7 @@ def test_gate_up_with_silu_mul_matches_the_definition(tokens, in_features, half,
     not a multiple of the vector width (a zero-padded last panel). Gates span +-20, where SiLU saturates both ways."""
     torch.manual_seed(tokens + half)
     layer = GateUpLinear(in_features, 2 * half, bias=bias)
-    WeightPacks(layer).refresh()
+    _pack(layer)
     assert layer.packed is not None, "panel_gemm.c did not build: the packed path is the one under test"
     x = torch.randn(tokens, in_features) * 20 / in_features**0.5
     with torch.inference_mode():
@@ -198,7 +237,7 @@ def test_bfloat16_panels_match_the_definition(vector_bytes, silu_mul):
 
 def test_bfloat16_layer_packs_and_runs_the_kernel():
     layer = PackedLinear(64, 40, bias=False).bfloat16()
-    WeightPacks(layer).refresh()
+    _pack(layer)
     assert layer.packed is not None and layer.packed.dtype == torch.bfloat16
     x = torch.randn(3, 64).bfloat16()
     torch.testing.assert_close(layer(x).double(), _reference(layer, x).double(), rtol=2**-8, atol=1e-3)

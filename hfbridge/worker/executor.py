@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -136,7 +137,10 @@ class InProcessExecutor:
         return self.runner.execute(scheduler_output)
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
-        return [func(self.runner.model)]
+        model = self.runner.model
+        packs = getattr(model, "packs", None)  # a native model's projections: plain weights only while func runs
+        with packs.plain_weights() if packs is not None else contextlib.nullcontext():
+            return [func(model)]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
         """Load and check an adapter (LoRAAdapterError, a ValueError, when it cannot be served); False if loaded."""
