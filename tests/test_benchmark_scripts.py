@@ -16,6 +16,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("structured.py", ("--vllm-python", "--num-requests", "--max-tokens", "--json")),
     ("hardening.py", ("--n", "--scenarios", "--server-args")),
     ("lora.py", ("--peer", "--vllm-python", "--num-prompts", "--num-adapters", "--rank")),
+    ("multimodal.py", ("--vllm-python", "--num-requests", "--max-tokens", "--model-dir", "--json")),
 ])
 def test_help(script, flags):
     result = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
