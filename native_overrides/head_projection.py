@@ -9,28 +9,37 @@ import torch
 import torch.nn.functional as F
 
 from hfbridge.native_overrides.greedy_head import GreedyHead
-from hfbridge.native_overrides.packed_linear import pack_weight, packed_linear
+from hfbridge.native_overrides.packed_linear import pack_weight, packed_linear, unlay
 from hfbridge.sample.argmax_cpu import row_argmax
 
 
 class HeadProjection:
-    """hidden [N, H] -> logits [N, V] for weight [V, H]. Not a module: the packed copy is a cache of the weight
-    (rebuilt if the weight changes in place, e.g. through apply_model), never a parameter or state. The head is
-    not a PackedLinear because a tied head's weight is the embedding's."""
+    """hidden [N, H] -> logits [N, V] for weight [V, H]. Not a module: its panels are laid out from the model's
+    head weight (the embedding's, when tied), which the model then releases (NativeCausalLM.plain_weights reads it
+    back). The head is not a PackedLinear because a tied head's weight is the embedding's."""
 
     def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        self.version = weight._version
+        self.vocab = weight.shape[0]
         self.packed = pack_weight(weight)
         self.greedy_head = GreedyHead.build(weight, self.packed)
+        # packed: the panels are the head's weight (the model may release its plain copy); else F.linear's
+        self.weight = weight if self.packed is None else None
+        self.source = (id(weight), weight._version)
 
     def is_current(self, weight: torch.Tensor) -> bool:
-        return weight is self.weight and weight._version == self.version
+        """Whether `weight` is still the one this head was built from, unchanged."""
+        return (id(weight), weight._version) == self.source
+
+    def plain_weight(self) -> torch.Tensor:
+        """The weight [V, H], read back from the panels (or the plain weight itself where there are none)."""
+        return unlay(self.packed, self.vocab) if self.packed is not None else self.weight
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None and hidden.dtype == self.packed.dtype and hidden.shape[0] > 0:
-            return packed_linear(hidden, self.packed, None, self.weight.shape[0])
-        return F.linear(hidden, self.weight)
+        if self.packed is None:
+            return F.linear(hidden, self.weight)
+        if hidden.shape[0] == 0:
+            return hidden.new_empty(0, self.vocab)
+        return packed_linear(hidden.to(self.packed.dtype), self.packed, None, self.vocab).to(hidden.dtype)
 
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, H] -> [N] int64: each row's first largest logit, the token row_argmax takes from

@@ -3,6 +3,8 @@ the residual add fused, rotary from a cached table, attention through hfbridge's
 sampled positions. The families differ only in config-driven details, read once into `DecoderOptions`."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +15,7 @@ from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
 from hfbridge.native_overrides.decode_graph import DecodeGraph
 from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention
-from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedLinear, WeightPacks
+from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedEmbedding, PackedLinear, WeightPacks
 from hfbridge.native_overrides.weights import load_stacked_weights
 from hfbridge.quantization.quantized_linear import QuantizedHead
 
@@ -137,8 +139,8 @@ class DecoderModel(nn.Module):
     def __init__(self, opts: DecoderOptions, dtype: torch.dtype):
         super().__init__()
         # An explicit (meta) weight: Embedding's own init, normal_ on meta, imports torch._dynamo (~1 s of start-up)
-        self.embed_tokens = nn.Embedding(opts.vocab_size, opts.hidden_size,
-                                         _weight=torch.empty(opts.vocab_size, opts.hidden_size, dtype=dtype))
+        self.embed_tokens = PackedEmbedding(opts.vocab_size, opts.hidden_size,
+                                            _weight=torch.empty(opts.vocab_size, opts.hidden_size, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer(opts, i, dtype) for i in range(opts.num_layers))
         self.norm = RMSNorm(opts.hidden_size, opts.eps, dtype, "meta")
 
@@ -231,9 +233,44 @@ class NativeCausalLM(nn.Module):
     def _current_head(self) -> HeadProjection | QuantizedHead:
         if self.quantized_head is not None:
             return self.quantized_head
-        if self._head is None or not self._head.is_current(self.head_weight):
-            self._head = HeadProjection(self.head_weight)
+        weight = self.head_weight
+        if self._head is None or not (weight.is_meta or self._head.is_current(weight)):  # meta: the panels hold it
+            self._head = HeadProjection(weight)
+            self._release_head()
         return self._head
+
+    def _head_module(self) -> nn.Module:
+        return self.model.embed_tokens if self.options.tie_word_embeddings else self.lm_head
+
+    def _release_head(self) -> None:
+        """Once the head's panels hold its weight, drop the plain copy (a tied embedding then reads the panels)."""
+        head, module = self._head, self._head_module()
+        if head.packed is None or module.weight.is_meta:
+            return
+        if self.options.tie_word_embeddings:
+            module.packed = head.packed
+        module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+
+    @contextlib.contextmanager
+    def plain_weights(self) -> Iterator[None]:
+        """Every weight as a plain parameter while the block runs (apply_model: state_dict, in-place edits), read
+        back from the panels; then laid out again where it changed, and released."""
+        head = self._head if self.quantized_head is None else None
+        module = self._head_module() if head is not None else None
+        if module is not None and module.weight.is_meta:
+            module.weight = nn.Parameter(head.plain_weight(), requires_grad=False)
+            head.source = (id(module.weight), module.weight._version)
+        with self.packs.plain_weights():
+            try:
+                yield
+            finally:
+                if module is not None and head.is_current(module.weight):
+                    self._release_head()  # unchanged: the panels still hold it
+                elif module is not None:  # edited or replaced: lay it out again (and release it)
+                    if self.options.tie_word_embeddings:
+                        module.packed = None
+                    self._head = None
+                    self._current_head()
 
     def compile_regions(self, background: bool = True) -> list[CompiledRegions | DecodeGraph]:
         """torch.compile the decoder layers' attention-free regions (compiled_regions.py) and the whole decode step
@@ -262,6 +299,8 @@ class NativeCausalLM(nn.Module):
         skip = ("lm_head.",) if self.options.tie_word_embeddings else ()
         loaded = load_stacked_weights(self, weights, skip_prefixes=skip)
         self.packs.refresh()
+        self._head = None
+        self._current_head()  # laid out now, not at the first request
         return loaded
 
 

@@ -225,6 +225,19 @@ class GateUpLinear(PackedLinear):
         return deinterleave_gate_up(out.T, columns // 2, self.out_features // 2).T
 
 
+class PackedEmbedding(nn.Embedding):
+    """A tied model's embedding, whose weight [V, H] is also its LM head's: once the head's panels [P, H, C] hold it
+    (`packed`, set by the model with the plain weight released), a token's row is column v % C of panel v // C."""
+
+    packed: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, H]
+        if self.packed is None:
+            return super().forward(input_ids)
+        columns = self.packed.shape[2]
+        return self.packed[input_ids // columns, :, input_ids % columns]
+
+
 class WeightPacks:
     """The panels of a model's PackedLinear weights (and GateUpLinear's reordered bias): laid out by `refresh` (the
     plain weights released), and laid out again after plain_weights() when a weight or bias was changed in place or
@@ -247,8 +260,8 @@ class WeightPacks:
         for m, before, now in zip(self.linears, old, versions):
             if before != now and not m.weight.is_meta:  # loaded, edited or replaced: lay it out (again)
                 m.pack()
+                _return_freed_memory()  # one weight's plain copy at a time: no peak of both copies of every one
         self.versions = [self._version(m) for m in self.linears]
-        _return_freed_memory()
 
     @contextlib.contextmanager
     def plain_weights(self) -> Iterator[None]:

@@ -101,11 +101,12 @@ def test_bfloat16_native_equals_transformers_bfloat16(tmp_path, arch):
     (the kernels sum in float32 and round once): a difference is allowed only where Transformers' top two logits
     are within bfloat16's rounding of each other, after which the continuations part."""
     from hfbridge.attention_backends import cpu_kernels
+    from hfbridge.native_overrides.packed_linear import PackedLinear
 
     model = build(arch, seed=1).to(torch.bfloat16)
     folder = save_model(model, tmp_path / "model")
     llm = LLM(model=str(folder), model_impl="native", dtype="bfloat16", block_size=4, max_model_len=128)
-    packed = llm.apply_model(lambda m: [lin.packed.dtype for lin in m.modules() if hasattr(lin, "packed")])[0]
+    packed = llm.apply_model(lambda m: [lin.packed.dtype for lin in m.modules() if isinstance(lin, PackedLinear)])[0]
     assert packed and set(packed) == {torch.bfloat16}, "the bfloat16 panels are the path under test"
     assert cpu_kernels.available(torch.device("cpu"), torch.bfloat16, model.config.head_dim)
     batch = prompts()
@@ -148,17 +149,21 @@ def test_rotary_equals_transformers_bit_for_bit(dtype, rope):
     assert torch.equal(got_k, want_k[0].transpose(0, 1))
 
 
-def test_apply_model_sees_and_edits_the_weights_the_panels_hold(tmp_path):
-    """The packed projections keep one copy of their weights (the panels; the plain parameter is a meta stand-in
-    between calls). apply_model still sees the checkpoint's values in state_dict (fused qkv_proj / gate_up_proj:
-    Transformers' q, k, v and gate, up stacked), and an in-place edit there serves: greedy tokens and logprobs equal
-    Transformers' own generate() on the model edited the same way."""
-    model = build("Qwen2ForCausalLM", seed=4)
+@pytest.mark.parametrize("arch,tie", [("Qwen2ForCausalLM", False), ("Qwen3ForCausalLM", True)])
+def test_apply_model_sees_and_edits_the_weights_the_panels_hold(tmp_path, arch, tie):
+    """The packed projections and the LM head keep one copy of their weights (the panels; the plain parameter is a
+    meta stand-in between calls; a tied embedding reads its rows from the head's panels). apply_model still sees the
+    checkpoint's values in state_dict (fused qkv_proj / gate_up_proj: Transformers' q, k, v and gate, up stacked),
+    and an in-place edit there serves: greedy tokens and logprobs equal Transformers' own generate() on the model
+    edited the same way."""
+    model = build(arch, seed=4, tie_word_embeddings=tie)
     folder = save_model(model, tmp_path / "model")
     llm = LLM(model=str(folder), model_impl="native", block_size=4, max_model_len=128, dtype="float32")
     native = llm.llm_engine.executor.runner.model
     assert native.model.layers[0].mlp.gate_up_proj.packed is not None, "the packed path is the one under test"
-    assert all(lin.weight.is_meta for lin in native.packs.linears), "a plain copy was kept beside the panels"
+    head = native.model.embed_tokens if tie else native.lm_head
+    plain = [lin.weight for lin in native.packs.linears] + [head.weight]
+    assert all(w.is_meta for w in plain), "a plain copy was kept beside the panels"
     ours = llm.apply_model(lambda m: {k: v.clone() for k, v in m.state_dict().items()})[0]
     theirs = model.state_dict()
     for i in range(model.config.num_hidden_layers):
@@ -169,20 +174,29 @@ def test_apply_model_sees_and_edits_the_weights_the_panels_hold(tmp_path):
             assert torch.equal(ours[f"{fused}.weight"], torch.cat([theirs[f"{block}.{p}.weight"] for p in parts]))
         for name in (f"{attn}.o_proj.weight", f"{mlp}.down_proj.weight"):
             assert torch.equal(ours[name], theirs[name])
+    for name in ("model.embed_tokens.weight",) if tie else ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(ours[name], theirs[name])
 
     def edit(m):  # Transformers' names and the native fused ones alike
         layer = m.model.layers[1]
         with torch.no_grad():
             layer.mlp.down_proj.weight.mul_(-1.5)
             (layer.self_attn.qkv_proj if hasattr(layer.self_attn, "qkv_proj") else layer.self_attn.q_proj).weight[:8] *= 3
+            m.model.embed_tokens.weight[5:50] *= -2  # tied: the head's rows too
 
     before = [hf_greedy(model, p, MAX_NEW, ignore_eos=True)[0] for p in prompts()]
     llm.apply_model(edit)
     edit(model)
-    assert all(lin.weight.is_meta for lin in native.packs.linears)
+    assert all(w.is_meta for w in [lin.weight for lin in native.packs.linears] + [head.weight])
     assert before != [hf_greedy(model, p, MAX_NEW, ignore_eos=True)[0] for p in prompts()], "the edit must matter"
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, logprobs=TOP, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts()], params, use_tqdm=False)
     for prompt, out in zip(prompts(), outs):
         tokens, logits = hf_greedy(model, prompt, MAX_NEW, ignore_eos=True)
         assert_greedy_match(out.outputs[0].token_ids, tokens, logits)
+        for step, entry in enumerate(out.outputs[0].logprobs[: len(tokens)]):
+            if out.outputs[0].token_ids[step] != tokens[step]:
+                break
+            reference = torch.log_softmax(logits[step].float(), dim=-1)
+            for token, lp in entry.items():
+                assert lp.logprob == pytest.approx(reference[token].item(), abs=1e-4)

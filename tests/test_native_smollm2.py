@@ -51,12 +51,12 @@ def _model_rss(folder: str, dtype: str) -> tuple[int, int]:
 
 @pytest.mark.slow
 def test_one_copy_of_the_projection_weights(smollm2_float32):
-    """The projections' panels are their only copy: loading SmolLM2 in float32 grows the process by well under
-    twice its weights (a plain copy beside the panels made it more than twice; the tied head's panels and the
-    runtime remain), and bfloat16 by about half of float32's."""
+    """The panels are the only copy of the projections' and the tied head's weights (the embedding reads its rows
+    from the head's panels): loading SmolLM2 in float32 grows the process by its weights and the runtime's share
+    (a plain copy beside the panels made it more than twice its weights), and bfloat16 by about half of that."""
     float32, weights = _model_rss(str(smollm2_float32), "float32")
     bfloat16, _ = _model_rss(str(smollm2_float32), "bfloat16")
     print(f"RSS growth at load: float32 {float32 / 2**20:.0f} MiB, bfloat16 {bfloat16 / 2**20:.0f} MiB, "
           f"float32 weights {weights / 2**20:.0f} MiB")
-    assert float32 < 1.6 * weights, (float32, weights)
+    assert float32 < 1.4 * weights, (float32, weights)
     assert bfloat16 < 0.65 * float32, (bfloat16, float32)

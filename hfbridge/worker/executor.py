@@ -138,8 +138,8 @@ class InProcessExecutor:
 
     def apply_model(self, func: Callable[[torch.nn.Module], Any]) -> list[Any]:
         model = self.runner.model
-        packs = getattr(model, "packs", None)  # a native model's projections: plain weights only while func runs
-        with packs.plain_weights() if packs is not None else contextlib.nullcontext():
+        plain = getattr(model, "plain_weights", None)  # a native model keeps only its panels between calls
+        with plain() if plain is not None else contextlib.nullcontext():
             return [func(model)]
 
     def add_lora(self, lora_request: LoRARequest) -> bool:
