@@ -37,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from serving import default_vllm_python, start_server, stop_server, wait_until_compiled  # noqa: E402
+from structured import one_chat  # noqa: E402  (TTFT: the first chunk with text, not the role)
 
 IMAGE = "<image>"
 IMAGE_TOKENS = 64  # one 512 x 512 tile: (512 / 16)^2 patches, merged 4 x 4
@@ -116,31 +117,11 @@ def chat_body(model: str, seed: int, max_tokens: int) -> dict:
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
-async def one_chat(session, url: str, body: dict) -> tuple[float, int]:
-    """(TTFT s, completion tokens) of one streamed chat completion."""
-    start, first, tokens = time.perf_counter(), None, 0
-    async with session.post(url + "/v1/chat/completions", json=body) as response:
-        if response.status != 200:
-            raise RuntimeError(f"{response.status}: {(await response.text())[:500]}")
-        async for line in response.content:
-            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            delta = chunk["choices"][0].get("delta", {}) if chunk["choices"] else {}
-            if first is None and (delta.get("content") or delta.get("reasoning_content")):
-                first = time.perf_counter() - start  # a token's text (a server may send the role before any)
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return first or 0.0, tokens
-
-
 async def load(url: str, model: str, seeds: list[int], max_tokens: int) -> dict:
     bodies = [chat_body(model, seed, max_tokens) for seed in seeds]  # encoded before the clock starts
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one_chat(session, url, body) for body in bodies))
+        results = await asyncio.gather(*(one_chat(session, url, model, body) for body in bodies))
         elapsed = time.perf_counter() - start
     ttfts = sorted(r[0] for r in results)
     return {"requests": len(seeds), "elapsed_s": elapsed, "req_per_s": len(seeds) / elapsed,
