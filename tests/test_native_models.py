@@ -181,7 +181,8 @@ def test_apply_model_sees_and_edits_the_weights_the_panels_hold(tmp_path, arch, 
         layer = m.model.layers[1]
         with torch.no_grad():
             layer.mlp.down_proj.weight.mul_(-1.5)
-            (layer.self_attn.qkv_proj if hasattr(layer.self_attn, "qkv_proj") else layer.self_attn.q_proj).weight[:8] *= 3
+            attn = layer.self_attn
+            (attn.qkv_proj if hasattr(attn, "qkv_proj") else attn.q_proj).weight[:8] *= 3  # query rows
             m.model.embed_tokens.weight[5:50] *= -2  # tied: the head's rows too
 
     before = [hf_greedy(model, p, MAX_NEW, ignore_eos=True)[0] for p in prompts()]
