@@ -293,5 +293,5 @@ def _return_freed_memory() -> None:
 def _libc():
     try:
         return ctypes.CDLL(None)
-    except OSError:
+    except (OSError, TypeError):  # no C library to open by the process's own name (Windows)
         return None
