@@ -40,6 +40,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* 32-byte vectors on AVX-512 machines too (AVX512VL still gives them 32 registers): the byte shuffles that spread a
+ * block's quants over 64-byte vectors compile to slow code, and the one-row kernel ran 3-5x slower than at 32 bytes
+ * (docs/kernel-measurements.md). -DHFBRIDGE_VECTOR_BYTES still picks any width (the tests build them all). */
+#if !defined(HFBRIDGE_VECTOR_BYTES) && defined(__AVX512F__)
+#define HFBRIDGE_VECTOR_BYTES 32
+#endif
+
 #include "simd.h"
 
 enum { Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q5_1 = 7, Q8_0 = 8, Q2_K = 10, Q3_K = 11, Q4_K = 12, Q5_K = 13, Q6_K = 14 };
