@@ -170,7 +170,7 @@ def run_one_engine(args) -> None:
 
         reexec_with_vllm_env()  # LD_PRELOAD and thread binding must be there at process start
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.model or save_random_model(scratch)
+        folder = args.model or write_model(scratch, "smollm2-135m", "float32")
         with open(os.path.join(folder, "config.json")) as f:
             config = json.load(f)
         vocab = config.get("vocab_size") or config.get("text_config", {})["vocab_size"]
@@ -189,14 +189,6 @@ def run_one_engine(args) -> None:
     print(f"{args.engine}: {args.num_prompts} prompts x {args.input_len} -> {args.output_len}, {args.dtype}: "
           f"{result['output_tok_per_s']:.1f} output tokens/s ({result['elapsed_s']:.1f} s); single stream "
           f"{result['single_stream_ms_per_token']:.1f} ms/token; model load {result['load_s']:.1f} s")
-
-
-def save_random_model(folder: str) -> str:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).save_pretrained(folder)
-    return folder
 
 
 def run_generate(model, prompts, output_len: int) -> tuple[float, list[list[int]]]:

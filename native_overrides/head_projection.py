@@ -24,6 +24,10 @@ class HeadProjection:
         self.greedy_head = GreedyHead.build(weight, self.packed)
         # packed: the panels are the head's weight (the model may release its plain copy); else F.linear's
         self.weight = weight if self.packed is None else None
+        self.track(weight)
+
+    def track(self, weight: torch.Tensor) -> None:
+        """Take `weight` (the one built from, or the same values read back from the panels) as the head's own."""
         self.source = (id(weight), weight._version)
 
     def is_current(self, weight: torch.Tensor) -> bool:

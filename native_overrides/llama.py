@@ -15,7 +15,8 @@ from hfbridge.native_overrides.compiled_regions import CompiledRegions, Regions
 from hfbridge.native_overrides.decode_graph import DecodeGraph
 from hfbridge.native_overrides.head_projection import HeadProjection
 from hfbridge.native_overrides.layers import RMSNorm, RotaryTable, backend_attention
-from hfbridge.native_overrides.packed_linear import GateUpLinear, PackedEmbedding, PackedLinear, WeightPacks
+from hfbridge.native_overrides.packed_linear import (GateUpLinear, PackedEmbedding, PackedLinear, WeightPacks,
+                                                     release_weight)
 from hfbridge.native_overrides.weights import load_stacked_weights
 from hfbridge.quantization.quantized_linear import QuantizedHead
 
@@ -245,11 +246,11 @@ class NativeCausalLM(nn.Module):
     def _release_head(self) -> None:
         """Once the head's panels hold its weight, drop the plain copy (a tied embedding then reads the panels)."""
         head, module = self._head, self._head_module()
-        if head.packed is None or module.weight.is_meta:
+        if head.packed is None:
             return
         if self.options.tie_word_embeddings:
             module.packed = head.packed
-        module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
+        release_weight(module)
 
     @contextlib.contextmanager
     def plain_weights(self) -> Iterator[None]:
@@ -259,7 +260,7 @@ class NativeCausalLM(nn.Module):
         module = self._head_module() if head is not None else None
         if module is not None and module.weight.is_meta:
             module.weight = nn.Parameter(head.plain_weight(), requires_grad=False)
-            head.source = (id(module.weight), module.weight._version)
+            head.track(module.weight)
         with self.packs.plain_weights():
             try:
                 yield

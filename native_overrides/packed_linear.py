@@ -166,13 +166,16 @@ class PackedLinear(nn.Linear):
         self._release()
 
     def _release(self) -> None:
-        if self.packed is not None and not self.weight.is_meta:
-            self.weight = nn.Parameter(torch.empty_like(self.weight, device="meta"), requires_grad=False)
+        if self.packed is not None:
+            release_weight(self)
 
     def unpack(self) -> None:
         """Put the plain weight back, read from the panels."""
         if self.weight.is_meta and self.packed is not None:
-            self.weight = nn.Parameter(unlay(self.packed, self.out_features), requires_grad=False)
+            self.weight = nn.Parameter(self._read_panels(), requires_grad=False)
+
+    def _read_panels(self) -> torch.Tensor:  # [out, in]
+        return unlay(self.packed, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:
@@ -198,12 +201,9 @@ class GateUpLinear(PackedLinear):
         self.packed_bias = None if self.bias is None else interleave_gate_up(self.bias, lanes)
         self._release()
 
-    def unpack(self) -> None:
-        if self.weight.is_meta and self.packed is not None:
-            lanes = self.packed.shape[2] // 2
-            interleaved = unlay(self.packed, self.packed.shape[0] * self.packed.shape[2])
-            weight = deinterleave_gate_up(interleaved, lanes, self.out_features // 2)
-            self.weight = nn.Parameter(weight, requires_grad=False)
+    def _read_panels(self) -> torch.Tensor:  # [2n, in]: the panels' interleaved rows put back in order
+        num_panels, _, columns = self.packed.shape
+        return deinterleave_gate_up(unlay(self.packed, num_panels * columns), columns // 2, self.out_features // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lora is not None and self.lora.is_active:  # adapters add to gate_up before the activation
@@ -223,6 +223,12 @@ class GateUpLinear(PackedLinear):
         out = run_panel_gemm(_panel_gemm(), x.to(self.packed.dtype), self.packed, self.packed_bias,
                              num_panels * columns).to(x.dtype)
         return deinterleave_gate_up(out.T, columns // 2, self.out_features // 2).T
+
+
+def release_weight(module: nn.Module) -> None:
+    """Drop a module's plain weight, once panels hold it: a meta parameter of the same shape and dtype stands in."""
+    if not module.weight.is_meta:
+        module.weight = nn.Parameter(torch.empty_like(module.weight, device="meta"), requires_grad=False)
 
 
 class PackedEmbedding(nn.Embedding):
@@ -252,6 +258,9 @@ class WeightPacks:
         bias = None if m.bias is None else (id(m.bias), m.bias._version)
         return id(m.weight), m.weight._version, bias
 
+    def _record(self) -> None:
+        self.versions = [self._version(m) for m in self.linears]
+
     def refresh(self) -> None:
         versions = [self._version(m) for m in self.linears]
         if versions == self.versions:
@@ -261,7 +270,7 @@ class WeightPacks:
             if before != now and not m.weight.is_meta:  # loaded, edited or replaced: lay it out (again)
                 m.pack()
                 _return_freed_memory()  # one weight's plain copy at a time: no peak of both copies of every one
-        self.versions = [self._version(m) for m in self.linears]
+        self._record()
 
     @contextlib.contextmanager
     def plain_weights(self) -> Iterator[None]:
@@ -270,14 +279,14 @@ class WeightPacks:
         self.refresh()
         for m in self.linears:
             m.unpack()
-        self.versions = [self._version(m) for m in self.linears]
+        self._record()
         try:
             yield
         finally:
             self.refresh()  # lays out what changed (releasing it)
             for m in self.linears:
                 m._release()  # the rest: their panels still hold them
-            self.versions = [self._version(m) for m in self.linears]
+            self._record()
             _return_freed_memory()
 
 

@@ -1,14 +1,12 @@
 """The bundled GGUF (SmolLM2-135M-Instruct, Q4_1 projections, Q8_0 embedding and tied head) served quantized,
 against Transformers' own GGUF reader (which dequantizes to float32) and generate(): greedy tokens on chat prompts,
 "Paris", and the process's memory against the float32 load of the same weights."""
-import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import transformers
 from greedy import assert_greedy_match, hf_greedy
+from load_memory import rss_at_load
 
 from hfbridge import LLM, SamplingParams
 
@@ -61,30 +59,14 @@ def test_served_quantized_agrees_with_transformers_reader(smollm2_gguf, referenc
     assert "Paris" in outs[0].outputs[0].text
 
 
-RSS_SCRIPT = """
-import json, sys, psutil
-from hfbridge import LLM, SamplingParams
-before = psutil.Process().memory_info().rss
-llm = LLM(model=sys.argv[1], dtype="float32", max_model_len=256, num_gpu_blocks_override=16)
-print(json.dumps([before, psutil.Process().memory_info().rss]))
-"""
-
-
-def _rss_after_load(model: str) -> tuple[int, int]:
-    """(RSS once torch and hfbridge's LLM are imported, RSS after LLM() loaded `model`), in a fresh process."""
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, model], capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
 @pytest.mark.slow
 def test_quantized_load_takes_well_under_half_the_memory(smollm2_gguf, smollm2_float32):
     """What loading the model adds to the process's RSS, with a small KV cache: the GGUF served quantized against
     the same weights dequantized to float32 (saved by Transformers from its reader) served in float32. The
     interpreter, torch and Transformers (about 250 MiB before LLM() is called, the same in both) are left out:
     since the float32 path keeps one copy of its weights, they are a third of that process."""
-    (quantized_before, quantized), (float32_before, float32) = (
-        _rss_after_load(str(smollm2_gguf)), _rss_after_load(str(smollm2_float32)))
+    (quantized_before, quantized, _), (float32_before, float32, _) = (
+        rss_at_load(str(smollm2_gguf)), rss_at_load(str(smollm2_float32)))
     print(f"RSS after load: quantized {quantized / 2**20:.0f} MiB, float32 {float32 / 2**20:.0f} MiB "
           f"(before LLM(): {quantized_before / 2**20:.0f} and {float32_before / 2**20:.0f} MiB)")
     assert quantized - quantized_before < 0.4 * (float32 - float32_before), (quantized, float32)

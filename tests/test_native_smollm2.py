@@ -4,6 +4,7 @@ Transformers' reader (the GGUF served quantized: test_gguf_serving.py)."""
 import pytest
 import torch
 import transformers
+from load_memory import rss_at_load
 from test_native_models import check_against_transformers
 
 PROMPT = "The capital of France is"
@@ -24,38 +25,15 @@ def test_smollm2_native_equals_transformers(smollm2):
     assert names == {"native": "LlamaForCausalLM", "transformers": "TransformersForCausalLM"}
 
 
-RSS_SCRIPT = """
-import json, sys, psutil
-from hfbridge import LLM
-before = psutil.Process().memory_info().rss
-llm = LLM(model=sys.argv[1], dtype=sys.argv[2], max_model_len=256, num_gpu_blocks_override=16)
-grown = psutil.Process().memory_info().rss - before
-weights = llm.apply_model(lambda m: sum(p.numel() * p.element_size() for p in m.parameters()))[0]
-print(json.dumps([grown, weights]))
-"""
-
-
-def _model_rss(folder: str, dtype: str) -> tuple[int, int]:
-    """(how much the process's RSS grew while LLM() loaded the model with a tiny KV cache, the model's weight
-    bytes), in a fresh process."""
-    import json
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-c", RSS_SCRIPT, folder, dtype], capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    grown, weights = json.loads(done.stdout.strip().splitlines()[-1])
-    return grown, weights
-
-
 @pytest.mark.slow
 def test_one_copy_of_the_projection_weights(smollm2_float32):
     """The panels are the only copy of the projections' and the tied head's weights (the embedding reads its rows
     from the head's panels): loading SmolLM2 in float32 grows the process by its weights and the runtime's share
     (a plain copy beside the panels made it more than twice its weights), and bfloat16 by about half of that."""
-    float32, weights = _model_rss(str(smollm2_float32), "float32")
-    bfloat16, _ = _model_rss(str(smollm2_float32), "bfloat16")
+    before, after, weights = rss_at_load(str(smollm2_float32), "float32")
+    float32 = after - before
+    before, after, _ = rss_at_load(str(smollm2_float32), "bfloat16")
+    bfloat16 = after - before
     print(f"RSS growth at load: float32 {float32 / 2**20:.0f} MiB, bfloat16 {bfloat16 / 2**20:.0f} MiB, "
           f"float32 weights {weights / 2**20:.0f} MiB")
     assert float32 < 1.4 * weights, (float32, weights)
