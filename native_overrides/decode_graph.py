@@ -103,7 +103,7 @@ class DecodeGraph(BackgroundCompile):
                 if self.should_stop():
                     return
                 ids = torch.zeros(batch, dtype=torch.long, device=weight.device)
-                positions = torch.arange(batch, device=weight.device)
+                positions = self.rotary.warm_up_positions(batch)  # also the slots written
                 if self.cpu_kernels:  # block tables of 3 or 4 blocks, all block 0
                     tables = torch.zeros(batch, -(-context // shape[2]), dtype=torch.int32, device=weight.device)
                     lens = torch.full((batch,), context, dtype=torch.int32, device=weight.device)

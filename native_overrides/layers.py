@@ -54,6 +54,11 @@ class RotaryTable(nn.Module):
         self.register_buffer("signed_sin", (emb.sin() * scaling * signs).to(device=device, dtype=dtype),
                              persistent=False)
 
+    def warm_up_positions(self, num_tokens: int) -> torch.Tensor:
+        """[num_tokens] positions for a compile warm-up, wrapped into the table (a short max_model_len makes it
+        shorter than a warm-up's token count; an index past it aborts the compiled kernel)."""
+        return torch.arange(num_tokens, device=self.cos.device) % self.cos.shape[0]
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """q [T, H, D], k [T, Hkv, D], positions [T] -> rotated q, k."""
         cos, signed_sin = self.cos[positions][:, None, :], self.signed_sin[positions][:, None, :]

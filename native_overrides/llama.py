@@ -289,7 +289,7 @@ class NativeCausalLM(nn.Module):
         """Inputs of layer 0 (no residual yet) and layer 1 for a step of num_tokens tokens."""
         opts, weight = self.options, self.model.norm.weight
         hidden = torch.zeros(num_tokens, opts.hidden_size, dtype=weight.dtype, device=weight.device)
-        positions = torch.arange(num_tokens, device=weight.device)
+        positions = self.rotary.warm_up_positions(num_tokens)
         attn_out = torch.zeros(num_tokens, opts.num_heads, opts.head_dim, dtype=weight.dtype, device=weight.device)
         layers = self.model.layers
         return [(layers[0], hidden, None, positions, self.rotary, attn_out),

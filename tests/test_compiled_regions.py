@@ -78,3 +78,21 @@ def test_greedy_is_identical_with_and_without_enforce_eager(tmp_path):
     attention runs too."""
     model = build("Qwen3ForCausalLM", seed=3, tie_word_embeddings=True, head_dim=24)
     _check_compiled_equals_eager_and_transformers(model, save_model(model, tmp_path / "qwen3"), prompts())
+
+
+def test_warm_ups_stay_within_a_short_context(tmp_path):
+    """The compile warm-ups trace 17 and 19 tokens; with max_model_len=12 the rotary table has 12 rows, and a
+    position past it aborted the process from inside the compiled kernel (an index check in C++). The warm-up
+    inputs run eagerly here, where torch's own indexing raises on such a position."""
+    model = build("LlamaForCausalLM", seed=5)
+    llm = LLM(model=str(save_model(model, tmp_path / "llama")), model_impl="native", max_model_len=12,
+              dtype="float32", enforce_eager=True)
+
+    def warm_up_eagerly(m):
+        for num_tokens in (17, 19):
+            for layer, hidden, residual, positions, rotary, _ in m._warm_up_inputs(num_tokens):
+                layer.before_attention(hidden, residual, positions, rotary)
+        return m.rotary.cos.shape[0], int(m.rotary.warm_up_positions(19).max())  # the decode graph's batches
+
+    rows, largest = llm.apply_model(warm_up_eagerly)[0]
+    assert rows == 12 and largest < rows
