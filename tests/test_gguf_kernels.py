@@ -134,6 +134,36 @@ def test_a_row_gets_the_same_bits_alone_or_in_any_batch():
             torch.set_num_threads(threads)
 
 
+def test_a_fused_projection_in_one_call_matches_each_part():
+    """A fused projection whose parts have their own types and odd sizes (a Q4_K_M file's q, k, v): one
+    quant_matmul_parts call gives the definition's values, each part's columns with the bits of that part alone
+    (the threads share out the parts' rows, which must not change a sum), at 1, 7 and 70 rows and in bfloat16. A
+    part of a type with no kernel (BF16) takes the per-part path, the same values."""
+    k = 2 * 256
+    parts = [(Q.Q4_K, 37), (Q.Q6_K, 13), (Q.Q8_0, 29)]
+    blocks = [_blocks(qtype, n, k, seed=i) for i, (qtype, n) in enumerate(parts)]
+    datas = [torch.from_numpy(b) for b in blocks]
+    w = torch.cat([torch.from_numpy(gguf.quants.dequantize(b, q)).double() for b, (q, _) in zip(blocks, parts)])
+    qtypes, outs = [int(q) for q, _ in parts], [n for _, n in parts]
+    torch.manual_seed(3)
+    for m in (1, 7, 70):
+        x = torch.randn(m, k)
+        got = gguf_kernels.quant_matmul_parts(x, datas, qtypes, outs)
+        assert got.shape == (m, sum(outs)) and got.dtype == torch.float32
+        _assert_matmul(got, x, w)
+        alone = torch.cat([gguf_kernels.quant_matmul(x, d, q, n) for d, q, n in zip(datas, qtypes, outs)], dim=-1)
+        assert torch.equal(got, alone)
+    x = torch.randn(5, k).bfloat16()
+    got = gguf_kernels.quant_matmul_parts(x, datas, qtypes, outs)
+    assert got.dtype == torch.bfloat16
+    _assert_matmul(got, x, w)
+    bf16 = gguf.quants.quantize(np.random.default_rng(4).standard_normal((11, k)).astype(np.float32), Q.BF16)
+    values = torch.from_numpy(gguf.quants.dequantize(bf16, Q.BF16)).double()
+    x = torch.randn(3, k)
+    got = gguf_kernels.quant_matmul_parts(x, [datas[0], torch.from_numpy(bf16)], [qtypes[0], int(Q.BF16)], [37, 11])
+    _assert_matmul(got, x, torch.cat([w[:37], values]))
+
+
 def test_without_a_compiler_the_numpy_fallback_gives_the_same_values(monkeypatch):
     """No C compiler (the library loader returns None): gguf-py's dequantizer and F.linear, within the same bound
     of the definition as the kernels (the sums run in another order: the bits differ)."""

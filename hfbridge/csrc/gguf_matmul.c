@@ -1,6 +1,7 @@
 /* out [m, n] = x [m, k] . W^T in float32, on W [n, k] as GGUF stores a linear's weight: n rows of llama.cpp's quantized
- * blocks along k, read as they are (no dequantized copy of W is ever made). gguf_dequantize turns rows of blocks into
- * floats (embedding rows, tests). hfbridge/quantization/gguf_kernels.py calls both.
+ * blocks along k, read as they are (no dequantized copy of W is ever made); gguf_matmul_parts does it for the parts
+ * of a fused projection at once. gguf_dequantize turns rows of blocks into floats (embedding rows, tests).
+ * hfbridge/quantization/gguf_kernels.py calls both.
  *
  * The blocks (little-endian; d, dmin, m are float16; q is element e's quant; the K-quants have 256 elements in
  * sub-blocks of 16 or 32, each with a 4-, 6- or 8-bit scale sc, and min mn):
@@ -23,8 +24,8 @@
  * value's one rounding is the final add, and a fused multiply-add rounds it the same: gguf_dequantize gives gguf-py's
  * float32 values, whatever the compiler contracts.
  *
- * How gguf_matmul runs: vectors run along k. Rows of x go in slices of SLICE_ROWS (a decode step: one slice); per
- * slice each thread takes groups of G weight rows.
+ * How gguf_matmul_parts runs: vectors run along k. Rows of x go in slices of SLICE_ROWS (a decode step: one slice);
+ * per slice each thread takes groups of G weight rows (of any part).
  *   One row of x: the fused kernel dequantizes the blocks of FUSED_ROWS weight rows in registers, a block at a time,
  *   and multiplies them into one accumulator vector per row: each weight byte is read once, nothing is stored.
  *   More rows: chunk by chunk of k, the group's chunk is dequantized into a buffer that stays in L1, and a register
@@ -492,41 +493,77 @@ static void dequantize_group(const quant_type *t, const uint8_t *w, int64_t row_
     }
 }
 
-/* out rows [0, m) for m <= SLICE_ROWS: each thread takes groups of G weight rows. One row of x: the fused kernel.
+/* One part of a projection: n weight rows of one type, written to output columns [col, col + n) */
+typedef struct {
+    quant_type t;
+    const uint8_t *w;
+    int64_t n, col, row_bytes, groups;
+} part;
+
+/* Group g of part p (G weight rows) against x rows [0, m) for m <= SLICE_ROWS. One row of x: the fused kernel.
  * More: chunk by chunk of k, the group's chunk dequantized into buf and every row of x against it, the sums of all
  * m x G outputs carried in acc from chunk to chunk. */
-static void slice(const quant_type *t, const float *x, const uint8_t *w, float *out, int64_t m, int64_t n, int64_t k,
-                  int64_t ldo, int num_threads) {
-    const int64_t row_bytes = k / t->block * t->bytes, groups = (n + G - 1) / G;
-#pragma omp parallel for num_threads(threads_for(m * n * k, num_threads)) schedule(static)
-    for (int64_t g = 0; g < groups; g++) {
-        vf acc[SLICE_ROWS * G];
-        const int64_t cols = n - g * G < G ? n - g * G : G;
-        if (m == 1) { /* FUSED_ROWS weight rows at a time (rows past n: the last row again, not written) */
-            for (int64_t c = 0; c < G; c += FUSED_ROWS) {
-                const uint8_t *rows[FUSED_ROWS];
-                for (int r = 0; r < FUSED_ROWS; r++) rows[r] = w + (c + r < cols ? g * G + c + r : n - 1) * row_bytes;
-                t->fused(x, rows, k / t->block, acc + c, FUSED_ROWS * row_bytes);
-            }
-        } else {
-            float buf[G * CHUNK] __attribute__((aligned(64)));
-            for (int64_t k0 = 0; k0 < k; k0 += CHUNK) {
-                const int64_t len = k - k0 < CHUNK ? k - k0 : CHUNK;
-                dequantize_group(t, w, row_bytes, n, g * G, k0, len, buf);
-                for (int64_t r = 0; r < m; r += TILE_R) {
-                    const int rows = m - r < TILE_R ? (int)(m - r) : TILE_R;
-                    tile(rows, x + r * k + k0, k, buf, CHUNK, len / LANES, acc + r * G, k0 == 0);
-                }
+static void group(const part *p, int64_t g, const float *x, float *out, int64_t m, int64_t k, int64_t ldo) {
+    const quant_type *t = &p->t;
+    const uint8_t *w = p->w;
+    const int64_t n = p->n, row_bytes = p->row_bytes;
+    vf acc[SLICE_ROWS * G];
+    const int64_t cols = n - g * G < G ? n - g * G : G;
+    if (m == 1) { /* FUSED_ROWS weight rows at a time (rows past n: the last row again, not written) */
+        for (int64_t c = 0; c < G; c += FUSED_ROWS) {
+            const uint8_t *rows[FUSED_ROWS];
+            for (int r = 0; r < FUSED_ROWS; r++) rows[r] = w + (c + r < cols ? g * G + c + r : n - 1) * row_bytes;
+            t->fused(x, rows, k / t->block, acc + c, FUSED_ROWS * row_bytes);
+        }
+    } else {
+        float buf[G * CHUNK] __attribute__((aligned(64)));
+        for (int64_t k0 = 0; k0 < k; k0 += CHUNK) {
+            const int64_t len = k - k0 < CHUNK ? k - k0 : CHUNK;
+            dequantize_group(t, w, row_bytes, n, g * G, k0, len, buf);
+            for (int64_t r = 0; r < m; r += TILE_R) {
+                const int rows = m - r < TILE_R ? (int)(m - r) : TILE_R;
+                tile(rows, x + r * k + k0, k, buf, CHUNK, len / LANES, acc + r * G, k0 == 0);
             }
         }
-        finish(acc, m, cols, out + g * G, ldo);
+    }
+    finish(acc, m, cols, out + p->col + g * G, ldo);
+}
+
+/* x rows [0, m), m <= SLICE_ROWS, against every part: the threads share out the groups of all the parts at once */
+static void slice(const part *parts, int num_parts, int64_t groups, const float *x, float *out, int64_t m,
+                  int64_t work, int64_t k, int64_t ldo, int num_threads) {
+#pragma omp parallel for num_threads(threads_for(work, num_threads)) schedule(static)
+    for (int64_t i = 0; i < groups; i++) {
+        int p = 0;
+        int64_t g = i;
+        while (g >= parts[p].groups) g -= parts[p++].groups;
+        group(&parts[p], g, x, out, m, k, ldo);
     }
 }
 
-void gguf_matmul(int qtype, const float *x, const uint8_t *w, float *out, int64_t m, int64_t n, int64_t k,
-                 int64_t ldo, int num_threads) {
-    quant_type t;
-    if (!find_type(qtype, &t) || n <= 0 || k <= 0) return;
-    for (int64_t r = 0; r < m; r += SLICE_ROWS)
-        slice(&t, x + r * k, w, out + r * ldo, m - r < SLICE_ROWS ? m - r : SLICE_ROWS, n, k, ldo, num_threads);
+/* out [m, n_0 + n_1 + ...] (rows ldo apart) = x [m, k] . [W_0; W_1; ...]^T: a fused projection (q, k and v; gate
+ * and up) whose parts may each have their own type, in one call, so that the threads split all its rows between
+ * them (SmolLM2's k and v alone are too small for two). Each output has the same bits as with its part alone.
+ * Returns 0 (nothing written) where a type has no kernel or a size is not positive. */
+int gguf_matmul_parts(int num_parts, const int *qtypes, const uint8_t *const *ws, const int64_t *ns, const float *x,
+                      float *out, int64_t m, int64_t k, int64_t ldo, int num_threads) {
+    enum { MAX_PARTS = 8 };
+    part parts[MAX_PARTS];
+    int64_t groups = 0, col = 0;
+    if (num_parts < 1 || num_parts > MAX_PARTS || k <= 0) return 0;
+    for (int p = 0; p < num_parts; p++) {
+        if (!find_type(qtypes[p], &parts[p].t) || ns[p] <= 0) return 0;
+        parts[p].w = ws[p];
+        parts[p].n = ns[p];
+        parts[p].col = col;
+        parts[p].row_bytes = k / parts[p].t.block * parts[p].t.bytes;
+        parts[p].groups = (ns[p] + G - 1) / G;
+        groups += parts[p].groups;
+        col += ns[p];
+    }
+    for (int64_t r = 0; r < m; r += SLICE_ROWS) {
+        const int64_t rows = m - r < SLICE_ROWS ? m - r : SLICE_ROWS;
+        slice(parts, num_parts, groups, x + r * k, out + r * ldo, rows, rows * col * k, k, ldo, num_threads);
+    }
+    return 1;
 }

@@ -24,6 +24,7 @@ BLOCKS = {2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22), 7: ("Q5
           14: ("Q6_K", 256, 210)}
 KERNEL_TYPES: frozenset[int] = frozenset(BLOCKS)
 X_DTYPES = (torch.float32, torch.bfloat16)
+MAX_PARTS = 8  # parts of one gguf_matmul_parts call (as gguf_matmul.c has it)
 
 
 def _block(qtype: int) -> tuple[str, int, int]:
@@ -80,12 +81,41 @@ quant_matmul = graph_op("hfbridge::gguf_matmul", "(Tensor x, Tensor data, int qt
 def run_quant_matmul(lib: ctypes.CDLL, x: torch.Tensor, data: torch.Tensor, qtype: int,
                      out_features: int) -> torch.Tensor:
     """quant_matmul through `lib` (a build of gguf_matmul.c), on inputs already checked."""
-    dtype, (m, k) = x.dtype, x.shape
-    x, data = x.float().contiguous(), data.contiguous()  # no copies when already so
-    out = torch.empty(m, out_features)
-    if m and out_features:
-        lib.gguf_matmul(qtype, x.data_ptr(), data.data_ptr(), out.data_ptr(), m, out_features, k, out_features,
-                        torch.get_num_threads())
+    return run_quant_matmul_parts(lib, x, [data], [qtype], [out_features])
+
+
+def _quant_matmul_parts(x: torch.Tensor, datas: list[torch.Tensor], qtypes: list[int],
+                        out_features: list[int]) -> torch.Tensor:
+    """x [T, k] @ [W_0; W_1; ...]^T -> [T, sum(out_features)] in x's dtype: a fused projection (q, k, v; gate, up)
+    whose parts are blocks of their own types, in one kernel call where every type has a kernel (the threads then
+    share out all the parts' rows); each part's columns equal quant_matmul's on that part alone."""
+    _check_x(x)
+    for data, qtype, n in zip(datas, qtypes, out_features, strict=True):
+        _check_data(data, qtype, n, x.shape[1])
+    lib = _library() if len(qtypes) <= MAX_PARTS and all(q in KERNEL_TYPES for q in qtypes) else None
+    if lib is None:
+        return torch.cat([_quant_matmul(x, d, q, n) for d, q, n in zip(datas, qtypes, out_features)], dim=-1)
+    return run_quant_matmul_parts(lib, x, datas, qtypes, out_features)
+
+
+quant_matmul_parts = graph_op(
+    "hfbridge::gguf_matmul_parts", "(Tensor x, Tensor[] datas, int[] qtypes, int[] out_features) -> Tensor",
+    _quant_matmul_parts, lambda x, datas, qtypes, out_features: x.new_empty(x.shape[0], sum(out_features)))
+
+
+def run_quant_matmul_parts(lib: ctypes.CDLL, x: torch.Tensor, datas: list[torch.Tensor], qtypes: list[int],
+                           out_features: list[int]) -> torch.Tensor:
+    """quant_matmul_parts through `lib`, on inputs already checked."""
+    dtype, (m, k), count = x.dtype, x.shape, len(datas)
+    x = x.float().contiguous()  # no copy when already so
+    datas = [d.contiguous() for d in datas]
+    out = torch.empty(m, sum(out_features))
+    if m and out.shape[1]:
+        parts = (ctypes.c_int * count)(*qtypes), (ctypes.c_void_p * count)(*(d.data_ptr() for d in datas)), \
+            (ctypes.c_int64 * count)(*out_features)
+        if not lib.gguf_matmul_parts(count, *parts, x.data_ptr(), out.data_ptr(), m, k, out.shape[1],
+                                     torch.get_num_threads()):
+            raise ValueError(f"gguf_matmul_parts refused types {qtypes} with out_features {out_features}")
     return out if dtype == torch.float32 else out.to(dtype)
 
 
@@ -124,4 +154,4 @@ def _library(vector_bytes: int | None = None, defines: tuple[str, ...] = ()) -> 
     return declare(load_library("gguf_matmul.c", defines, vector_bytes), {
         "gguf_supported": ([c_int], c_int),
         "gguf_dequantize": ([c_int, ptr, ptr, i64, i64, c_int], None),
-        "gguf_matmul": ([c_int, ptr, ptr, ptr, i64, i64, i64, i64, c_int], None)})
+        "gguf_matmul_parts": ([c_int, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, c_int], c_int)})
