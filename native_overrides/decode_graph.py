@@ -28,6 +28,25 @@ from hfbridge.attention_backends.torch_backend import padded_slots, write_kv
 from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, graph_op
 
 
+# Block-table widths for the warm-up to choose two from: primes, none a size the step has otherwise
+WARM_UP_WIDTHS = (3, 5, 7, 11, 23, 31, 37, 41, 43, 47)
+
+
+def warm_up_sizes(cache_shape: tuple[int, ...], batches: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Two (block-table width, context length) pairs for the decode graph's warm-up, on a cache of cache_shape
+    [2, N, block size, Hkv, D]: each size equal to no other size of the step (not even each other's)."""
+    taken, pairs = {*cache_shape, *batches}, []
+    block = cache_shape[2]
+    for width in WARM_UP_WIDTHS:
+        if width in taken:
+            continue
+        context = next(c for c in range(block * (width - 1) + 1, block * width + 1) if c not in taken | {width})
+        pairs.append((width, context))
+        taken |= {width, context}
+        if len(pairs) == 2:
+            return pairs
+    raise AssertionError("unreachable: WARM_UP_WIDTHS holds more widths than a step has sizes")
+
 # kv_cache [2, N, bs, Hkv, D] written in place at slot_mapping [T] with key / value [T, Hkv, D].
 write_kv_op = graph_op(
     "hfbridge::write_kv", "(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()", write_kv,
@@ -92,20 +111,25 @@ class DecodeGraph(BackgroundCompile):
 
     def _warm_up(self) -> None:
         # One request and two batch sizes, two context lengths each; odd primes everywhere (sizes equal at trace
-        # time would be assumed equal forever, "duck sizing"), the cache too: 29 blocks of 13 slots.
+        # time would be assumed equal forever, "duck sizing", and the graph traced so would be one more to compile
+        # and to check first on every step), the cache too: 29 blocks of 13 slots; block tables of two widths that
+        # equal no other size of the step (SmolLM2's 3 KV heads matched a 3-block table).
         self.fn = torch.compile(decode_step, dynamic=True, fullgraph=True, options=COMPILE_OPTIONS)
         weight, attn = self.model.norm.weight, self.model.layers[0].self_attn
         shape = (2, 29, 13, attn.num_kv_heads, attn.head_dim)
+        sizes = warm_up_sizes(shape, batches=(17, 19, 1))
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)
         caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.model.layers]
-        with torch.inference_mode():
-            for batch, context in ((17, 37), (19, 41), (1, 37), (1, 41)):
+        # Floats the step reads off the modules (the attention's scaling) as the constants they are: traced as
+        # symbols, Inductor cannot keep them as such and Dynamo traces the whole step a second time.
+        with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
+            for batch, (width, context) in ((17, sizes[0]), (19, sizes[1]), (1, sizes[0]), (1, sizes[1])):
                 if self.should_stop():
                     return
                 ids = torch.zeros(batch, dtype=torch.long, device=weight.device)
                 positions = self.rotary.warm_up_positions(batch)  # also the slots written
-                if self.cpu_kernels:  # block tables of 3 or 4 blocks, all block 0
-                    tables = torch.zeros(batch, -(-context // shape[2]), dtype=torch.int32, device=weight.device)
+                if self.cpu_kernels:  # block tables of `width` blocks, all block 0
+                    tables = torch.zeros(batch, width, dtype=torch.int32, device=weight.device)
                     lens = torch.full((batch,), context, dtype=torch.int32, device=weight.device)
                     self.fn(self.model, ids, positions, self.rotary, caches, positions.clone(), lens, None, tables)
                 else:

@@ -9,12 +9,14 @@ cost minutes); this file is where the compiled path meets the oracle."""
 import pytest
 import torch
 import torch._dynamo.utils
+from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
 from greedy import assert_greedy_match, hf_greedy
 from test_native_models import build, prompts
 from tiny_models import save_model
 
 from hfbridge import LLM, SamplingParams
 from hfbridge.attention_backends import cpu_kernels
+from hfbridge.native_overrides.decode_graph import decode_step, warm_up_sizes
 
 MAX_NEW = 8
 
@@ -34,6 +36,7 @@ def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[lis
     eager_outs = eager.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
     del eager
 
+    graphs_before = len(_debug_get_cache_entry_list(decode_step.__code__))
     compiled = _llm(folder, enforce_eager=False)
     compiles = compiled.llm_engine.executor.background_compiles()
     head_dim = compiled.apply_model(lambda m: m.model.layers[0].self_attn.head_dim)[0]
@@ -41,6 +44,8 @@ def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[lis
     assert len(compiles) == (2 if cpu_kernels.available(torch.device("cpu"), torch.float32, head_dim) else 3)
     for c in compiles:
         assert c.wait(timeout=900), f"{c.what} did not compile: {c.error}"
+    # one graph for a single request, one for batches: none traced on sizes that merely happened to be equal
+    assert len(_debug_get_cache_entry_list(decode_step.__code__)) - graphs_before == 2
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     decode_graph = compiled.apply_model(lambda m: m.decode_graph)[0]
     calls = _count_calls(decode_graph)
@@ -75,8 +80,10 @@ def test_greedy_is_identical_with_and_without_enforce_eager(tmp_path):
     """One model that takes every compiled piece (Inductor takes minutes a model on a small CPU): Qwen3's q/k RMSNorm,
     rotary, fused qkv and gate_up; tied embeddings, as the packaged default model (Llama family: the same native
     module without the q/k norms); and a head size the C kernels do not take (24), so the compiled decode
-    attention runs too."""
-    model = build("Qwen3ForCausalLM", seed=3, tie_word_embeddings=True, head_dim=24)
+    attention runs too. Three KV heads, as SmolLM2 has: a warm-up on 3-block tables traced a graph that assumed the
+    two sizes equal, one more to compile and to check on every step."""
+    model = build("Qwen3ForCausalLM", seed=3, tie_word_embeddings=True, head_dim=24, num_attention_heads=6,
+                  num_key_value_heads=3)
     _check_compiled_equals_eager_and_transformers(model, save_model(model, tmp_path / "qwen3"), prompts())
 
 
@@ -96,3 +103,16 @@ def test_warm_ups_stay_within_a_short_context(tmp_path):
 
     rows, largest = llm.apply_model(warm_up_eagerly)[0]
     assert rows == 12 and largest < rows
+
+
+@pytest.mark.parametrize("kv_heads,head_dim", [(1, 64), (3, 64), (5, 80), (7, 128), (8, 128), (16, 256)])
+def test_decode_warm_up_sizes_equal_no_other_size(kv_heads, head_dim):
+    """Each (block-table width, context length) of the decode graph's warm-up: the context needs exactly `width`
+    blocks, and no two sizes of the traced step are equal (Dynamo would assume them equal for good)."""
+    shape, batches = (2, 29, 13, kv_heads, head_dim), (17, 19, 1)
+    pairs = warm_up_sizes(shape, batches)
+    assert len(pairs) == 2
+    for width, context in pairs:
+        assert -(-context // shape[2]) == width
+    values = [*shape[1:], 17, 19, *(size for pair in pairs for size in pair)]
+    assert len(set(values)) == len(values), values
