@@ -15,7 +15,7 @@ import functools
 
 import torch
 
-from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile
+from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, constant_floats
 
 
 def paged_decode_attention(
@@ -72,7 +72,7 @@ class CompiledDecode(BackgroundCompile):
         for num_heads, num_kv_heads, head_dim, dtype in self.head_shapes:
             # like the real cache: allocated outside inference mode (the mode a tensor was made in is guarded)
             cache = torch.zeros(2, 29, 23, num_kv_heads, head_dim, dtype=dtype, device=self.device)
-            with torch.inference_mode():
+            with torch.inference_mode(), constant_floats():
                 for batch in (1, 17, 19):
                     for max_len in (37, 41):
                         if self.should_stop():

@@ -24,6 +24,7 @@ A good citizen of the process it lives in:
   state unfit for the next one."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -51,6 +52,40 @@ class CompileAbandoned(BaseException):
 # float32; rounding them where eager torch rounds keeps the compiled tokens those of eager code (and of
 # Transformers) in bfloat16, as they are in float32.
 COMPILE_OPTIONS = {"emulate_precision_casts": True}
+
+
+class _ConstantFloats:
+    """`constant_floats()`: the Dynamo setting every warm-up traces under: the Python floats a graph reads (an
+    attention's scaling, off its module or as an argument) are constants of the graph. Traced as symbols, they are
+    floats Inductor cannot keep as such, and Dynamo traced each graph a second time ("Restarting analysis due to
+    _tensorify_python_scalars"), missing AOTAutograd's cache on the first try: about half of a start's compile
+    time. The setting is process-wide: warm-ups on several threads share it, and the value before the first is put
+    back when the last ends (nested patches restoring on their own would leave it to whichever ends last)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before = False
+
+    @contextlib.contextmanager
+    def __call__(self):
+        import torch._dynamo
+
+        with self._lock:
+            if self._users == 0:
+                self._before = torch._dynamo.config.specialize_float
+                torch._dynamo.config.specialize_float = True
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    torch._dynamo.config.specialize_float = self._before
+
+
+constant_floats = _ConstantFloats()
 
 
 class BackgroundCompile:

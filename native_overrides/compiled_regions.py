@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile
+from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, constant_floats
 
 # Fewest tokens in a step that takes the compiled regions. T = 1 would need its own graph (torch.compile
 # specialises sizes 0 and 1), and one token's elementwise work is too small to gain from fusion.
@@ -44,7 +44,7 @@ class CompiledRegions(BackgroundCompile):
         # Two token counts, so that T is traced as a symbol (odd primes: sizes equal at trace time would be assumed
         # equal forever, "duck sizing"); layers 0 (no residual yet) and 1.
         self.compiled = Regions(*(torch.compile(fn, dynamic=True, options=COMPILE_OPTIONS) for fn in self.eager))
-        with torch.inference_mode():
+        with torch.inference_mode(), constant_floats():
             for num_tokens in (17, 19):
                 for layer, hidden, residual, positions, rotary, attn_out in self.warm_up_inputs(num_tokens):
                     if self.should_stop():

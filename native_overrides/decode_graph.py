@@ -25,7 +25,7 @@ from hfbridge.attention_backends import cpu_kernels
 from hfbridge.attention_backends.forward_context import get_forward_context
 from hfbridge.attention_backends.paged_decode import paged_decode_attention
 from hfbridge.attention_backends.torch_backend import padded_slots, write_kv
-from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, graph_op
+from hfbridge.compilation import COMPILE_OPTIONS, BackgroundCompile, constant_floats, graph_op
 
 
 # Block-table widths for the warm-up to choose two from: primes, none a size the step has otherwise
@@ -120,9 +120,7 @@ class DecodeGraph(BackgroundCompile):
         sizes = warm_up_sizes(shape, batches=(17, 19, 1))
         # like the real caches: allocated outside inference mode (the mode a tensor was made in is guarded)
         caches = [torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in self.model.layers]
-        # Floats the step reads off the modules (the attention's scaling) as the constants they are: traced as
-        # symbols, Inductor cannot keep them as such and Dynamo traces the whole step a second time.
-        with torch.inference_mode(), torch._dynamo.config.patch(specialize_float=True):
+        with torch.inference_mode(), constant_floats():
             for batch, (width, context) in ((17, sizes[0]), (19, sizes[1]), (1, sizes[0]), (1, sizes[1])):
                 if self.should_stop():
                     return

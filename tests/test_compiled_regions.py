@@ -44,6 +44,7 @@ def _check_compiled_equals_eager_and_transformers(model, folder, batch: list[lis
     assert len(compiles) == (2 if cpu_kernels.available(torch.device("cpu"), torch.float32, head_dim) else 3)
     for c in compiles:
         assert c.wait(timeout=900), f"{c.what} did not compile: {c.error}"
+    assert torch._dynamo.config.specialize_float is False, "the warm-ups left Dynamo's float setting changed"
     # one graph for a single request, one for batches: none traced on sizes that merely happened to be equal
     assert len(_debug_get_cache_entry_list(decode_step.__code__)) - graphs_before == 2
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
