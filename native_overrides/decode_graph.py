@@ -47,6 +47,7 @@ def warm_up_sizes(cache_shape: tuple[int, ...], batches: tuple[int, ...]) -> lis
             return pairs
     raise AssertionError("unreachable: WARM_UP_WIDTHS holds more widths than a step has sizes")
 
+
 # kv_cache [2, N, bs, Hkv, D] written in place at slot_mapping [T] with key / value [T, Hkv, D].
 write_kv_op = graph_op(
     "hfbridge::write_kv", "(Tensor(a!) kv_cache, Tensor key, Tensor value, Tensor slot_mapping) -> ()", write_kv,

@@ -49,12 +49,11 @@ class QuantizedLinear(nn.Module):
 
     def projection(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out], bias added
         rows = x.reshape(-1, self.in_features)  # Transformers' modules call with [batch, T, in]
-        if len(self.parts) > 1 and all(isinstance(p, QuantizedWeight) for p in self.parts):  # one kernel call
+        if all(isinstance(p, QuantizedWeight) for p in self.parts):  # one kernel call for all the parts
             out = gguf_kernels.quant_matmul_parts(rows, [p.data for p in self.parts], [p.qtype for p in self.parts],
                                                   [p.out_features for p in self.parts])
-        else:
-            outs = [_project(rows, part) for part in self.parts]
-            out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        else:  # a float part among them
+            out = torch.cat([_project(rows, part) for part in self.parts], dim=-1)
         out = out.view(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias
 
